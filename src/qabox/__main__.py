@@ -1,0 +1,3 @@
+from qabox.cli import main
+
+main()

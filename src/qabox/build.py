@@ -1,0 +1,104 @@
+"""Checking a build file before anything is sent: format, members, entry point.
+
+The member rules are the agent's own (``agent.check_members``), so the host
+refuses exactly what qabox refuses here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from qabox import agent
+from qabox.errors import BuildError
+
+ENTRY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+DEFAULT_ENTRIES = ("wsgi:app", "app:app")
+
+
+@dataclass(frozen=True)
+class Build:
+    """A checked build: its file, checksum, size and how to start its app."""
+
+    path: Path
+    sha256: str
+    size: int
+    entry: str
+    health: str
+    members: int
+
+
+def normalise(name: str) -> str:
+    return name[2:] if name.startswith("./") else name
+
+
+def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT_MAX_BYTES) -> Build:
+    """Open and check a build; raise BuildError naming every problem found."""
+    if not path.is_file():
+        raise BuildError(f"build file {path} does not exist: give the path to a .tar or .tar.gz build")
+    try:
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+            problems = agent.check_members(members, max_bytes)
+            if problems:
+                shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+                raise BuildError(f"{path.name} is refused, unsafe members: {shown}")
+            files = {normalise(m.name) for m in members if m.isfile()}
+            config = read_config(tar, members, path)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise BuildError(
+            f"{path.name} is not a readable tar build ({e}): make one with tar -czf, "
+            f"a .tar, .tar.gz, .tar.bz2 or .tar.xz"
+        ) from None
+    app = config.get("app", {})
+    chosen = entry or app.get("entry") or next(
+        (e for e in DEFAULT_ENTRIES if set(agent.entry_module_path(e)) & files), None
+    )
+    if chosen is None:
+        raise BuildError(
+            f"{path.name} has no app entry: add `[app] entry = \"module:app\"` to its qabox.toml, "
+            f"pass --app module:callable, or ship a wsgi.py or app.py defining `app`"
+        )
+    if not ENTRY.match(chosen):
+        raise BuildError(f"app entry {chosen!r} is not of the form module:callable (e.g. notes:app)")
+    if not set(agent.entry_module_path(chosen)) & files:
+        module = chosen.split(":")[0]
+        raise BuildError(f"app entry {chosen}: {path.name} has no module {module} "
+                         f"({' or '.join(agent.entry_module_path(chosen))})")
+    health = app.get("health", "/")
+    if not isinstance(health, str) or not health.startswith("/"):
+        raise BuildError(f"qabox.toml in {path.name}: [app] health must be a path such as \"/health\"")
+    return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
+                 health=health, members=len(members))
+
+
+def read_config(tar: tarfile.TarFile, members: list, path: Path) -> dict:
+    """The build's own qabox.toml, if it has one."""
+    member = next((m for m in members if normalise(m.name) == "qabox.toml" and m.isfile()), None)
+    if member is None:
+        return {}
+    text = tar.extractfile(member).read().decode("utf-8", "replace")
+    try:
+        config = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise BuildError(f"qabox.toml in {path.name}: {e}") from None
+    if not isinstance(config.get("app", {}), dict):
+        raise BuildError(f"qabox.toml in {path.name}: [app] must be a table")
+    return config
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

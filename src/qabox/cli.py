@@ -1,0 +1,245 @@
+"""The command line: parse, build a Context, call the core, print the result.
+
+Errors are caught in one place (``reporting``): one line on stderr, the
+traceback only with -v, and a non-zero exit code that says what kind.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+from qabox import __version__, deploy as deploying, ssh
+from qabox.context import Context
+from qabox.errors import ConfigError, QaboxError
+from qabox.status import status as get_status
+
+app = typer.Typer(
+    help="Turn a spare Linux box into a QA environment over SSH.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+hosts_app = typer.Typer(help="Hosts: trust their keys.", no_args_is_help=True)
+app.add_typer(hosts_app, name="hosts")
+
+out = Console()
+err = Console(stderr=True)
+
+
+@contextmanager
+def reporting(verbose: bool = False, as_json: bool = False):
+    """Turn a QaboxError into one line on stderr and its exit code."""
+    try:
+        yield
+    except QaboxError as e:
+        if verbose:
+            err.print(traceback.format_exc(), markup=False, highlight=False)
+        for line in e.log:
+            err.print(f"  | {line}", markup=False, highlight=False, style="dim")
+        if as_json:
+            print(json.dumps({"ok": False, "error": {"code": e.code or type(e).__name__,
+                                                     "message": e.message}}))
+        err.print(f"qabox: error: {e.message}", markup=False, highlight=False)
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("qabox: interrupted")
+        raise typer.Exit(130)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    ssh_config: Optional[Path] = typer.Option(
+        None, "--ssh-config", envvar="QABOX_SSH_CONFIG",
+        help="ssh_config file to use instead of ~/.ssh/config."),
+    hosts_dir: Optional[Path] = typer.Option(
+        None, "--hosts-dir", envvar="QABOX_HOSTS_DIR",
+        help="Directory of hosts/NAME.toml settings files (default: ./hosts)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks of errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+):
+    """Turn a spare Linux box into a QA environment over SSH.
+
+    Example: qabox deploy build.tar.gz --host oldbox
+    """
+    if version:
+        out.print(f"qabox {__version__}")
+        raise typer.Exit()
+    ctx.obj = {"ssh_config": ssh_config, "hosts_dir": hosts_dir, "verbose": verbose}
+
+
+def make_context(ctx: typer.Context, accept_new_host_key: bool = False) -> Context:
+    return Context.create(ctx.obj["ssh_config"], ctx.obj["hosts_dir"], accept_new_host_key)
+
+
+@app.command()
+def deploy(
+    ctx: typer.Context,
+    build: Path = typer.Argument(..., help="The build: a .tar, .tar.gz, .tar.bz2 or .tar.xz file."),
+    host: str = typer.Option(..., "--host", "-H", help="Host name, as for `ssh NAME`."),
+    env: str = typer.Option("main", "--env", "-e", help="Env on the host (several can run side by side)."),
+    port: Optional[int] = typer.Option(None, "--port", help="App port on the host's loopback (default: hosts file, else 8080)."),
+    entry: Optional[str] = typer.Option(None, "--app", help="WSGI entry module:callable, overriding qabox.toml."),
+    lock_timeout: float = typer.Option(60, "--lock-timeout", help="Seconds to wait for another deploy to finish."),
+    accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key", help="Trust and record the host key if it is not known yet."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Deploy a build to a host and serve it there, supervised.
+
+    Example: qabox deploy build.tar.gz --host oldbox --env main
+    """
+    with reporting(ctx.obj["verbose"], as_json):
+        context = make_context(ctx, accept_new_host_key)
+        with deploy_progress(enabled=not as_json) as hooks:
+            result = deploying.deploy(context, host, build, env=env, port=port, entry=entry,
+                                      lock_timeout=lock_timeout, hooks=hooks)
+        if as_json:
+            print(json.dumps(result.to_json(), indent=2))
+            return
+        where = f"{result.host}/{result.env}"
+        if not result.changed:
+            out.print(f"{where} already runs this build as release {result.release}: "
+                      f"nothing changed ({result.seconds:.1f} s)")
+            return
+        out.print(f"[green]✓[/] {where}: release [bold]{result.release}[/] is live "
+                  f"({result.file}, {result.seconds:.1f} s, sent {human_bytes(result.sent_bytes)})")
+        out.print(f"  serving on the host at {result.url} (previous release: {result.previous or 'none'})")
+        out.print(f"  testers connect with: qabox tunnel --host {result.host} --env {result.env} --user NAME")
+
+
+@contextmanager
+def deploy_progress(enabled: bool):
+    """A spinner for the deploy's steps and a progress bar for its upload."""
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        DownloadColumn(), TransferSpeedColumn(), console=err, transient=True,
+                        disable=not enabled)
+    with progress:
+        step = progress.add_task("starting", total=None)
+        upload_task = []
+
+        def on_upload(sent: int, total: int) -> None:
+            if not upload_task:
+                upload_task.append(progress.add_task("uploading", total=total))
+            progress.update(upload_task[0], completed=sent)
+
+        yield deploying.Hooks(step=lambda text: progress.update(step, description=text),
+                              upload=on_upload)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    host: Optional[List[str]] = typer.Option(None, "--host", "-H", help="Host(s) to ask (default: every host deployed to from here)."),
+    env: Optional[str] = typer.Option(None, "--env", "-e", help="Only this env."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+):
+    """Show what is deployed where, and whether it is up.
+
+    Example: qabox status --host oldbox --json
+    """
+    with reporting(ctx.obj["verbose"], as_json):
+        context = make_context(ctx)
+        names = host or context.remembered_hosts()
+        if not names:
+            raise ConfigError("no hosts known yet: name one with --host NAME")
+        if env:
+            deploying.check_env(env)
+        hosts = get_status(context, names, env)
+        if as_json:
+            print(json.dumps({"hosts": hosts}, indent=2))
+        else:
+            print_status(hosts)
+        if any(not h["reachable"] for h in hosts):
+            raise typer.Exit(1)
+
+
+def print_status(hosts: list[dict]) -> None:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("HOST", "ENV", "RELEASE", "STATE", "PID", "UPTIME", "RESTARTS", "PORT",
+                   "HEALTH", "DEPLOYED"):
+        table.add_column(column)
+    for host in hosts:
+        if not host["reachable"]:
+            table.add_row(host["host"], "-", "-", "[red]unreachable[/]", "", "", "", "", "",
+                          host["error"])
+            continue
+        if not host["envs"]:
+            table.add_row(host["host"], "-", "nothing deployed", "", "", "", "", "", "", "")
+        for e in host["envs"]:
+            state_style = {"running": "green", "starting": "yellow"}.get(e["state"], "red")
+            health = e.get("health") or {}
+            health_text = (f"{health['code']} {health['ms']:.0f} ms" if health.get("code")
+                           else (health.get("error") or "-"))
+            table.add_row(
+                host["host"], e["env"], e["release"] or "-", f"[{state_style}]{e['state']}[/]",
+                str(e["pid"] or "-"), human_seconds(e["uptime"]), str(e["restarts"]), str(e["port"]),
+                health_text, f"{e['deployed_at'] or '-'} by {e['deployed_by'] or '-'}",
+            )
+    Console(width=None if out.is_terminal else 200).print(table)
+
+
+def human_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+@hosts_app.command("trust")
+def hosts_trust(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Host name, as for `ssh NAME`."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Trust without asking."),
+):
+    """Show a host's key fingerprint and add it to known_hosts after you confirm.
+
+    Example: qabox hosts trust oldbox
+    """
+    with reporting(ctx.obj["verbose"]):
+        context = make_context(ctx)
+        target = context.target(name)
+        key = ssh.server_key(target)
+        known = ssh.known_key(target)
+        fingerprint = ssh.fingerprint(key)
+        if known and key.get_name() in known:
+            if known[key.get_name()] == key:
+                out.print(f"{name} ({target.key_name}) is already trusted: {key.get_name()} {fingerprint}")
+                return
+            raise QaboxError(
+                f"{name} ({target.key_name}) presents a DIFFERENT {key.get_name()} key than known_hosts "
+                f"has ({fingerprint}): refusing; if the host was reinstalled, remove the old key with "
+                f"`ssh-keygen -R '{target.key_name}' -f {ssh.known_hosts_file(target)}` first")
+        out.print(f"{name} ({target.key_name}) presents {key.get_name()} key {fingerprint}")
+        if not yes and not typer.confirm("Trust this key and add it to known_hosts?", default=False):
+            raise QaboxError("not trusted: nothing was written")
+        path = ssh.add_known_host(target, key)
+        out.print(f"added to {path}")
+
+
+def main() -> None:
+    app(prog_name="qabox")

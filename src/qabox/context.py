@@ -1,0 +1,73 @@
+"""What every command needs to find and reach hosts, passed around explicitly."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import platformdirs
+from filelock import FileLock
+
+from qabox import hosts, ssh
+from qabox.remote import Remote
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where ssh_config, hosts files and local state are; how to treat new host keys."""
+
+    ssh_config: Path | None
+    hosts_dir: Path
+    state_dir: Path
+    accept_new_host_key: bool = False
+
+    @classmethod
+    def create(cls, ssh_config=None, hosts_dir=None, accept_new_host_key=False) -> "Context":
+        return cls(
+            ssh_config=ssh.config_path(ssh_config),
+            hosts_dir=Path(hosts_dir or os.environ.get("QABOX_HOSTS_DIR") or "hosts"),
+            state_dir=Path(os.environ.get("QABOX_STATE_DIR") or platformdirs.user_state_dir("qabox")),
+            accept_new_host_key=accept_new_host_key,
+        )
+
+    def target(self, name: str) -> ssh.Target:
+        hosts.check_host_name(name)
+        return ssh.resolve(name, self.ssh_config)
+
+    @contextmanager
+    def remote(self, name: str) -> Iterator[Remote]:
+        """A connected agent on the named host, closed after the block."""
+        settings = hosts.load_settings(name, self.hosts_dir)
+        client = ssh.connect(self.target(name), self.accept_new_host_key)
+        remote = Remote(name, client, settings)
+        try:
+            yield remote
+        finally:
+            remote.close()
+
+    # Hosts deployed to from this machine, so that a bare `qabox status` knows them.
+    def remember_host(self, name: str) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.state_dir / "hosts.json.lock"), timeout=10):
+            names = set(self.remembered_hosts()) | {name}
+            path = self.state_dir / "hosts.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(sorted(names)))
+            tmp.replace(path)
+
+    def remembered_hosts(self) -> list[str]:
+        try:
+            return sorted(json.loads((self.state_dir / "hosts.json").read_text()))
+        except (OSError, ValueError):
+            return []
+
+
+def whoami() -> str:
+    """``user@machine``, recorded as who deployed a release or holds a lock."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"

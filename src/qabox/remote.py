@@ -1,0 +1,208 @@
+"""Talking to the host-side agent over an SSH connection.
+
+The agent file is pushed once per version (its name carries its hash) and run
+with the host's python; requests and results are JSON lines, so no user text
+is ever pasted into a shell command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import shlex
+import socket
+import time
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Iterator
+
+import paramiko
+
+from qabox import agent
+from qabox.errors import ConnectError, LockHeld, RemoteError
+from qabox.hosts import HostSettings
+
+AGENT_SOURCE = Path(agent.__file__).read_bytes()
+AGENT_HASH = hashlib.sha256(AGENT_SOURCE).hexdigest()[:16]
+AGENT_MISSING = 97
+
+# What a failed agent run's exit code usually means, and what to do about it.
+EXIT_ADVICE = {
+    126: "the python command on the host is not executable: set `python` in hosts/{host}.toml",
+    127: "`{python}` was not found on the host: install Python 3.8+ there, or set `python` "
+         "in hosts/{host}.toml",
+}
+
+
+class Remote:
+    """One host's agent, reached through a logged-in SSH client."""
+
+    def __init__(self, name: str, client: paramiko.SSHClient, settings: HostSettings):
+        self.name = name
+        self.client = client
+        self.settings = settings
+        self.base = settings.dir[2:] if settings.dir.startswith("~/") else settings.dir
+        self.agent_path = posixpath.join(self.base, "agent", f"agent-{AGENT_HASH}.py")
+
+    @cached_property
+    def sftp(self) -> paramiko.SFTPClient:
+        return self.client.open_sftp()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _command(self) -> str:
+        path = shlex.quote(self.agent_path)
+        return f"test -f {path} || exit {AGENT_MISSING}; exec {shlex.quote(self.settings.python)} {path}"
+
+    def _open(self, cmd: str, args: dict) -> paramiko.Channel:
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise ConnectError(f"the connection to {self.name} was lost: run the command again")
+        try:
+            channel = transport.open_session(timeout=15)
+            channel.exec_command(self._command())
+            request = {"protocol": agent.PROTOCOL, "cmd": cmd, "args": {"base": self.base, **args}}
+            channel.sendall(json.dumps(request).encode() + b"\n")
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise ConnectError(f"the connection to {self.name} failed: {e or type(e).__name__}") from None
+        return channel
+
+    def call(self, cmd: str, timeout: float = 60, progress: Callable[[str], None] | None = None,
+             **args) -> dict:
+        """Run one agent command and return its data; progress lines go to ``progress``."""
+        for attempt in range(2):
+            channel = self._open(cmd, args)
+            channel.shutdown_write()
+            try:
+                result, status, stderr = self._read(channel, timeout, progress)
+            finally:
+                channel.close()
+            if status == AGENT_MISSING and attempt == 0:
+                self.push_agent()
+                continue
+            return self._result(cmd, result, status, stderr)
+        raise AssertionError("unreachable")
+
+    def _read(self, channel: paramiko.Channel, timeout: float, progress) -> tuple:
+        """Read JSON lines until the result line or the channel ends, within timeout."""
+        deadline = time.monotonic() + timeout
+        channel.settimeout(0.5)
+        buffer, stderr, result = b"", b"", None
+        while result is None:
+            if time.monotonic() > deadline:
+                raise RemoteError(f"{self.name} did not answer within {timeout:.0f} s: "
+                                  f"check the host's load and network, then run the command again")
+            try:
+                chunk = channel.recv(65536)
+            except socket.timeout:
+                chunk = None
+            except OSError as e:
+                raise ConnectError(f"the connection to {self.name} broke: {e}") from None
+            while channel.recv_stderr_ready():
+                stderr += channel.recv_stderr(65536)
+            if chunk == b"":
+                break
+            if chunk:
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    message = _parse(line)
+                    if message is None:
+                        continue
+                    if "progress" in message:
+                        if progress:
+                            progress(message["progress"])
+                    else:
+                        result = message
+        if result is None and buffer.strip():
+            result = _parse(buffer)
+        while channel.recv_stderr_ready():
+            stderr += channel.recv_stderr(65536)
+        status = channel.recv_exit_status() if result is None else 0
+        return result, status, stderr.decode("utf-8", "replace")
+
+    def _result(self, cmd: str, result: dict | None, status: int, stderr: str) -> dict:
+        if result is None:
+            if status in EXIT_ADVICE:
+                advice = EXIT_ADVICE[status].format(host=self.name, python=self.settings.python)
+                raise RemoteError(f"cannot run the qabox agent on {self.name}: {advice}")
+            last = stderr.strip().splitlines()[-1:] or [f"exit status {status}"]
+            raise RemoteError(f"the qabox agent on {self.name} failed ({cmd}): {last[0]}",
+                              log=stderr.strip().splitlines()[-20:])
+        if result.get("ok"):
+            data = result.get("data") or {}
+            data["changed"] = result.get("changed", False)
+            return data
+        error = result.get("error") or {}
+        kind = LockHeld if error.get("code") == "lock_held" else RemoteError
+        raise kind(f"{self.name}: {error.get('message', 'the agent failed')}",
+                   log=error.get("log") or [], code=error.get("code"))
+
+    def push_agent(self) -> None:
+        """Install this version of the agent on the host (0700 directory, atomic rename)."""
+        sftp = self.sftp
+        path = ""
+        for part in posixpath.dirname(self.agent_path).split("/"):
+            path = posixpath.join(path, part) if path else part
+            try:
+                sftp.mkdir(path, 0o700)
+            except OSError:
+                pass  # exists already
+        tmp = f"{self.agent_path}.{int(time.time() * 1000)}.tmp"
+        with sftp.open(tmp, "wb") as f:
+            f.chmod(0o600)
+            f.write(AGENT_SOURCE)
+        sftp.posix_rename(tmp, self.agent_path)
+
+    @contextmanager
+    def lock(self, env: str, timeout: float, by: str) -> Iterator[None]:
+        """Hold the env's deploy lock on the host for the life of the block.
+
+        A process on the host holds it for as long as this channel is open, so
+        a client that dies or loses its network can never leave it stale.
+        """
+        for attempt in range(2):
+            channel = self._open("hold-lock", {"env": env, "timeout": timeout, "by": by})
+            result, status, stderr = self._read_first(channel, timeout + 30)
+            if result is None and status == AGENT_MISSING and attempt == 0:
+                channel.close()
+                self.push_agent()
+                continue
+            break
+        try:
+            self._result("hold-lock", result, status, stderr)
+            yield
+        finally:
+            channel.close()
+
+    def _read_first(self, channel, timeout) -> tuple:
+        """Read the first result line of a channel that stays open after it."""
+        deadline = time.monotonic() + timeout
+        channel.settimeout(0.5)
+        buffer = b""
+        while b"\n" not in buffer:
+            if time.monotonic() > deadline:
+                channel.close()
+                raise RemoteError(f"{self.name} did not answer within {timeout:.0f} s")
+            try:
+                chunk = channel.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                stderr = b""
+                while channel.recv_stderr_ready():
+                    stderr += channel.recv_stderr(65536)
+                return _parse(buffer), channel.recv_exit_status(), stderr.decode("utf-8", "replace")
+            buffer += chunk
+        return _parse(buffer.split(b"\n", 1)[0]), 0, ""
+
+
+def _parse(line: bytes) -> dict | None:
+    try:
+        message = json.loads(line.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
