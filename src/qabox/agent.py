@@ -78,6 +78,8 @@ def member_problem(member: tarfile.TarInfo) -> str | None:
         return "path with '..'"
     if "\x00" in name:
         return "NUL in name"
+    if not parts and not member.isdir():
+        return "empty name"
     if member.isdev() or member.isfifo():
         return "device or fifo"
     if member.issym() or member.islnk():

@@ -1,0 +1,120 @@
+"""The host agent on its own: stdlib only, its JSON protocol, its build rules."""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+from hypothesis import given, strategies as st
+
+from qabox import agent
+
+AGENT = agent.__file__
+
+
+def run_agent(request: dict | str) -> tuple[int, list[dict]]:
+    line = request if isinstance(request, str) else json.dumps(request)
+    proc = subprocess.run([sys.executable, AGENT], input=line + "\n", capture_output=True,
+                          text=True, timeout=30)
+    return proc.returncode, [json.loads(x) for x in proc.stdout.splitlines()]
+
+
+def test_agent_loads_only_the_standard_library():
+    code = ("import sys, runpy; before = set(sys.modules); runpy.run_path(sys.argv[1]); "
+            "extra = {m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names); "
+            "print(sorted(extra))")
+    proc = subprocess.run([sys.executable, "-I", "-c", code, AGENT], capture_output=True, text=True,
+                          input="", timeout=30)
+    assert proc.stdout.strip().endswith("[]"), proc.stdout + proc.stderr
+
+
+def test_agent_is_python38_syntax():
+    ast.parse(open(AGENT).read(), feature_version=(3, 8))
+
+
+def test_hello_answers_with_the_protocol_version(tmp_path):
+    code, lines = run_agent({"protocol": agent.PROTOCOL, "cmd": "hello", "args": {"base": str(tmp_path)}})
+    assert code == 0
+    assert lines[-1]["ok"] and lines[-1]["data"]["protocol"] == agent.PROTOCOL
+
+
+def test_wrong_protocol_is_refused(tmp_path):
+    code, lines = run_agent({"protocol": 999, "cmd": "hello", "args": {}})
+    assert code == 1 and lines[-1]["error"]["code"] == "protocol"
+
+
+def test_malformed_requests_get_an_error_not_a_traceback():
+    for bad in ("not json", "[]", json.dumps({"protocol": 1, "cmd": "rm -rf"}),
+                json.dumps({"protocol": 1, "cmd": "status", "args": {"base": "/tmp", "env": "../x"}})):
+        code, lines = run_agent(bad)
+        assert code == 1 and lines[-1]["ok"] is False, bad
+        assert lines[-1]["error"]["code"] in ("bad_request", "bad_env")
+
+
+@given(st.dictionaries(st.text(max_size=8), st.one_of(st.none(), st.integers(), st.text(max_size=8)),
+                       max_size=4))
+def test_any_json_object_gets_exactly_one_result_line(request):
+    out = io.StringIO()
+    agent.handle(json.dumps(request), out)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["ok"] is False
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+def test_member_rules():
+    bad = {
+        "/etc/passwd": member("/etc/passwd"),
+        "../x": member("../x"),
+        "a/../../x": member("a/../../x"),
+        "dev": member("dev", tarfile.CHRTYPE),
+        "fifo": member("fifo", tarfile.FIFOTYPE),
+        "abs link": member("l", tarfile.SYMTYPE, "/etc"),
+        "up link": member("a/l", tarfile.SYMTYPE, "../../etc"),
+        "hard link out": member("h", tarfile.LNKTYPE, "../outside"),
+    }
+    for what, info in bad.items():
+        assert agent.member_problem(info), what
+    good = [member("./app.py"), member("a/b/c.txt"), member("static", tarfile.DIRTYPE),
+            member("a/l", tarfile.SYMTYPE, "../b"), member("h", tarfile.LNKTYPE, "a/b/c.txt")]
+    for info in good:
+        assert agent.member_problem(info) is None, info.name
+
+
+segment = st.text(alphabet="abc./-_", min_size=1, max_size=6)
+
+
+@given(st.lists(segment, min_size=1, max_size=5))
+def test_no_accepted_member_path_leaves_the_build(parts):
+    name = "/".join(parts)
+    if agent.member_problem(member(name)) is None:
+        depth = 0
+        for part in name.split("/"):
+            depth += -1 if part == ".." else (0 if part in ("", ".") else 1)
+            assert depth >= 0
+        assert not name.startswith("/")
+
+
+@given(st.lists(segment, min_size=1, max_size=3), st.lists(segment, min_size=1, max_size=4))
+def test_no_accepted_symlink_points_outside(where, target):
+    name, link = "/".join(where), "/".join(target)
+    if agent.member_problem(member(name, tarfile.SYMTYPE, link)) is None:
+        depth = len([p for p in name.split("/") if p not in ("", ".")]) - 1
+        for part in link.split("/"):
+            depth += -1 if part == ".." else (0 if part in ("", ".") else 1)
+            assert depth >= 0
+
+
+def test_size_limit():
+    big = member("big")
+    big.size = 3 * 2**20
+    assert agent.check_members([big], max_bytes=2 * 2**20)
+    assert not agent.check_members([big], max_bytes=4 * 2**20)

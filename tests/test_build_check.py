@@ -1,0 +1,82 @@
+"""Checking builds locally, before anything is sent."""
+
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+
+from conftest import raw_tar
+from qabox import build
+from qabox.errors import BuildError
+
+
+def tar_of(tmp_path, files: dict[str, str], name="b.tar") -> object:
+    members = []
+    for rel, text in files.items():
+        members.append((tarfile.TarInfo(rel), text.encode()))
+    return raw_tar(tmp_path / name, members)
+
+
+def test_entry_from_qabox_toml(tmp_path):
+    path = tar_of(tmp_path, {"./notes.py": "", "./qabox.toml": '[app]\nentry = "notes:app"\nhealth = "/health"\n'})
+    b = build.inspect(path)
+    assert (b.entry, b.health, len(b.sha256)) == ("notes:app", "/health", 64)
+
+
+def test_default_entries_in_order(tmp_path):
+    assert build.inspect(tar_of(tmp_path, {"app.py": "", "wsgi.py": ""})).entry == "wsgi:app"
+    assert build.inspect(tar_of(tmp_path, {"app.py": ""}, "c.tar")).entry == "app:app"
+    assert build.inspect(tar_of(tmp_path, {"pkg/__init__.py": ""}, "d.tar"), entry="pkg:create").entry == "pkg:create"
+
+
+def test_missing_entry_says_how_to_name_it(tmp_path):
+    with pytest.raises(BuildError, match=r"has no app entry: add `\[app\] entry"):
+        build.inspect(tar_of(tmp_path, {"main.py": ""}))
+
+
+def test_entry_module_must_be_in_the_build(tmp_path):
+    with pytest.raises(BuildError, match="has no module shop"):
+        build.inspect(tar_of(tmp_path, {"app.py": ""}), entry="shop:app")
+    with pytest.raises(BuildError, match="not of the form module:callable"):
+        build.inspect(tar_of(tmp_path, {"app.py": ""}, "e.tar"), entry="app;rm -rf ~")
+
+
+def test_not_a_tar(tmp_path):
+    path = tmp_path / "build.tar.gz"
+    path.write_bytes(b"this is not a tar file at all" * 100)
+    with pytest.raises(BuildError, match="is not a readable tar build"):
+        build.inspect(path)
+
+
+def test_truncated_gzip(tmp_path, notes_build):
+    path = tmp_path / "cut.tar.gz"
+    path.write_bytes(notes_build.read_bytes()[:5000])
+    with pytest.raises(BuildError, match="is not a readable tar build"):
+        build.inspect(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(BuildError, match="does not exist"):
+        build.inspect(tmp_path / "nope.tar")
+
+
+def test_hostile_members_are_all_named(tmp_path):
+    link = tarfile.TarInfo("static/evil")
+    link.type, link.linkname = tarfile.SYMTYPE, "../../etc/passwd"
+    dev = tarfile.TarInfo("dev/null")
+    dev.type = tarfile.CHRTYPE
+    path = raw_tar(tmp_path / "bad.tar", [
+        (tarfile.TarInfo("app.py"), b""), (tarfile.TarInfo("../escape.py"), b"x"),
+        (tarfile.TarInfo("/etc/cron.d/x"), b"x"), (link, None), (dev, None),
+    ])
+    with pytest.raises(BuildError) as e:
+        build.inspect(path)
+    for name in ("../escape.py", "/etc/cron.d/x", "static/evil", "dev/null"):
+        assert name in e.value.message
+
+
+def test_bad_health_path(tmp_path):
+    path = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nhealth = "health"\n'})
+    with pytest.raises(BuildError, match="health must be a path"):
+        build.inspect(path)

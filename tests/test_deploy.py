@@ -1,0 +1,239 @@
+"""Deploying to a real lab host over real SSH, and what status says after."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import threading
+import time
+
+import pytest
+
+from conftest import http_get, in_host, qabox, raw_tar
+from qabox.context import Context
+
+pytestmark = pytest.mark.usefixtures("lab")
+
+SLOW_APP = """
+import time
+from flask import Flask
+app = Flask(__name__)
+app.debug = True  # qabox must serve it without the debugger anyway
+
+@app.get("/")
+def index():
+    return "v2"
+
+@app.get("/slow")
+def slow():
+    time.sleep(0.3)
+    return "slept"
+
+@app.get("/boom")
+def boom():
+    raise RuntimeError("secret traceback")
+"""
+
+
+def deploy(build, env, port, *extra):
+    return qabox("deploy", build, "--host", "lab1", "--env", env, "--port", port, *extra)
+
+
+def status_json(env):
+    result = qabox("status", "--host", "lab1", "--env", env, "--json")
+    assert result.code == 0, result
+    return json.loads(result.stdout)["hosts"][0]["envs"][0]
+
+
+def test_deploy_serves_the_app_and_status_says_so(notes_build, env_name, port):
+    result = deploy(notes_build, env_name, port)
+    assert result.code == 0, result
+    assert "is live" in result.stdout and f"--env {env_name}" in result.stdout
+    code, body = http_get("lab1", port, "/release")
+    assert code == 200 and body.startswith("2")
+    env = status_json(env_name)
+    assert env["state"] == "running" and env["release"] == body
+    assert env["port"] == port and env["pid"] and env["restarts"] == 0
+    assert env["health"]["code"] == 200
+    assert env["deployed_by"].count("@") == 1
+    # bound to the host's loopback only
+    lines = in_host("lab1", "ss", "-Hltn", f"sport = :{port}").stdout.splitlines()
+    assert [line.split()[3] for line in lines] == [f"127.0.0.1:{port}"]
+
+
+def test_unchanged_redeploy_sends_nothing(notes_build, env_name, port):
+    assert deploy(notes_build, env_name, port).code == 0
+    result = deploy(notes_build, env_name, port, "--json")
+    data = json.loads(result.stdout)
+    assert result.code == 0 and data["changed"] is False and data["sent_bytes"] == 0
+
+
+def test_redeploy_switches_release_and_keeps_data(notes_build, make_build, env_name, port):
+    assert deploy(notes_build, env_name, port).code == 0
+    in_host("lab1", "curl", "-s", "-d", "text=kept", f"http://127.0.0.1:{port}/notes")
+    first = status_json(env_name)["release"]
+    new = make_build({"notes.py": open_notes_source() + "\n# v2\n",
+                      "qabox.toml": '[app]\nentry = "notes:app"\nhealth = "/health"\n'})
+    result = deploy(new, env_name, port, "--json")
+    data = json.loads(result.stdout)
+    assert data["changed"] and data["previous"] == first and data["venv_created"] is False
+    code, body = http_get("lab1", port, "/notes.json")
+    assert code == 200 and "kept" in body
+
+
+def open_notes_source() -> str:
+    from conftest import REPO
+
+    return (REPO / "examples" / "notes" / "notes.py").read_text()
+
+
+def test_threaded_server_serves_ten_slow_requests_at_once(make_build, env_name, port):
+    build = make_build({"wsgi.py": SLOW_APP})
+    assert deploy(build, env_name, port).code == 0
+    code = ("import time,urllib.request,concurrent.futures as f\n"
+            "t=time.monotonic()\n"
+            "with f.ThreadPoolExecutor(10) as p:\n"
+            f" r=list(p.map(lambda _: urllib.request.urlopen('http://127.0.0.1:{port}/slow').read(), range(10)))\n"
+            "print(len(r), time.monotonic()-t)\n")
+    count, seconds = in_host("lab1", "/usr/bin/python3", "-c", code).stdout.split()
+    assert count == "10" and float(seconds) < 1.0
+
+
+def test_debugger_is_never_on(make_build, env_name, port):
+    build = make_build({"wsgi.py": SLOW_APP})
+    assert deploy(build, env_name, port).code == 0
+    code, body = http_get("lab1", port, "/boom")
+    assert code == 500 and "secret traceback" not in body and "Werkzeug Debugger" not in body
+
+
+def test_app_that_fails_at_import_keeps_the_old_release(notes_build, make_build, env_name, port):
+    assert deploy(notes_build, env_name, port).code == 0
+    before = status_json(env_name)["release"]
+    broken = make_build({"wsgi.py": "raise RuntimeError('missing setting DATABASE_URL')\n"})
+    result = deploy(broken, env_name, port)
+    assert result.code == 6
+    assert "did not pass its health check" in result.stderr and "previous release keeps serving" in result.stderr
+    assert "missing setting DATABASE_URL" in result.stderr  # the app's own log lines
+    assert status_json(env_name)["release"] == before
+    assert http_get("lab1", port, "/health")[0] == 200
+
+
+def test_first_deploy_that_fails_leaves_nothing_current(make_build, env_name, port):
+    broken = make_build({"wsgi.py": "import nonexistent_module\n"})
+    result = deploy(broken, env_name, port)
+    assert result.code == 6 and "No module named 'nonexistent_module'" in result.stderr
+    env = status_json(env_name)
+    assert env["release"] is None
+
+
+def test_missing_entry_is_refused_before_connecting(make_build, env_name, port):
+    build = make_build({"main.py": "x = 1\n"})
+    result = deploy(build, env_name, port)
+    assert result.code == 5
+    assert result.stderr.strip().endswith(
+        "add `[app] entry = \"module:app\"` to its qabox.toml, pass --app module:callable, or ship "
+        "a wsgi.py or app.py defining `app`")
+
+
+def test_hostile_build_is_refused_naming_members(tmp_path, env_name, port):
+    evil = tarfile.TarInfo("static/passwd")
+    evil.type, evil.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    build = raw_tar(tmp_path / "evil.tar", [(tarfile.TarInfo("app.py"), b"app = None\n"),
+                                            (tarfile.TarInfo("../../.bashrc"), b"echo pwned\n"),
+                                            (evil, None)])
+    result = deploy(build, env_name, port)
+    assert result.code == 5
+    assert "../../.bashrc: path with '..'" in result.stderr
+    assert "static/passwd: link to an absolute path" in result.stderr
+
+
+def test_port_taken_on_the_host(notes_build, env_name, port):
+    blocker = in_host_background("lab1", port)
+    try:
+        result = deploy(notes_build, env_name, port)
+    finally:
+        blocker.set()
+    assert result.code == 6
+    assert f"port {port} is already in use on the host's loopback" in result.stderr
+
+
+def in_host_background(host: str, port: int) -> threading.Event:
+    """Occupy a port on the lab host's loopback until the returned event is set."""
+    done = threading.Event()
+    code = (f"import socket,sys;s=socket.socket();s.bind(('127.0.0.1',{port}));s.listen();"
+            "print('ready',flush=True);sys.stdin.read()")
+    import subprocess
+    import sys
+
+    from conftest import LAB
+
+    proc = subprocess.Popen([sys.executable, str(LAB), "exec", host, "--", "/usr/bin/python3", "-c", code],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+
+    def wait():
+        done.wait(60)
+        proc.stdin.close()
+        proc.wait(10)
+
+    threading.Thread(target=wait, daemon=True).start()
+    return done
+
+
+def test_lock_held_names_the_holder(notes_build, env_name, port):
+    ctx = Context.create()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with ctx.remote("lab1") as remote, remote.lock(env_name, 5, "alice@laptop"):
+            holding.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(30)
+        started = time.monotonic()
+        result = deploy(notes_build, env_name, port, "--lock-timeout", "1")
+        assert time.monotonic() - started < 15
+    finally:
+        release.set()
+        thread.join(30)
+    assert result.code == 7
+    assert "another deploy to env" in result.stderr and "alice@laptop since" in result.stderr
+    # the holder's channel closed: the lock is free again at once
+    assert deploy(notes_build, env_name, port, "--lock-timeout", "5").code == 0
+
+
+def test_status_reports_an_unreachable_host_and_still_prints_the_others(notes_build, env_name, port, tmp_path, monkeypatch):
+    from conftest import LAB_DIR
+
+    config = tmp_path / "ssh_config"
+    config.write_text((LAB_DIR / "ssh_config").read_text()
+                      + "\nHost ghost\n  HostName 198.18.99.2\n  ConnectTimeout 2\n")
+    monkeypatch.setenv("QABOX_SSH_CONFIG", str(config))
+    assert deploy(notes_build, env_name, port).code == 0
+    result = qabox("status", "--host", "lab1", "--host", "ghost", "--json")
+    hosts = {h["host"]: h for h in json.loads(result.stdout)["hosts"]}
+    assert result.code == 1
+    assert hosts["ghost"]["reachable"] is False and "cannot connect" in hosts["ghost"]["error"]
+    assert any(e["env"] == env_name and e["state"] == "running" for e in hosts["lab1"]["envs"])
+
+
+def test_bad_env_names_are_refused(notes_build):
+    for bad in ("../x", "a;rm -rf ~", "A B", "ü"):
+        result = qabox("deploy", notes_build, "--host", "lab1", "--env", bad)
+        assert result.code == 2 and "is not allowed" in result.stderr
+
+
+def test_no_such_host(notes_build):
+    result = qabox("deploy", notes_build, "--host", "no-such-host-xyz.invalid")
+    assert result.code == 3 and "does not resolve" in result.stderr
+
+
+def test_app_survives_the_ssh_session_and_the_command_returns(notes_build, env_name, port):
+    started = time.monotonic()
+    assert deploy(notes_build, env_name, port).code == 0
+    assert time.monotonic() - started < 60
+    # no SSH session of ours is left, yet the app serves
+    assert http_get("lab1", port, "/health")[0] == 200

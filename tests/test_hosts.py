@@ -1,0 +1,50 @@
+"""hosts/NAME.toml: defaults, and errors that name file, line and key."""
+
+from __future__ import annotations
+
+import pytest
+
+from qabox.errors import ConfigError
+from qabox.hosts import HostSettings, load_settings
+
+
+def write(tmp_path, text, name="oldbox"):
+    (tmp_path / f"{name}.toml").write_text(text)
+    return tmp_path
+
+
+def test_defaults_without_a_file(tmp_path):
+    assert load_settings("oldbox", tmp_path) == HostSettings(name="oldbox")
+
+
+def test_values(tmp_path):
+    s = load_settings("oldbox", write(tmp_path, 'dir = "/srv/qa"\nport = 9000\nkeep = 3\npython = "/usr/bin/python3.11"\n'))
+    assert (s.dir, s.port, s.keep, s.python) == ("/srv/qa", 9000, 3, "/usr/bin/python3.11")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('port = 8080\ncolour = "red"\n', r"oldbox.toml:2: unknown key 'colour'"),
+    ('\nport = "8080"\n', r"oldbox.toml:2: port = '8080' is not a port from 1 to 65535"),
+    ('port = 70000\n', r"oldbox.toml:1: port = 70000 is not a port"),
+    ('keep = true\n', r"oldbox.toml:1: keep = True is not a number of releases"),
+    ('port = \n', r"oldbox.toml: .*line 1.*fix the TOML syntax"),
+])
+def test_errors_name_file_line_and_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings("oldbox", write(tmp_path, text))
+
+
+def test_host_names_that_could_escape_are_refused(tmp_path):
+    for name in ("../etc/x", "a b", "a;rm -rf ~", ""):
+        with pytest.raises(ConfigError, match="is not valid"):
+            load_settings(name, tmp_path)
+
+
+def test_repo_example_documents_every_key():
+    from pathlib import Path
+
+    from qabox.hosts import KEYS
+
+    text = (Path(__file__).parents[1] / "hosts" / "example.toml").read_text()
+    for key in KEYS:
+        assert f"{key} =" in text, key
