@@ -51,9 +51,18 @@ def isolated(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def env_name() -> str:
-    """An env of this test's own on the shared lab host."""
-    return f"t{os.getpid() % 1000}x{next(_envs)}"
+def env_name():
+    """An env of this test's own on the shared lab host, removed after the test."""
+    name = f"t{os.getpid() % 1000}x{next(_envs)}"
+    yield name
+    remove_env("lab1", name)
+
+
+def remove_env(host: str, env: str, user: str = "qalab1") -> None:
+    """Stop an env's supervisor and app on a lab host and delete its files."""
+    script = (f"pkill -TERM -f 'supervise [^ ]+ {env} [0-9]'; sleep 0.3; "
+              f"pkill -KILL -f '/envs/{env}/'; rm -rf /home/{user}/.qabox/envs/{env}")
+    in_host(host, "sh", "-c", script)
 
 
 @pytest.fixture

@@ -57,6 +57,12 @@ def reporting(verbose: bool = False, as_json: bool = False):
         raise typer.Exit(130)
 
 
+def print_version(value: bool) -> None:
+    if value:
+        out.print(f"qabox {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
@@ -67,15 +73,13 @@ def main_options(
         None, "--hosts-dir", envvar="QABOX_HOSTS_DIR",
         help="Directory of hosts/NAME.toml settings files (default: ./hosts)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks of errors."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=print_version,
+                                 help="Print the version and exit."),
 ):
     """Turn a spare Linux box into a QA environment over SSH.
 
     Example: qabox deploy build.tar.gz --host oldbox
     """
-    if version:
-        out.print(f"qabox {__version__}")
-        raise typer.Exit()
     ctx.obj = {"ssh_config": ssh_config, "hosts_dir": hosts_dir, "verbose": verbose}
 
 
@@ -192,7 +196,7 @@ def print_status(hosts: list[dict]) -> None:
             table.add_row(
                 host["host"], e["env"], e["release"] or "-", f"[{state_style}]{e['state']}[/]",
                 str(e["pid"] or "-"), human_seconds(e["uptime"]), str(e["restarts"]), str(e["port"]),
-                health_text, f"{e['deployed_at'] or '-'} by {e['deployed_by'] or '-'}",
+                health_text, f"{e['deployed_at']} by {e['deployed_by']}" if e["deployed_at"] else "-",
             )
     Console(width=None if out.is_terminal else 200).print(table)
 

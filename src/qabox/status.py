@@ -5,15 +5,17 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from qabox.context import Context
-from qabox.errors import QaboxError
+from qabox.errors import ConfigError, QaboxError
 
 
 def host_status(ctx: Context, host: str, env: str | None = None) -> dict:
-    """One host's envs, or why the host could not be asked."""
+    """One host's envs, or why the host could not be asked (a config error stops all)."""
     try:
         with ctx.remote(host) as remote:
             data = remote.call("status", env=env, timeout=30)
         return {"host": host, "reachable": True, "error": None, "envs": data["envs"]}
+    except ConfigError:
+        raise
     except QaboxError as e:
         return {"host": host, "reachable": False, "error": e.message, "envs": []}
 

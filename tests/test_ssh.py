@@ -1,0 +1,131 @@
+"""Naming and reaching hosts as `ssh NAME` does, with host keys always verified."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import paramiko
+import pytest
+
+from conftest import LAB_DIR, qabox
+from qabox import ssh
+
+pytestmark = pytest.mark.usefixtures("lab")
+
+
+def lab_block(**overrides) -> str:
+    """lab1's ssh_config block, with some settings replaced."""
+    settings = {
+        "HostName": "198.18.1.2", "User": "qalab1", "IdentityFile": str(LAB_DIR / "keys" / "deploy"),
+        "IdentitiesOnly": "yes", "UserKnownHostsFile": str(LAB_DIR / "known_hosts"),
+    }
+    settings.update(overrides)
+    return "".join(f"  {k} {v}\n" for k, v in settings.items() if v is not None)
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch):
+    """Write an ssh_config for this test: config("Host lab1\\n" + lab_block(...))."""
+    path = tmp_path / "ssh_config"
+
+    def write(text: str):
+        path.write_text(text)
+        monkeypatch.setenv("QABOX_SSH_CONFIG", str(path))
+        return path
+
+    return write
+
+
+def lab_host_key() -> paramiko.PKey:
+    return paramiko.Ed25519Key.from_private_key_file(str(LAB_DIR / "lab1" / "ssh_host_ed25519_key"))
+
+
+def test_unknown_host_key_is_refused_with_fingerprint_and_fix(config, tmp_path):
+    config("Host lab1\n" + lab_block(UserKnownHostsFile=tmp_path / "empty_known_hosts"))
+    result = qabox("status", "--host", "lab1", "--json")
+    error = result.stdout and json.loads(result.stdout)["hosts"][0]["error"]
+    assert result.code == 1
+    assert ssh.fingerprint(lab_host_key()) in error
+    assert "qabox hosts trust lab1" in error and "--accept-new-host-key" in error
+    assert not (tmp_path / "empty_known_hosts").exists()
+
+
+def test_unknown_key_refused_by_deploy_before_anything_is_sent(config, tmp_path, notes_build):
+    config("Host lab1\n" + lab_block(UserKnownHostsFile=tmp_path / "kh"))
+    result = qabox("deploy", notes_build, "--host", "lab1", "--env", "neverdeployed")
+    assert result.code == 4 and "unknown host key ssh-ed25519 SHA256:" in result.stderr
+
+
+def test_accept_new_host_key_records_it(config, tmp_path, notes_build):
+    known = tmp_path / "kh"
+    config("Host lab1\n" + lab_block(UserKnownHostsFile=known))
+    client = ssh.connect(ssh.resolve("lab1", tmp_path / "ssh_config"), accept_new_host_key=True)
+    client.close()
+    assert known.read_text().startswith("198.18.1.2 ssh-ed25519 ")
+    ssh.connect(ssh.resolve("lab1", tmp_path / "ssh_config")).close()  # now known
+
+
+def test_changed_host_key_is_always_refused(config, tmp_path):
+    other = paramiko.Ed25519Key.from_private_key_file(str(LAB_DIR / "keys" / "deploy"))
+    known = tmp_path / "kh"
+    known.write_text(f"198.18.1.2 ssh-ed25519 {other.get_base64()}\n")
+    config("Host lab1\n" + lab_block(UserKnownHostsFile=known))
+    for accept in (False, True):
+        with pytest.raises(Exception) as e:
+            ssh.connect(ssh.resolve("lab1", tmp_path / "ssh_config"), accept_new_host_key=accept)
+        assert "DIFFERENT host key" in str(e.value) and "ssh-keygen -R" in str(e.value)
+    result = qabox("hosts", "trust", "lab1", "--yes")
+    assert result.code == 1 and "DIFFERENT" in result.stderr
+
+
+def test_hosts_trust_asks_then_writes(config, tmp_path):
+    known = tmp_path / "kh"
+    config("Host lab1\n" + lab_block(UserKnownHostsFile=known))
+    refused = qabox("hosts", "trust", "lab1", input="n\n")
+    assert refused.code == 1 and not known.exists()
+    assert ssh.fingerprint(lab_host_key()) in refused.stdout
+    accepted = qabox("hosts", "trust", "lab1", input="y\n")
+    assert accepted.code == 0 and known.read_text().startswith("198.18.1.2 ssh-ed25519 ")
+    again = qabox("hosts", "trust", "lab1", "--yes")
+    assert again.code == 0 and "already trusted" in again.stdout
+
+
+def test_hashed_known_hosts_entries_work(config, tmp_path):
+    known = tmp_path / "kh"
+    known.write_text((LAB_DIR / "known_hosts").read_text())
+    subprocess.run(["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True)
+    assert "198.18.1.2" not in known.read_text()
+    config("Host lab1\n" + lab_block(UserKnownHostsFile=known))
+    ssh.connect(ssh.resolve("lab1", tmp_path / "ssh_config")).close()
+
+
+def test_login_refused_says_what_to_check(config, tmp_path):
+    key = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    config("Host lab1\n" + lab_block(IdentityFile=key))
+    result = qabox("status", "--host", "lab1", "--json")
+    error = json.loads(result.stdout)["hosts"][0]["error"]
+    assert "SSH login to qalab1@198.18.1.2:22 (lab1) was refused" in error
+
+
+def test_alias_with_user_port_and_proxyjump(config, tmp_path):
+    # lab1 reached through a jump to lab1 itself: from inside its namespace,
+    # 198.18.1.2:22 is its own sshd.
+    config("Host jump\n" + lab_block() + "Host inner\n" + lab_block(ProxyJump="jump", Port=22))
+    client = ssh.connect(ssh.resolve("inner", tmp_path / "ssh_config"))
+    _, stdout, _ = client.exec_command("echo $SSH_CONNECTION")
+    assert stdout.read().decode().split()[0] == "198.18.1.2"  # came from the jump host
+    client.close()
+
+
+def test_ssh_config_port_out_of_range(config, tmp_path):
+    config("Host lab1\n" + lab_block(Port=70000))
+    result = qabox("status", "--host", "lab1")
+    assert result.code == 2 and "port 70000 for host lab1 is out of range" in result.stderr
+
+
+def test_missing_ssh_config_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("QABOX_SSH_CONFIG", str(tmp_path / "nope"))
+    result = qabox("status", "--host", "lab1")
+    assert result.code == 2 and "does not exist" in result.stderr
