@@ -59,7 +59,7 @@ def test_malformed_requests_get_an_error_not_a_traceback():
                        max_size=4))
 def test_any_json_object_gets_exactly_one_result_line(request):
     out = io.StringIO()
-    agent.handle(json.dumps(request), out)
+    agent.handle(json.dumps(request), agent.Stream(out))
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["ok"] is False
 

@@ -185,7 +185,7 @@ def test_lock_held_names_the_holder(notes_build, env_name, port):
     holding, release = threading.Event(), threading.Event()
 
     def hold():
-        with ctx.remote("lab1") as remote, remote.lock(env_name, 5, "alice@laptop"):
+        with ctx.remote("lab1") as remote, remote.session(env_name, 5, "alice@laptop"):
             holding.set()
             release.wait(30)
 
@@ -237,3 +237,44 @@ def test_app_survives_the_ssh_session_and_the_command_returns(notes_build, env_n
     assert time.monotonic() - started < 60
     # no SSH session of ours is left, yet the app serves
     assert http_get("lab1", port, "/health")[0] == 200
+
+
+def test_killed_client_leaves_no_stale_lock_and_no_half_release(tmp_path, env_name, port, notes_build):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    big = tmp_path / "big.tar.gz"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "example-build"), "-o", str(big),
+                    "--assets-mb", "60"], check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "qabox", "deploy", str(big), "--host", "lab1",
+                             "--env", env_name, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until the upload has started
+        if in_host("lab1", "sh", "-c", "ls /home/qalab1/.qabox/builds/ | grep -q part").returncode == 0:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    started = time.monotonic()
+    result = deploy(notes_build, env_name, port, "--lock-timeout", "10")
+    assert result.code == 0, result
+    assert time.monotonic() - started < 15
+    releases = in_host("lab1", "ls", f"/home/qalab1/.qabox/envs/{env_name}/releases").stdout.split()
+    assert len(releases) == 1
+
+
+def test_old_releases_are_pruned(make_build, env_name, port, tmp_path, monkeypatch):
+    hosts = tmp_path / "hosts"
+    hosts.mkdir()
+    (hosts / "lab1.toml").write_text("keep = 2\n")
+    monkeypatch.setenv("QABOX_HOSTS_DIR", str(hosts))
+    for n in range(3):
+        assert deploy(make_build({"wsgi.py": SLOW_APP + f"\n# {n}\n"}), env_name, port).code == 0
+    current = status_json(env_name)["release"]
+    releases = in_host("lab1", "ls", f"/home/qalab1/.qabox/envs/{env_name}/releases").stdout.split()
+    assert len(releases) == 2 and current in releases

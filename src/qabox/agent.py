@@ -15,7 +15,7 @@ Layout on the host, under the base directory (default ``~/.qabox``)::
     agent/agent-<hash>.py      this file
     builds/<sha256>            uploaded builds, content-addressed (+ .part)
     envs/<env>/env.json        the env's port
-    envs/<env>/deploy.lock     held by ``hold-lock`` for a deploy's life
+    envs/<env>/deploy.lock     held by a ``session`` for a deploy's life
     envs/<env>/releases/<id>/  extracted builds, each with release.json
     envs/<env>/current         symlink to the serving release
     envs/<env>/venvs/<key>/    virtualenvs, shared by releases with equal requirements
@@ -51,6 +51,7 @@ DEFAULT_MAX_BYTES = 2 * 1024**3
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 LOG_TAIL = 30
+SESSION_IDLE = 30.0
 
 
 class Fail(Exception):
@@ -261,7 +262,7 @@ def all_envs(base: str) -> list:
 # ---------------------------------------------------------------- commands
 
 
-def cmd_hello(req, out) -> dict:
+def cmd_hello(req, io) -> dict:
     """Handshake: protocol version and facts about the host."""
     return {
         "protocol": PROTOCOL,
@@ -271,11 +272,13 @@ def cmd_hello(req, out) -> dict:
     }
 
 
-def cmd_hold_lock(req, out) -> None:
-    """Hold an env's deploy lock until qabox closes this channel (or dies).
+def cmd_session(req, io) -> None:
+    """Hold an env's deploy lock and run the deploy's requests under it.
 
-    The lock is an flock owned by this process, so a dead client can never
-    leave it stale: sshd closes our stdin and we exit, releasing it.
+    The lock is an flock owned by this process, which lives exactly as long
+    as qabox's channel: when qabox exits, dies or goes silent (no heartbeat
+    for SESSION_IDLE seconds), the running step is cancelled and cleaned up,
+    this process exits, and the lock is free. It can never be left stale.
     """
     env = Env(req["base"], req["env"])
     makedirs(env.dir)
@@ -292,23 +295,26 @@ def cmd_hold_lock(req, out) -> None:
             holder = read_json(path, {}) or {}
             raise Fail(
                 "lock_held",
-                "another deploy to env %s holds the lock: %s since %s"
-                % (env.name, holder.get("by", "unknown"), holder.get("since", "?")),
+                "another deploy to env %s holds the lock: %s since %s; wait for it, or try "
+                "again with a longer --lock-timeout" % (env.name, holder.get("by", "unknown"),
+                                                         holder.get("since", "?")),
                 holder=holder,
             )
-        # Leave early if qabox went away while we waited.
-        ready, _, _ = select.select([sys.stdin], [], [], 0.2)
-        if ready and not sys.stdin.buffer.read1(1):
+        if io.gone.wait(0.2):
             return None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"by": req.get("by"), "since": iso(now()), "pid": os.getpid()}).encode(), 0)
-    emit(out, {"ok": True, "changed": True, "data": {"locked": True}})
-    while sys.stdin.buffer.read1(4096):
-        pass
-    return None
+    holder = {"by": req.get("by"), "since": iso(now()), "pid": os.getpid()}
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    io.emit({"ok": True, "changed": False, "data": {"locked": True}})
+    io.locked_env = env.name
+    while True:
+        line = io.next_request()
+        if line is None:
+            return None
+        handle(line, io, in_session=True)
 
 
-def cmd_upload_state(req, out) -> dict:
+def cmd_upload_state(req, io) -> dict:
     """What the host has of a build: all of it, part of it (resume), or none."""
     sha = req["sha256"]
     if not SHA256.match(sha):
@@ -404,7 +410,7 @@ def venv_key(release_dir: str, python: str) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare_venv(env: Env, release_dir: str, out) -> tuple:
+def prepare_venv(env: Env, release_dir: str, io) -> tuple:
     """Create (or reuse) the release's virtualenv; installs offline from wheels/."""
     key = venv_key(release_dir, sys.executable)
     venv = env.path("venvs", key)
@@ -414,13 +420,13 @@ def prepare_venv(env: Env, release_dir: str, out) -> tuple:
     shutil.rmtree(venv, ignore_errors=True)
     req = os.path.join(release_dir, "requirements.txt")
     wheels = os.path.join(release_dir, "wheels")
-    emit(out, {"progress": "creating virtualenv"})
+    io.emit({"progress": "creating virtualenv"})
     cmd = [sys.executable, "-m", "venv", venv]
     if not os.path.isfile(req):
         cmd.insert(3, "--system-site-packages")
     run_step(cmd, "could not create a virtualenv on the host (is python3-venv installed?)")
     if os.path.isfile(req):
-        emit(out, {"progress": "installing requirements"})
+        io.emit({"progress": "installing requirements"})
         pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q", "-r", req]
         if os.path.isdir(wheels):
             pip[4:4] = ["--no-index", "--find-links", wheels]
@@ -441,13 +447,15 @@ def run_step(cmd: list, what: str) -> None:
         raise Fail("step_failed", what, log=lines[-LOG_TAIL:])
 
 
-def cmd_deploy(req, out) -> dict:
+def cmd_deploy(req, io) -> dict:
     """Extract an uploaded build as a new release and switch the env to it.
 
     The current release keeps serving until the new one passes its health
     check; on any failure the new release is removed and nothing else changes.
     """
     env = Env(req["base"], req["env"])
+    if io.locked_env != env.name:
+        raise Fail("bad_request", "deploy runs only in a session holding env %s's lock" % env.name)
     env.ensure()
     sha = req["sha256"]
     if not SHA256.match(sha):
@@ -465,10 +473,12 @@ def cmd_deploy(req, out) -> dict:
     rdir = env.release_dir(release)
     tmp = env.path("releases", "." + release + ".tmp")
     try:
-        emit(out, {"progress": "extracting"})
+        io.emit({"progress": "extracting"})
         shutil.rmtree(tmp, ignore_errors=True)
         extract(build, tmp, int(req.get("max_bytes") or DEFAULT_MAX_BYTES))
-        key, python, created = prepare_venv(env, tmp, out)
+        io.check()
+        key, python, created = prepare_venv(env, tmp, io)
+        io.check()
         info = {
             "release": release,
             "sha256": sha,
@@ -481,7 +491,8 @@ def cmd_deploy(req, out) -> dict:
         }
         write_json(os.path.join(tmp, "release.json"), info)
         os.rename(tmp, rdir)
-        emit(out, {"progress": "starting"})
+        io.check()
+        io.emit({"progress": "starting"})
         ensure_supervisor(env, settings["port"])
         result = supervisor_call(env, {"cmd": "switch", "release": release,
                                        "timeout": float(req.get("start_timeout") or START_TIMEOUT)},
@@ -548,7 +559,7 @@ def prune(env: Env, keep: int) -> list:
     return old
 
 
-def cmd_status(req, out) -> dict:
+def cmd_status(req, io) -> dict:
     """Every env on this host (or the one asked): release, state, health."""
     base = req["base"]
     names = [req["env"]] if req.get("env") else all_envs(base)
@@ -589,7 +600,7 @@ def env_status(env: Env) -> dict:
 
 COMMANDS = {
     "hello": cmd_hello,
-    "hold-lock": cmd_hold_lock,
+    "session": cmd_session,
     "upload-state": cmd_upload_state,
     "deploy": cmd_deploy,
     "status": cmd_status,
@@ -1001,13 +1012,68 @@ def serve(spec: dict) -> None:
 # ---------------------------------------------------------------- entry point
 
 
-def emit(out, message: dict) -> None:
-    out.write(json.dumps(message) + "\n")
-    out.flush()
+class Stream:
+    """The agent's side of one SSH channel: requests in, JSON lines out.
+
+    A reader thread owns stdin, so that the agent notices qabox going away
+    (EOF, or no line at all for SESSION_IDLE seconds: qabox sends heartbeats)
+    even in the middle of a long step, which then stops at its next check().
+    """
+
+    def __init__(self, stdout, stdin=None):
+        import queue
+        import threading
+
+        self.stdout = stdout
+        self.gone = threading.Event()
+        self.inbox = queue.Queue()
+        self.locked_env = None  # set by a session holding that env's deploy lock
+        if stdin is not None:
+            self.fd = stdin.fileno()
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        buffer, last = b"", time.monotonic()
+        while True:
+            ready, _, _ = select.select([self.fd], [], [], 1.0)
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                last = time.monotonic()
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip() and line.strip() != b"{}":  # {} is a heartbeat
+                        self.inbox.put(line.decode("utf-8", "replace"))
+            elif time.monotonic() - last > SESSION_IDLE:
+                break
+        self.gone.set()
+        self.inbox.put(None)
+
+    def next_request(self):
+        """The next request line, or None once qabox has gone."""
+        return self.inbox.get()
+
+    def emit(self, message: dict) -> None:
+        try:
+            self.stdout.write(json.dumps(message) + "\n")
+            self.stdout.flush()
+        except (BrokenPipeError, ValueError):
+            self.gone.set()
+
+    def check(self) -> None:
+        """Stop a step whose client has gone: nobody would see its result."""
+        if self.gone.is_set():
+            raise Fail("cancelled", "qabox went away: the step was cancelled and cleaned up")
 
 
-def handle(line: str, out) -> int:
+def handle(line: str, io: Stream, in_session: bool = False) -> int:
     """Run one JSON request and write its result: the agent's whole protocol."""
+    def fail(code: str, message: str, **data) -> int:
+        io.emit({"ok": False, "changed": False, "error": dict(code=code, message=message, **data)})
+        return 1
+
     try:
         req = json.loads(line)
         if not isinstance(req, dict) or req.get("cmd") not in COMMANDS:
@@ -1015,27 +1081,21 @@ def handle(line: str, out) -> int:
         if req.get("protocol") != PROTOCOL:
             raise Fail("protocol", "qabox speaks protocol %s, this agent %d"
                        % (req.get("protocol"), PROTOCOL))
-        data = COMMANDS[req["cmd"]](req.get("args") or {}, out)
+        if in_session and req["cmd"] == "session":
+            raise Fail("bad_request", "a session cannot be nested")
+        data = COMMANDS[req["cmd"]](req.get("args") or {}, io)
     except Fail as e:
-        emit(out, {"ok": False, "changed": False,
-                   "error": dict(code=e.code, message=e.message, **e.data)})
-        return 1
-    except (ValueError, KeyError, TypeError) as e:
-        emit(out, {"ok": False, "changed": False,
-                   "error": {"code": "bad_request", "message": "malformed request: %s" % e}})
-        return 1
+        return fail(e.code, e.message, **e.data)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return fail("bad_request", "malformed request: %s" % e)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            fail = disk_full(e.filename or "the deploy directory")
-            emit(out, {"ok": False, "changed": False,
-                       "error": {"code": fail.code, "message": fail.message}})
-        else:
-            emit(out, {"ok": False, "changed": False,
-                       "error": {"code": "os_error", "message": str(e)}})
-        return 1
+            full = disk_full(e.filename or "the deploy directory")
+            return fail(full.code, full.message)
+        return fail("os_error", str(e))
     if data is not None:
         changed = data.pop("changed", False)
-        emit(out, {"ok": True, "changed": changed, "data": data})
+        io.emit({"ok": True, "changed": changed, "data": data})
     return 0
 
 
@@ -1047,7 +1107,9 @@ def main(argv: list) -> int:
     if len(argv) > 1 and argv[1] == "serve":
         serve(json.loads(argv[2]))
         return 0
-    return handle(sys.stdin.readline(), sys.stdout)
+    io = Stream(sys.stdout, sys.stdin)
+    line = io.next_request()
+    return 1 if line is None else handle(line, io)
 
 
 if __name__ == "__main__":

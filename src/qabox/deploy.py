@@ -74,12 +74,12 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     hooks.step("connecting")
     with ctx.remote(host) as remote:
         hooks.step("waiting for the deploy lock")
-        with remote.lock(env, lock_timeout, whoami()):
-            state = remote.call("upload-state", env=env, sha256=build.sha256)
+        with remote.session(env, lock_timeout, whoami()) as session:
+            state = session.call("upload-state", env=env, sha256=build.sha256)
             sent = 0
             if not state["have"]:
                 sent = upload(remote, build, state["part_path"], state["part"], hooks)
-            data = remote.call(
+            data = session.call(
                 "deploy", timeout=900, progress=hooks.step, env=env, sha256=build.sha256,
                 file=path.name, entry=build.entry, health=build.health,
                 port=port or settings.port, keep=settings.keep, by=whoami(),

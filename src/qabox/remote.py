@@ -12,6 +12,7 @@ import json
 import posixpath
 import shlex
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from functools import cached_property
@@ -158,46 +159,70 @@ class Remote:
         sftp.posix_rename(tmp, self.agent_path)
 
     @contextmanager
-    def lock(self, env: str, timeout: float, by: str) -> Iterator[None]:
-        """Hold the env's deploy lock on the host for the life of the block.
+    def session(self, env: str, lock_timeout: float, by: str) -> Iterator["Session"]:
+        """Hold the env's deploy lock on the host and run requests under it.
 
-        A process on the host holds it for as long as this channel is open, so
-        a client that dies or loses its network can never leave it stale.
+        One agent process holds the lock for as long as this channel is open
+        and hears from us (heartbeats), so a client that dies or loses its
+        network can never leave the lock stale.
         """
         for attempt in range(2):
-            channel = self._open("hold-lock", {"env": env, "timeout": timeout, "by": by})
-            result, status, stderr = self._read_first(channel, timeout + 30)
+            channel = self._open("session", {"env": env, "timeout": lock_timeout, "by": by})
+            try:
+                result, status, stderr = self._read(channel, lock_timeout + 30, None)
+            except BaseException:
+                channel.close()
+                raise
             if result is None and status == AGENT_MISSING and attempt == 0:
                 channel.close()
                 self.push_agent()
                 continue
             break
+        session = Session(self, channel)
         try:
-            self._result("hold-lock", result, status, stderr)
-            yield
+            self._result("session", result, status, stderr)
+            yield session
         finally:
-            channel.close()
+            session.close()
 
-    def _read_first(self, channel, timeout) -> tuple:
-        """Read the first result line of a channel that stays open after it."""
-        deadline = time.monotonic() + timeout
-        channel.settimeout(0.5)
-        buffer = b""
-        while b"\n" not in buffer:
-            if time.monotonic() > deadline:
-                channel.close()
-                raise RemoteError(f"{self.name} did not answer within {timeout:.0f} s")
+
+class Session:
+    """Requests sent one at a time over a channel that holds a deploy lock."""
+
+    HEARTBEAT = 5.0
+
+    def __init__(self, remote: Remote, channel: paramiko.Channel):
+        self.remote = remote
+        self.channel = channel
+        self.write_lock = threading.Lock()
+        self.closed = threading.Event()
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+
+    def _send(self, data: bytes) -> None:
+        with self.write_lock:
+            self.channel.sendall(data)
+
+    def _heartbeat(self) -> None:
+        """Tell the agent we are alive, so it can tell a dead client from a slow one."""
+        while not self.closed.wait(self.HEARTBEAT):
             try:
-                chunk = channel.recv(65536)
-            except socket.timeout:
-                continue
-            if not chunk:
-                stderr = b""
-                while channel.recv_stderr_ready():
-                    stderr += channel.recv_stderr(65536)
-                return _parse(buffer), channel.recv_exit_status(), stderr.decode("utf-8", "replace")
-            buffer += chunk
-        return _parse(buffer.split(b"\n", 1)[0]), 0, ""
+                self._send(b"{}\n")
+            except (OSError, EOFError, paramiko.SSHException):
+                return
+
+    def call(self, cmd: str, timeout: float = 60, progress: Callable[[str], None] | None = None,
+             **args) -> dict:
+        request = {"protocol": agent.PROTOCOL, "cmd": cmd, "args": {"base": self.remote.base, **args}}
+        try:
+            self._send(json.dumps(request).encode() + b"\n")
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise ConnectError(f"the connection to {self.remote.name} broke: {e}") from None
+        result, status, stderr = self.remote._read(self.channel, timeout, progress)
+        return self.remote._result(cmd, result, status, stderr)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.channel.close()
 
 
 def _parse(line: bytes) -> dict | None:
