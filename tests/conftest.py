@@ -60,8 +60,9 @@ def env_name():
 
 def remove_env(host: str, env: str, user: str = "qalab1") -> None:
     """Stop an env's supervisor and app on a lab host and delete its files."""
-    script = (f"pkill -TERM -f 'supervise [^ ]+ {env} [0-9]'; sleep 0.3; "
-              f"pkill -KILL -f '/envs/{env}/'; rm -rf /home/{user}/.qabox/envs/{env}")
+    # [s] keeps pkill from matching this very shell's command line
+    script = (f"pkill -KILL -f 'supervi[s]e [^ ]+ {env} '; pkill -KILL -f '/env[s]/{env}/'; "
+              f"rm -rf /home/{user}/.qabox/envs/{env}")
     in_host(host, "sh", "-c", script)
 
 

@@ -13,6 +13,15 @@ def write(tmp_path, text, name="oldbox"):
     return tmp_path
 
 
+def test_env_ports(tmp_path):
+    s = load_settings("oldbox", write(tmp_path, 'port = 9000\n[envs.feature]\nport = 9001\n'))
+    assert (s.env_port("main"), s.env_port("feature"), s.env_port("other")) == (9000, 9001, None)
+    with pytest.raises(ConfigError, match=r"oldbox.toml:2: unknown key 'colour' in \[envs.x\]"):
+        load_settings("oldbox", write(tmp_path, '\n[envs.x]\ncolour = 1\n'))
+    with pytest.raises(ConfigError, match=r"oldbox.toml:1: \[envs.x\] port = 0 is not a port"):
+        load_settings("oldbox", write(tmp_path, '[envs.x]\nport = 0\n'))
+
+
 def test_defaults_without_a_file(tmp_path):
     assert load_settings("oldbox", tmp_path) == HostSettings(name="oldbox")
 
@@ -47,4 +56,4 @@ def test_repo_example_documents_every_key():
 
     text = (Path(__file__).parents[1] / "hosts" / "example.toml").read_text()
     for key in KEYS:
-        assert f"{key} =" in text, key
+        assert f"{key} =" in text or f"[{key}." in text, key

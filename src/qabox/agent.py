@@ -27,6 +27,7 @@ Layout on the host, under the base directory (default ``~/.qabox``)::
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import glob
@@ -421,20 +422,36 @@ def prepare_venv(env: Env, release_dir: str, io) -> tuple:
     req = os.path.join(release_dir, "requirements.txt")
     wheels = os.path.join(release_dir, "wheels")
     io.emit({"progress": "creating virtualenv"})
+    pip_wheel = bundled_pip() if os.path.isfile(req) else None
     cmd = [sys.executable, "-m", "venv", venv]
     if not os.path.isfile(req):
         cmd.insert(3, "--system-site-packages")
+    elif pip_wheel:
+        cmd.insert(3, "--without-pip")  # installing pip into the venv is most of venv's time
     run_step(cmd, "could not create a virtualenv on the host (is python3-venv installed?)")
     if os.path.isfile(req):
         io.emit({"progress": "installing requirements"})
-        pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q", "-r", req]
+        pip = [python] + ([os.path.join(pip_wheel, "pip")] if pip_wheel else ["-m", "pip"])
+        pip += ["install", "--disable-pip-version-check", "--no-input", "-q", "-r", req]
         if os.path.isdir(wheels):
-            pip[4:4] = ["--no-index", "--find-links", wheels]
+            pip[-3:-3] = ["--no-index", "--find-links", wheels]
         run_step(pip, "could not install the build's requirements.txt on the host"
                  " (ship every wheel in the build's wheels/ directory)")
     with open(os.path.join(venv, ".complete"), "w"):
         pass
     return key, python, True
+
+
+def bundled_pip():
+    """The pip wheel that venv itself would install, to run pip straight from it."""
+    import ensurepip
+
+    places = [os.path.join(os.path.dirname(ensurepip.__file__), "_bundled"), "/usr/share/python-wheels"]
+    for place in places:
+        found = sorted(glob.glob(os.path.join(place, "pip-*.whl")))
+        if found:
+            return found[-1]
+    return None
 
 
 def run_step(cmd: list, what: str) -> None:
@@ -447,27 +464,34 @@ def run_step(cmd: list, what: str) -> None:
         raise Fail("step_failed", what, log=lines[-LOG_TAIL:])
 
 
+def locked(req, io) -> Env:
+    """The env of a command that changes it: only under that env's deploy lock."""
+    env = Env(req["base"], req["env"])
+    if io.locked_env != env.name:
+        raise Fail("bad_request", "%s runs only in a session holding env %s's lock"
+                   % (req.get("cmd", "this command"), env.name))
+    return env
+
+
 def cmd_deploy(req, io) -> dict:
     """Extract an uploaded build as a new release and switch the env to it.
 
     The current release keeps serving until the new one passes its health
     check; on any failure the new release is removed and nothing else changes.
     """
-    env = Env(req["base"], req["env"])
-    if io.locked_env != env.name:
-        raise Fail("bad_request", "deploy runs only in a session holding env %s's lock" % env.name)
+    env = locked(req, io)
     env.ensure()
     sha = req["sha256"]
     if not SHA256.match(sha):
         raise Fail("bad_request", "not a sha256: %r" % sha)
     started = time.monotonic()
     current = env.current()
-    settings = env_settings(env, req.get("port"))
-    if current and env.release_info(current).get("sha256") == sha and supervisor_ping(env):
-        state = read_json(env.path("state.json"), {}) or {}
-        if state.get("state") == "running" and state.get("port") == settings["port"]:
-            return {"release": current, "port": settings["port"], "unchanged": True,
-                    "changed": False}
+    settings = env_settings(env, req)
+    if current and env.release_info(current).get("sha256") == sha:
+        pong = supervisor_ping(env)
+        if pong and pong.get("state") == "running" and pong.get("port") == settings["port"]:
+            return {"release": current, "previous": current, "port": settings["port"],
+                    "testers": connected_testers(env), "changed": False}
     build = take_build(env.builds, sha)
     release = new_release_id(env)
     rdir = env.release_dir(release)
@@ -493,14 +517,7 @@ def cmd_deploy(req, io) -> dict:
         os.rename(tmp, rdir)
         io.check()
         io.emit({"progress": "starting"})
-        ensure_supervisor(env, settings["port"])
-        result = supervisor_call(env, {"cmd": "switch", "release": release,
-                                       "timeout": float(req.get("start_timeout") or START_TIMEOUT)},
-                                 timeout=float(req.get("start_timeout") or START_TIMEOUT) + STOP_TIMEOUT + 10)
-        if not result.get("ok"):
-            err = result.get("error", {})
-            raise Fail(err.get("code", "start_failed"), err.get("message", "the app did not start"),
-                       log=err.get("log", []))
+        switch_to(env, release, settings)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(rdir, ignore_errors=True)
@@ -518,25 +535,87 @@ def cmd_deploy(req, io) -> dict:
         "port": settings["port"],
         "venv_created": created,
         "pruned": pruned,
+        "testers": connected_testers(env),
         "seconds": round(time.monotonic() - started, 2),
         "changed": True,
     }
 
 
-def env_settings(env: Env, port) -> dict:
-    """The env's port: as asked, else as recorded on the host, else 8080."""
+def connected_testers(env: Env) -> list:
+    """Testers whose tunnels are open now (filled in by tester sessions)."""
+    return []
+
+
+def env_settings(env: Env, req: dict) -> dict:
+    """The env's recorded settings, updated with what this request asks.
+
+    The port is as asked, else as recorded, else the first free one from 8080
+    that no other env on the host has taken.
+    """
     settings = read_json(env.path("env.json"), {}) or {}
+    others = {name: (read_json(Env(env.base, name).path("env.json"), {}) or {}).get("port")
+              for name in all_envs(env.base) if name != env.name}
+    port = req.get("port")
     if port:
-        settings["port"] = int(port)
-    settings.setdefault("port", 8080)
+        port = int(port)
+        taken = [name for name, p in others.items() if p == port]
+        if taken:
+            raise Fail("port_in_use", "port %d is already the port of env %s on this host: "
+                       "pick another with --port" % (port, taken[0]))
+        settings["port"] = port
+    if "port" not in settings:
+        settings["port"] = free_port(8080, set(others.values()))
+    for key in ("health_interval", "log_max_bytes", "start_timeout"):
+        if req.get(key):
+            settings[key] = req[key]
     makedirs(env.dir)
     write_json(env.path("env.json"), settings)
     return settings
 
 
+def free_port(start: int, taken: set) -> int:
+    for port in range(start, start + 1000):
+        if port in taken:
+            continue
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            probe.close()
+    raise Fail("port_in_use", "no free port from %d to %d on the host" % (start, start + 999))
+
+
+def switch_to(env: Env, release: str, settings: dict) -> dict:
+    """Have the env's supervisor serve ``release``, live only once it is healthy."""
+    set_stopped(env, False)
+    ensure_supervisor(env)
+    timeout = float(settings.get("start_timeout") or START_TIMEOUT)
+    result = supervisor_call(env, {"cmd": "switch", "release": release, "timeout": timeout},
+                             timeout=timeout + STOP_TIMEOUT + 10)
+    if not result.get("ok"):
+        err = result.get("error", {})
+        raise Fail(err.get("code", "start_failed"), err.get("message", "the app did not start"),
+                   log=err.get("log", []))
+    return result
+
+
+def set_stopped(env: Env, stopped: bool) -> None:
+    """Record whether the env was stopped on purpose (so nothing revives it)."""
+    settings = read_json(env.path("env.json"), {}) or {}
+    if settings.get("stopped", False) != stopped:
+        settings["stopped"] = stopped
+        write_json(env.path("env.json"), settings)
+
+
 def prune(env: Env, keep: int) -> list:
     """Delete releases beyond the newest ``keep``, never the current one,
-    then the virtualenvs and builds no kept release uses."""
+    then the virtualenvs and builds no kept release uses.
+
+    Pruning runs under the env's deploy lock, as do rollbacks, so it never
+    races a rollback to the release it would delete."""
     current = env.current()
     releases = env.releases()
     old = [r for r in releases[: max(0, len(releases) - keep)] if r != current]
@@ -559,27 +638,161 @@ def prune(env: Env, keep: int) -> list:
     return old
 
 
+def cmd_rollback(req, io) -> dict:
+    """Switch back to the previous (or the named) kept release, zero-downtime."""
+    env = locked(req, io)
+    current = env.current()
+    releases = env.releases()
+    target = req.get("to")
+    if target:
+        if target not in releases:
+            raise Fail("no_release", "release %r is not kept on this host; kept: %s"
+                       % (target, ", ".join(releases) or "none"))
+    else:
+        older = [r for r in releases if current is None or r < current]
+        if not older:
+            raise Fail("no_release", "there is no release before %s to roll back to" % current)
+        target = older[-1]
+    if target == current and supervisor_state(env) == "running":
+        return {"release": current, "previous": current, "changed": False}
+    switch_to(env, target, env_settings(env, {}))
+    return {"release": target, "previous": current, "changed": True}
+
+
+def cmd_start(req, io) -> dict:
+    """Start the env's current release if it is not running (clears ``crashed``)."""
+    env = locked(req, io)
+    current = env.current()
+    if current is None:
+        raise Fail("no_release", "nothing is deployed to env %s: deploy a build first" % env.name)
+    if supervisor_state(env) == "running":
+        return {"release": current, "changed": False}
+    switch_to(env, current, env_settings(env, {}))
+    return {"release": current, "changed": True}
+
+
+def cmd_restart(req, io) -> dict:
+    """Start a fresh process of the current release, then retire the old one."""
+    env = locked(req, io)
+    current = env.current()
+    if current is None:
+        raise Fail("no_release", "nothing is deployed to env %s: deploy a build first" % env.name)
+    result = switch_to(env, current, env_settings(env, {}))
+    return {"release": current, "pid": result.get("pid"), "changed": True}
+
+
+def cmd_stop(req, io) -> dict:
+    """Stop the env's app gracefully and its supervisor; nothing revives it."""
+    env = locked(req, io)
+    set_stopped(env, True)
+    if supervisor_ping(env) is None:
+        state = read_json(env.path("state.json"), {}) or {}
+        if not pid_alive(state.get("pid")):
+            return {"changed": False}
+        stop_group(state["pid"], STOP_TIMEOUT)
+    else:
+        supervisor_call(env, {"cmd": "stop"}, timeout=STOP_TIMEOUT + 10)
+    return {"changed": True}
+
+
+def stop_group(pid: int, timeout: float) -> None:
+    """SIGTERM a process group, wait for it, then SIGKILL what is left."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    wait_for(lambda: not pid_alive(pid), timeout)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def cmd_releases(req, io) -> dict:
+    env = Env(req["base"], req["env"])
+    current = env.current()
+    return {"current": current,
+            "releases": [dict(env.release_info(r), current=r == current) for r in env.releases()]}
+
+
+def cmd_logs(req, io) -> None:
+    """The current release's log: the last lines, then (follow) new ones as written."""
+    env = Env(req["base"], req["env"])
+    release = env.current()
+    if release is None:
+        raise Fail("no_release", "nothing is deployed to env %s" % env.name)
+    path = env.path("logs", release + ".log")
+    for line in tail(path, int(req.get("lines", 50))):
+        io.emit({"line": line})
+    if not req.get("follow"):
+        io.emit({"ok": True, "changed": False, "data": {"release": release}})
+        return None
+    position = os.path.getsize(path) if os.path.exists(path) else 0
+    heartbeat = time.monotonic()
+    while not io.gone.wait(0.2):
+        if time.monotonic() - heartbeat > 5:  # lets qabox tell a quiet log from a dead link
+            heartbeat = time.monotonic()
+            io.emit({"hb": 1})
+        if env.current() != release:  # a deploy or rollback switched: follow the new log
+            release = env.current()
+            io.emit({"line": "--- now release %s ---" % release})
+            path, position = env.path("logs", release + ".log"), 0
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            continue
+        if size < position:  # rotated
+            position = 0
+        if size > position:
+            with open(path, "rb") as f:
+                f.seek(position)
+                data = f.read(size - position)
+            complete = data.rfind(b"\n") + 1
+            position += complete
+            for line in data[:complete].decode("utf-8", "replace").splitlines():
+                io.emit({"line": line})
+    return None
+
+
 def cmd_status(req, io) -> dict:
-    """Every env on this host (or the one asked): release, state, health."""
+    """Every env on this host (or the one asked): release, state, health.
+
+    An env whose supervisor died is noticed here and given a new one, which
+    adopts the app if it still runs.
+    """
     base = req["base"]
     names = [req["env"]] if req.get("env") else all_envs(base)
     return {"envs": [env_status(Env(base, name)) for name in names]}
 
 
+def supervisor_state(env: Env):
+    pong = supervisor_ping(env)
+    return pong.get("state") if pong else None
+
+
+def revive(env: Env) -> bool:
+    """Restart a dead supervisor of an env that should be up. True if it did."""
+    settings = read_json(env.path("env.json"), {}) or {}
+    if settings.get("stopped") or env.current() is None or supervisor_ping(env) is not None:
+        return False
+    try:
+        ensure_supervisor(env)
+    except Fail:
+        return False
+    return True
+
+
 def env_status(env: Env) -> dict:
+    revived = revive(env)
     state = read_json(env.path("state.json"), {}) or {}
     current = env.current()
     info = env.release_info(current) if current else {}
-    port = (read_json(env.path("env.json"), {}) or {}).get("port", 8080)
-    supervised = supervisor_ping(env)
-    pid = state.get("pid")
-    if not supervised:
-        status = "crashed" if state.get("state") == "crashed" else "stopped"
-        pid = pid if pid_alive(pid) else None
-    else:
-        status = state.get("state", "stopped")
+    settings = read_json(env.path("env.json"), {}) or {}
+    port = settings.get("port", 8080)
+    pong = supervisor_ping(env)
+    status = pong.get("state", "stopped") if pong else ("crashed" if state.get("state") == "crashed" else "stopped")
     started = state.get("started_at")
-    result = {
+    return {
         "env": env.name,
         "release": current,
         "sha256": info.get("sha256"),
@@ -587,15 +800,17 @@ def env_status(env: Env) -> dict:
         "deployed_at": info.get("deployed_at"),
         "deployed_by": info.get("deployed_by"),
         "state": status,
-        "pid": pid if status in ("running", "starting") else None,
+        "pid": state.get("pid") if status in ("running", "starting") else None,
         "uptime": round(now() - started, 1) if started and status == "running" else None,
         "restarts": state.get("restarts", 0),
+        "hangs": state.get("hangs", 0),
         "last_exit": state.get("last_exit"),
+        "last_log": state.get("last_log") if status == "crashed" else None,
         "port": port,
-        "supervisor_pid": state.get("supervisor_pid") if supervised else None,
-        "health": http_probe(port, info.get("health", "/")) if current else None,
+        "supervisor_pid": pong.get("pid") if pong else None,
+        "supervisor_revived": revived,
+        "health": http_probe(port, info.get("health", "/")) if current and status != "stopped" else None,
     }
-    return result
 
 
 COMMANDS = {
@@ -603,6 +818,12 @@ COMMANDS = {
     "session": cmd_session,
     "upload-state": cmd_upload_state,
     "deploy": cmd_deploy,
+    "rollback": cmd_rollback,
+    "start": cmd_start,
+    "stop": cmd_stop,
+    "restart": cmd_restart,
+    "releases": cmd_releases,
+    "logs": cmd_logs,
     "status": cmd_status,
 }
 
@@ -631,23 +852,50 @@ def supervisor_call(env: Env, request: dict, timeout: float = 5.0) -> dict:
 def supervisor_ping(env: Env):
     """The supervisor's answer to ping, or None if none is running."""
     try:
-        return supervisor_call(env, {"cmd": "ping"}, timeout=2.0)
+        return supervisor_call(env, {"cmd": "ping"}, timeout=3.0)
     except (OSError, ValueError):
         return None
 
 
-def ensure_supervisor(env: Env, port: int) -> None:
-    """Start the env's supervisor unless one already serves this port.
+def ensure_supervisor(env: Env) -> None:
+    """Start the env's supervisor unless one already serves the env's port.
 
-    The listening socket is bound here, so that a port in use is reported to
-    the deploy at once; the supervisor inherits it and keeps it for good.
+    A fresh supervisor gets a listening socket bound here, so that a port in
+    use is reported at once. If the env's app outlived its supervisor, the new
+    supervisor adopts it, socket and all, instead of starting a second one.
     """
+    port = (read_json(env.path("env.json"), {}) or {}).get("port", 8080)
     pong = supervisor_ping(env)
     if pong and pong.get("port") == port:
         return
-    if pong:
-        supervisor_call(env, {"cmd": "shutdown"}, timeout=STOP_TIMEOUT + 5)
+    if pong:  # the env moved to another port
+        supervisor_call(env, {"cmd": "stop"}, timeout=STOP_TIMEOUT + 10)
         wait_for(lambda: supervisor_ping(env) is None, 5.0)
+    state = read_json(env.path("state.json"), {}) or {}
+    orphan = state.get("pid") if pid_alive(state.get("pid")) else None
+    listener = None
+    if orphan and state.get("port") == port and os.path.exists(app_ctl_path(env, orphan)):
+        fd_arg = "adopt"
+    else:
+        if orphan:
+            stop_group(orphan, STOP_TIMEOUT)
+        listener = bind_listener(port)
+        fd_arg = str(listener.fileno())
+    log = os.open(env.path("logs", "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "supervise", env.base, env.name, fd_arg],
+        pass_fds=[listener.fileno()] if listener else [], stdin=subprocess.DEVNULL, stdout=log,
+        stderr=log, start_new_session=True, close_fds=True,
+    )
+    os.close(log)
+    if listener:
+        listener.close()
+    if not wait_for(lambda: supervisor_ping(env) is not None, 10.0):
+        raise Fail("supervisor", "the supervisor did not start on the host; see %s"
+                   % env.path("logs", "supervisor.log"), log=tail(env.path("logs", "supervisor.log")))
+
+
+def bind_listener(port: int) -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -655,22 +903,11 @@ def ensure_supervisor(env: Env, port: int) -> None:
     except OSError as e:
         listener.close()
         if e.errno == errno.EADDRINUSE:
-            raise Fail("port_in_use", "port %d is already in use on the host's loopback:"
-                       " stop what listens there, or deploy with --port N" % port)
+            raise Fail("port_in_use", "port %d is already in use on the host's loopback by another "
+                       "program: stop it, or deploy with --port N" % port)
         raise
     listener.listen(128)
-    log = os.open(env.path("logs", "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "supervise", env.base, env.name,
-         str(listener.fileno())],
-        pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-        start_new_session=True, close_fds=True,
-    )
-    os.close(log)
-    listener.close()
-    if not wait_for(lambda: supervisor_ping(env) is not None, 10.0):
-        raise Fail("supervisor", "the supervisor did not start on the host; see %s"
-                   % env.path("logs", "supervisor.log"), log=tail(env.path("logs", "supervisor.log")))
+    return listener
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
@@ -682,25 +919,52 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
     return bool(predicate())
 
 
-class AppProcess:
-    """One running app process: a release served by ``agent.py serve``."""
+def app_ctl_path(env: Env, pid: int) -> str:
+    """Where an app process offers its listening socket to a new supervisor."""
+    return env.path("run", "app-%d.sock" % pid)
 
-    def __init__(self, env: Env, release: str, listen_fd: int, live: bool):
+
+def send_fd(sock: socket.socket, fd: int) -> None:
+    sock.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
+
+
+def recv_fd(sock: socket.socket) -> int:
+    size = array.array("i").itemsize
+    _, ancdata, _, _ = sock.recvmsg(1, socket.CMSG_LEN(size))
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            return array.array("i", data[:size])[0]
+    raise OSError("no file descriptor received")
+
+
+class AppProcess:
+    """One app process serving a release: started by this supervisor, or adopted."""
+
+    def __init__(self, env: Env, release: str, pid: int, probe_port: int, started_at: float, proc=None):
         self.env = env
         self.release = release
-        info = env.release_info(release)
-        self.health = info.get("health", "/")
-        self.probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.probe.bind(("127.0.0.1", 0))
-        self.probe.listen(64)
-        self.probe_port = self.probe.getsockname()[1]
+        self.pid = pid
+        self.probe_port = probe_port
+        self.started_at = started_at
+        self.proc = proc
+        self.health = env.release_info(release).get("health", "/")
         self.log_path = env.path("logs", release + ".log")
+
+    @classmethod
+    def spawn(cls, env: Env, release: str, listen_fd: int, live: bool) -> "AppProcess":
+        info = env.release_info(release)
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.bind(("127.0.0.1", 0))
+        probe.listen(64)
+        probe_port = probe.getsockname()[1]
+        makedirs(env.path("run"))
         spec = {
             "release_dir": env.release_dir(release),
             "entry": info["entry"],
             "listen_fd": listen_fd,
-            "probe_fd": self.probe.fileno(),
+            "probe_fd": probe.fileno(),
             "live": live,
+            "ctl_dir": env.path("run"),
         }
         python = env.path("venvs", info["venv"], "bin", "python")
         child_env = dict(os.environ)
@@ -713,20 +977,37 @@ class AppProcess:
             PYTHONUNBUFFERED="1",
             PATH=os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
         )
-        log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log = os.open(env.path("logs", release + ".log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            self.proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [python, os.path.abspath(__file__), "serve", json.dumps(spec)],
-                cwd=spec["release_dir"], env=child_env, pass_fds=[listen_fd, self.probe.fileno()],
+                cwd=spec["release_dir"], env=child_env, pass_fds=[listen_fd, probe.fileno()],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
         finally:
             os.close(log)
-        self.started_at = now()
+            probe.close()
+        return cls(env, release, proc.pid, probe_port, now(), proc)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    @classmethod
+    def adopt(cls, env: Env, state: dict):
+        """Take over an app left running by a dead supervisor; returns (app, listen fd)."""
+        pid = state["pid"]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        try:
+            sock.connect(app_ctl_path(env, pid))
+            fd = recv_fd(sock)
+        finally:
+            sock.close()
+        app = cls(env, state["release"], pid, state["probe_port"], state.get("started_at") or now())
+        return app, fd
+
+    def poll(self):
+        """The exit code once the process has ended (-1 if adopted and unknown), else None."""
+        if self.proc is not None:
+            return self.proc.poll()
+        return None if pid_alive(self.pid) else -1
 
     def healthy(self, timeout: float = 2.0) -> dict:
         return http_probe(self.probe_port, self.health, timeout)
@@ -734,13 +1015,15 @@ class AppProcess:
     def wait_healthy(self, timeout: float) -> dict:
         """Probe until the app answers < 500, exits, or the time is up."""
         deadline = time.monotonic() + timeout
-        result = {"code": None, "error": "no answer"}
+        result = {"code": None, "error": "no answer within %.0f s" % timeout}
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return {"code": None, "error": "exited with code %s" % self.proc.returncode}
-            result = self.healthy(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
-            if result.get("code") is not None and result["code"] < 500:
-                return result
+            if self.poll() is not None:
+                return {"code": None, "error": "exited with code %s" % self.poll(), "exited": True}
+            probe = self.healthy(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+            if probe.get("code") is not None:
+                result = probe
+                if probe["code"] < 500:
+                    return result
             time.sleep(0.1)
         return result
 
@@ -749,22 +1032,16 @@ class AppProcess:
 
     def stop(self, timeout: float = STOP_TIMEOUT):
         """SIGTERM the app's process group, give it time to drain, then SIGKILL."""
-        if self.proc.poll() is None:
+        if self.poll() is None:
+            stop_group(self.pid, timeout)
+        else:
             try:
-                os.killpg(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
+                os.killpg(self.pid, signal.SIGKILL)  # leftovers of its group
+            except (ProcessLookupError, PermissionError):
                 pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
-        self.probe.close()
-        return self.proc.returncode
+        if self.proc is not None:
+            self.proc.wait()
+        return self.poll()
 
 
 class Supervisor:
@@ -772,19 +1049,35 @@ class Supervisor:
 
     It owns the env's listening socket for its whole life and hands it to each
     app process, so connections queue in the kernel and are never refused
-    while one process replaces another.
+    while one process replaces another. It restarts an app that exits (with
+    backoff, giving up after a crash loop) or stops answering its health probe.
     """
 
-    def __init__(self, env: Env, listen_fd: int):
+    CRASH_LOOP = 5  # this many exits, each within CRASH_WINDOW of starting...
+    CRASH_WINDOW = 60.0  # ...and the app counts as crashed: no more restarts
+    HANG_PROBES = 3  # failed health probes in a row that count as a hang
+
+    def __init__(self, env: Env, listen_fd):
         self.env = env
         self.listen_fd = listen_fd
-        self.port = socket.socket(fileno=os.dup(listen_fd)).getsockname()[1]
+        self.port = None
         self.app = None
+        saved = read_json(env.path("state.json"), {}) or {}
         self.state = "stopped"
-        self.restarts = 0
-        self.last_exit = None
+        self.restarts = saved.get("restarts", 0)
+        self.hangs = saved.get("hangs", 0)
+        self.last_exit = saved.get("last_exit")
+        self.last_log = None
+        self.quick_exits = []
         self.backoff = 0.5
         self.restart_at = None
+        self.failed_probes = 0
+        self.next_probe = 0.0
+        self.next_rotate = 0.0
+
+    @property
+    def settings(self) -> dict:
+        return read_json(self.env.path("env.json"), {}) or {}
 
     def log(self, message: str) -> None:
         print("%s %s" % (iso(now()), message), flush=True)
@@ -795,9 +1088,12 @@ class Supervisor:
             "state": self.state,
             "pid": app.pid if app else None,
             "release": app.release if app else None,
+            "probe_port": app.probe_port if app else None,
             "started_at": app.started_at if app else None,
             "restarts": self.restarts,
+            "hangs": self.hangs,
             "last_exit": self.last_exit,
+            "last_log": self.last_log,
             "port": self.port,
             "supervisor_pid": os.getpid(),
             "updated_at": now(),
@@ -817,22 +1113,36 @@ class Supervisor:
         ctl.bind(ctl_path)
         os.chmod(ctl_path, 0o600)
         ctl.listen(16)
-        signal.signal(signal.SIGTERM, lambda *_: self.shutdown_and_exit())
-        self.log("supervisor started, port %d" % self.port)
-        current = self.env.current()
-        if current:
-            self.start(current)
+        signal.signal(signal.SIGTERM, lambda *_: self.exit())
+        if self.listen_fd == "adopt":
+            self.adopt()
+        else:
+            self.listen_fd = int(self.listen_fd)
+            self.port = socket.socket(fileno=os.dup(self.listen_fd)).getsockname()[1]
+            current = self.env.current()
+            if current and not self.settings.get("stopped"):
+                self.start(current)
+        self.log("supervisor %d started, port %d" % (os.getpid(), self.port))
         self.save()
         while True:
-            ready, _, _ = select.select([ctl], [], [], 0.2)
+            ready, _, _ = select.select([ctl], [], [], 0.1)
             if ready:
                 conn, _ = ctl.accept()
                 self.handle(conn)
             self.tick()
 
+    def adopt(self) -> None:
+        """Take over the app a dead supervisor left running, with its socket."""
+        state = read_json(self.env.path("state.json"), {}) or {}
+        self.app, self.listen_fd = AppProcess.adopt(self.env, state)
+        self.port = state["port"]
+        self.state = "running"
+        self.log("adopted %s (pid %d)" % (self.app.release, self.app.pid))
+
     def handle(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(5)
+            request = {}
             try:
                 data = b""
                 while not data.endswith(b"\n"):
@@ -844,14 +1154,15 @@ class Supervisor:
                 reply = self.dispatch(request)
             except Fail as e:
                 reply = {"ok": False, "error": dict(code=e.code, message=e.message, **e.data)}
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, KeyError) as e:
                 reply = {"ok": False, "error": {"code": "supervisor", "message": str(e)}}
             try:
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             except OSError:
                 pass
-            if request.get("cmd") == "shutdown":
-                sys.exit(0)
+        if request.get("cmd") == "stop":
+            self.log("stopped on request; supervisor exits")
+            sys.exit(0)
 
     def dispatch(self, request: dict) -> dict:
         cmd = request.get("cmd")
@@ -859,7 +1170,7 @@ class Supervisor:
             return {"ok": True, "port": self.port, "state": self.state, "pid": os.getpid()}
         if cmd == "switch":
             return self.switch(request["release"], float(request.get("timeout", START_TIMEOUT)))
-        if cmd == "shutdown":
+        if cmd == "stop":
             self.stop_app()
             return {"ok": True}
         raise Fail("bad_request", "unknown supervisor command %r" % cmd)
@@ -867,26 +1178,25 @@ class Supervisor:
     def start(self, release: str) -> None:
         """Start a release straight onto the listening socket (no old one to keep)."""
         try:
-            self.app = AppProcess(self.env, release, self.listen_fd, live=True)
+            self.app = AppProcess.spawn(self.env, release, self.listen_fd, live=True)
             self.state = "starting"
+            self.log("started %s (pid %d)" % (release, self.app.pid))
         except (OSError, KeyError) as e:
             self.log("cannot start %s: %s" % (release, e))
-            self.app = None
-            self.state = "crashed"
+            self.app, self.state = None, "crashed"
         self.save()
 
     def switch(self, release: str, timeout: float) -> dict:
         """Start ``release`` beside the old one; only a healthy one goes live."""
-        new = AppProcess(self.env, release, self.listen_fd, live=False)
+        new = AppProcess.spawn(self.env, release, self.listen_fd, live=False)
         self.log("starting %s (pid %d)" % (release, new.pid))
         result = new.wait_healthy(timeout)
         if result.get("code") is None or result["code"] >= 500:
             code = new.stop(timeout=2)
             reason = result.get("error") or "health check answered HTTP %s" % result.get("code")
             self.log("release %s failed to start: %s" % (release, reason))
-            exited = new.proc.returncode is not None and "exited" in reason
             return {"ok": False, "error": {
-                "code": "app_exited" if exited else "unhealthy",
+                "code": "app_exited" if result.get("exited") else "unhealthy",
                 "message": "the new release %s did not pass its health check (%s): the previous "
                            "release keeps serving; fix the app and deploy again" % (release, reason),
                 "exit": code,
@@ -894,7 +1204,8 @@ class Supervisor:
             }}
         new.go_live()
         old, self.app = self.app, new
-        self.state, self.restarts, self.last_exit, self.backoff = "running", 0, None, 0.5
+        self.state, self.last_log, self.quick_exits, self.backoff = "running", None, [], 0.5
+        self.restart_at, self.failed_probes = None, 0
         link = self.env.path(".current.tmp")
         if os.path.lexists(link):
             os.unlink(link)
@@ -904,44 +1215,97 @@ class Supervisor:
         self.log("release %s is live (pid %d)" % (release, new.pid))
         if old:
             old.stop()
-            self.log("stopped %s (pid %d)" % (old.release, old.pid))
+            self.log("retired %s (pid %d)" % (old.release, old.pid))
         return {"ok": True, "pid": new.pid, "health": result}
 
     def tick(self) -> None:
-        """Notice a started app becoming healthy, or dying (then restart it)."""
+        """Restart an app that died or hangs; mark one that became healthy; rotate logs."""
+        clock = time.monotonic()
         app = self.app
         if app is None:
-            if self.restart_at and time.monotonic() >= self.restart_at:
+            if self.restart_at is not None and clock >= self.restart_at:
                 self.restart_at = None
-                current = self.env.current()
-                if current:
-                    self.start(current)
+                if self.env.current():
+                    self.start(self.env.current())
             return
-        code = app.proc.poll()
-        if code is None:
-            if self.state == "starting" and (app.healthy(timeout=0.5).get("code") or 500) < 500:
-                self.state = "running"
+        code = app.poll()
+        if code is not None:
+            self.exited(app, code)
+            return
+        if self.state == "starting":
+            if (app.healthy(timeout=0.5).get("code") or 500) < 500:
+                self.state, self.failed_probes = "running", 0
+                self.next_probe = clock + float(self.settings.get("health_interval", 10))
                 self.save()
-            return
-        app.probe.close()
+        elif clock >= self.next_probe:
+            self.probe(app)
+        if clock >= self.next_rotate:
+            self.next_rotate = clock + 2
+            rotate(app.log_path, int(self.settings.get("log_max_bytes", 10 * 2**20)))
+
+    def probe(self, app: AppProcess) -> None:
+        """A live app that stops answering is hung: restart it, counted as a hang."""
+        settings = self.settings
+        self.next_probe = time.monotonic() + float(settings.get("health_interval", 10))
+        code = app.healthy(timeout=2.0).get("code")
+        self.failed_probes = 0 if code is not None and code < 500 else self.failed_probes + 1
+        if self.failed_probes >= self.HANG_PROBES:
+            self.log("app %s (pid %d) failed %d health probes: restarting it"
+                     % (app.release, app.pid, self.failed_probes))
+            self.hangs += 1
+            self.failed_probes = 0
+            app.stop(timeout=2)
+            self.start(app.release)
+
+    def exited(self, app: AppProcess, code) -> None:
+        """Restart with exponential backoff, or give up after a crash loop."""
         self.log("app %s (pid %d) exited with code %s" % (app.release, app.pid, code))
+        app.stop(timeout=0)  # reap it, and anything left in its group
         self.app, self.last_exit = None, code
-        self.restarts += 1
-        self.state = "starting"
-        self.restart_at = time.monotonic() + self.backoff
-        self.backoff = min(self.backoff * 2, 30.0)
+        clock = time.monotonic()
+        if now() - app.started_at < self.CRASH_WINDOW:
+            self.quick_exits = [t for t in self.quick_exits if clock - t < 10 * self.CRASH_WINDOW]
+            self.quick_exits.append(clock)
+        else:
+            self.quick_exits, self.backoff = [], 0.5
+        if len(self.quick_exits) >= self.CRASH_LOOP:
+            self.state, self.last_log = "crashed", tail(app.log_path, 20)
+            self.log("crash loop: %d quick exits in a row; not restarting" % len(self.quick_exits))
+        else:
+            self.restarts += 1
+            self.state = "starting"
+            self.restart_at = clock + self.backoff
+            self.backoff = min(self.backoff * 2, 30.0)
         self.save()
 
     def stop_app(self) -> None:
         if self.app:
             self.app.stop()
+            self.log("stopped %s (pid %d)" % (self.app.release, self.app.pid))
             self.app = None
-        self.state = "stopped"
+        self.state, self.restart_at = "stopped", None
         self.save()
 
-    def shutdown_and_exit(self) -> None:
-        self.stop_app()
+    def exit(self) -> None:
+        """On SIGTERM the supervisor leaves, but the app keeps serving: a new
+        supervisor adopts it. (``qabox stop`` is the way to stop the app.)"""
+        self.log("supervisor terminated; the app keeps running")
         sys.exit(0)
+
+
+def rotate(path: str, max_bytes: int, keep: int = 5) -> None:
+    """Rotate a log by size, copy-then-truncate, since the app keeps it open (O_APPEND)."""
+    try:
+        if os.path.getsize(path) <= max_bytes:
+            return
+    except OSError:
+        return
+    for n in range(keep - 1, 0, -1):
+        if os.path.exists("%s.%d" % (path, n)):
+            os.replace("%s.%d" % (path, n), "%s.%d" % (path, n + 1))
+    shutil.copyfile(path, path + ".1")
+    with open(path, "r+b") as f:
+        f.truncate(0)
 
 
 # ---------------------------------------------------------------- the app process
@@ -967,7 +1331,9 @@ def serve(spec: dict) -> None:
 
     It serves the private probe socket at once and the shared listening socket
     after SIGUSR1 (when the supervisor has seen it healthy). On SIGTERM it stops
-    accepting, lets in-flight requests finish, and exits.
+    accepting, lets in-flight requests finish (Werkzeug alone would kill them
+    mid-response), and exits. A new supervisor can ask it for the listening
+    socket (adoption) on ``run/app-PID.sock``.
     """
     import threading
 
@@ -979,7 +1345,24 @@ def serve(spec: dict) -> None:
     sys.path.insert(0, spec["release_dir"])
     from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
-    class QuietHandler(WSGIRequestHandler):
+    active = [0]
+    active_lock = threading.Lock()
+
+    class Handler(WSGIRequestHandler):
+        # One request per connection: nothing idles in a keep-alive that a
+        # release switch would cut, and each tunnel request is its own channel.
+        protocol_version = "HTTP/1.0"
+
+        def handle(self):
+            with active_lock:
+                active[0] += 1
+            try:
+                super().handle()
+            finally:
+                with active_lock:
+                    active[0] -= 1
+
+    class QuietHandler(Handler):
         def log_request(self, *args, **kwargs):
             pass  # the supervisor's health probes are not testers' requests
 
@@ -989,23 +1372,38 @@ def serve(spec: dict) -> None:
     def start(fd: int, handler) -> None:
         server = ThreadedWSGIServer("127.0.0.1", 0, app, handler=handler, fd=fd)
         servers.append(server)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
 
+    def offer_socket(path: str) -> None:
+        if os.path.lexists(path):
+            os.unlink(path)
+        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ctl.bind(path)
+        ctl.listen(4)
+        while True:
+            conn, _ = ctl.accept()
+            with conn:
+                send_fd(conn, spec["listen_fd"])
+
+    ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
+    threading.Thread(target=offer_socket, args=(ctl_path,), daemon=True).start()
     start(spec["probe_fd"], QuietHandler)
     if spec.get("live"):
         go_live.set()
     live = False
     while not stop.is_set():
         if go_live.is_set() and not live:
-            start(spec["listen_fd"], None)
+            start(spec["listen_fd"], Handler)
             live = True
         stop.wait(0.05)
     for server in servers:
         server.shutdown()
     deadline = time.monotonic() + STOP_TIMEOUT - 1
-    while threading.active_count() > 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while active[0] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if os.path.lexists(ctl_path):
+        os.unlink(ctl_path)
     sys.exit(0)
 
 
@@ -1102,7 +1500,7 @@ def handle(line: str, io: Stream, in_session: bool = False) -> int:
 def main(argv: list) -> int:
     os.umask(0o077)
     if len(argv) > 1 and argv[1] == "supervise":
-        Supervisor(Env(argv[2], argv[3]), int(argv[4])).run()
+        Supervisor(Env(argv[2], argv[3]), argv[4]).run()
         return 0
     if len(argv) > 1 and argv[1] == "serve":
         serve(json.loads(argv[2]))

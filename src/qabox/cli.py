@@ -7,6 +7,7 @@ traceback only with -v, and a non-zero exit code that says what kind.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import traceback
 from contextlib import contextmanager
@@ -19,8 +20,8 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, T
                            TransferSpeedColumn)
 from rich.table import Table
 
-from qabox import __version__, deploy as deploying, ssh
-from qabox.context import Context
+from qabox import __version__, deploy as deploying, ops, ssh
+from qabox.context import Context, check_env
 from qabox.errors import ConfigError, QaboxError
 from qabox.status import status as get_status
 
@@ -166,7 +167,7 @@ def status(
         if not names:
             raise ConfigError("no hosts known yet: name one with --host NAME")
         if env:
-            deploying.check_env(env)
+            check_env(env)
         hosts = get_status(context, names, env)
         if as_json:
             print(json.dumps({"hosts": hosts}, indent=2))
@@ -212,6 +213,114 @@ def human_seconds(seconds: float | None) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+HOST = typer.Option(..., "--host", "-H", help="Host name, as for `ssh NAME`.")
+ENV = typer.Option("main", "--env", "-e", help="Env on the host.")
+LOCK_TIMEOUT = typer.Option(60, "--lock-timeout", help="Seconds to wait for a deploy in progress.")
+
+
+def change_env(ctx: typer.Context, cmd: str, host: str, env: str, lock_timeout: float,
+               as_json: bool, **args) -> None:
+    """start/stop/restart/rollback: run it under the deploy lock and report."""
+    with reporting(ctx.obj["verbose"], as_json):
+        result = ops.change(make_context(ctx), host, env, cmd, lock_timeout, **args)
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        where = f"{host}/{env}"
+        release = result.get("release")
+        messages = {
+            "start": f"{where}: release {release} is running",
+            "stop": f"{where}: stopped",
+            "restart": f"{where}: release {release} restarted (pid {result.get('pid')})",
+            "rollback": f"{where}: rolled back to release {release} (was {result.get('previous')})",
+        }
+        unchanged = {"start": f"{where}: already running release {release}",
+                     "stop": f"{where}: already stopped",
+                     "rollback": f"{where}: already on release {release}"}
+        out.print(messages[cmd] if result.get("changed") else unchanged[cmd])
+
+
+@app.command()
+def start(ctx: typer.Context, host: str = HOST, env: str = ENV, lock_timeout: float = LOCK_TIMEOUT,
+          as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
+    """Start an env's current release (also after a crash loop).
+
+    Example: qabox start --host oldbox --env main
+    """
+    change_env(ctx, "start", host, env, lock_timeout, as_json)
+
+
+@app.command()
+def stop(ctx: typer.Context, host: str = HOST, env: str = ENV, lock_timeout: float = LOCK_TIMEOUT,
+         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
+    """Stop an env's app gracefully (in-flight requests finish).
+
+    Example: qabox stop --host oldbox --env main
+    """
+    change_env(ctx, "stop", host, env, lock_timeout, as_json)
+
+
+@app.command()
+def restart(ctx: typer.Context, host: str = HOST, env: str = ENV, lock_timeout: float = LOCK_TIMEOUT,
+            as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
+    """Restart an env's app with no failed requests: new process first, then the old one goes.
+
+    Example: qabox restart --host oldbox
+    """
+    change_env(ctx, "restart", host, env, lock_timeout, as_json)
+
+
+@app.command()
+def rollback(ctx: typer.Context, host: str = HOST, env: str = ENV,
+             to: Optional[str] = typer.Option(None, "--to", help="Release id to go back to (default: the previous one)."),
+             lock_timeout: float = LOCK_TIMEOUT,
+             as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
+    """Go back to the previous (or a named) release, health-checked, with no failed requests.
+
+    Example: qabox rollback --host oldbox --to 20261124-104000
+    """
+    if to is not None and not re.match(r"^\d{8}-\d{6}(-\d+)?$", to):
+        with reporting(ctx.obj["verbose"], as_json):
+            raise ConfigError(f"--to {to!r} is not a release id (like 20261124-104000): see `qabox releases`")
+    change_env(ctx, "rollback", host, env, lock_timeout, as_json, to=to)
+
+
+@app.command()
+def releases(ctx: typer.Context, host: str = HOST, env: str = ENV,
+             as_json: bool = typer.Option(False, "--json", help="Print the releases as JSON.")):
+    """List the releases kept on the host, which is current, and who deployed each.
+
+    Example: qabox releases --host oldbox
+    """
+    with reporting(ctx.obj["verbose"], as_json):
+        data = ops.releases(make_context(ctx), host, env)
+        if as_json:
+            print(json.dumps(data, indent=2))
+            return
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("", "RELEASE", "DEPLOYED AT", "BY", "FILE", "SHA256"):
+            table.add_column(column)
+        for r in data["releases"]:
+            table.add_row("*" if r["current"] else "", r["release"], r.get("deployed_at") or "-",
+                          r.get("deployed_by") or "-", r.get("file") or "-", (r.get("sha256") or "")[:12])
+        Console(width=None if out.is_terminal else 200).print(table)
+
+
+@app.command()
+def logs(ctx: typer.Context, host: str = HOST, env: str = ENV,
+         lines: int = typer.Option(50, "-n", "--lines", help="How many of the last lines to show."),
+         follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines until Ctrl-C.")):
+    """Show the app's output and access log from the host.
+
+    Example: qabox logs --host oldbox -n 100 -f
+    """
+    with reporting(ctx.obj["verbose"]):
+        try:
+            ops.logs(make_context(ctx), host, env, lines, follow, lambda line: print(line, flush=True))
+        except KeyboardInterrupt:
+            return
 
 
 @hosts_app.command("trust")

@@ -5,16 +5,20 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
 import platformdirs
 from filelock import FileLock
 
 from qabox import hosts, ssh
+from qabox.errors import ConfigError
 from qabox.remote import Remote
 
 
@@ -66,6 +70,13 @@ class Context:
             return sorted(json.loads((self.state_dir / "hosts.json").read_text()))
         except (OSError, ValueError):
             return []
+
+
+def check_env(env: str) -> str:
+    """Env names become paths on the host: refuse anything but a plain name."""
+    if not ENV_NAME.match(env or ""):
+        raise ConfigError(f"env name {env!r} is not allowed: use up to 32 of a-z, 0-9, - and _")
+    return env
 
 
 def whoami() -> str:

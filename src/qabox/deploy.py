@@ -8,20 +8,18 @@ its health check becomes current (the agent and supervisor see to that).
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from qabox import build as builds
-from qabox.context import Context, whoami
+from qabox.context import Context, check_env, whoami
 from qabox.errors import ConfigError, ConnectError
 from qabox.hosts import load_settings
 from qabox.remote import Remote
 
 CHUNK = 1 << 20
-ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
 @dataclass
@@ -37,6 +35,7 @@ class DeployResult:
     seconds: float
     venv_created: bool = False
     pruned: list = field(default_factory=list)
+    testers: list = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -52,12 +51,6 @@ class Hooks:
 
     step: Callable[[str], None] = lambda text: None
     upload: Callable[[int, int], None] = lambda sent, total: None
-
-
-def check_env(env: str) -> str:
-    if not ENV_NAME.match(env or ""):
-        raise ConfigError(f"env name {env!r} is not allowed: use up to 32 of a-z, 0-9, - and _")
-    return env
 
 
 def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | None = None,
@@ -82,15 +75,17 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
             data = session.call(
                 "deploy", timeout=900, progress=hooks.step, env=env, sha256=build.sha256,
                 file=path.name, entry=build.entry, health=build.health,
-                port=port or settings.port, keep=settings.keep, by=whoami(),
+                port=port or settings.env_port(env), keep=settings.keep, by=whoami(),
                 start_timeout=settings.start_timeout, max_bytes=settings.max_build_mb * 2**20,
+                health_interval=settings.health_interval,
+                log_max_bytes=int(settings.log_max_mb * 2**20),
             )
     ctx.remember_host(host)
     return DeployResult(
         host=host, env=env, file=path.name, release=data["release"], previous=data.get("previous"),
         changed=data["changed"], port=data["port"], sent_bytes=sent,
         seconds=round(time.monotonic() - started, 2), venv_created=data.get("venv_created", False),
-        pruned=data.get("pruned", []),
+        pruned=data.get("pruned", []), testers=data.get("testers", []),
     )
 
 

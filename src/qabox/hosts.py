@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -27,12 +27,20 @@ class HostSettings:
 
     name: str
     dir: str = ".qabox"
-    port: int = 8080
+    port: int | None = None
     keep: int = 5
     python: str = "python3"
     start_timeout: float = 30.0
     max_build_mb: int = 2048
+    health_interval: float = 10.0
+    log_max_mb: float = 10.0
+    envs: dict = field(default_factory=dict)
     source: Path | None = None
+
+    def env_port(self, env: str) -> int | None:
+        """The port the hosts file sets for an env (``port`` is main's), if any."""
+        port = self.envs.get(env, {}).get("port")
+        return port if port is not None or env != "main" else self.port
 
 
 # key: (type, check, what a valid value is)
@@ -43,7 +51,11 @@ KEYS = {
     "python": (str, lambda v: bool(v.strip()) and "\x00" not in v, "a python command"),
     "start_timeout": ((int, float), lambda v: 1 <= v <= 600, "seconds from 1 to 600"),
     "max_build_mb": (int, lambda v: 1 <= v <= 1024 * 1024, "megabytes, at least 1"),
+    "health_interval": ((int, float), lambda v: 0.2 <= v <= 3600, "seconds from 0.2 to 3600"),
+    "log_max_mb": ((int, float), lambda v: 0.001 <= v <= 10240, "megabytes, more than 0"),
+    "envs": (dict, lambda v: True, "a table of envs"),
 }
+ENV_KEYS = {"port": KEYS["port"]}
 
 
 def check_host_name(name: str) -> str:
@@ -72,12 +84,23 @@ def load_settings(name: str, hosts_dir: Path) -> HostSettings:
         if isinstance(value, bool) or not isinstance(value, kind) or not valid(value):
             raise ConfigError(f"{where}: {key} = {value!r} is not {what}")
         values[key] = value
+    for env, table in values.get("envs", {}).items():
+        where = f"{path}:{line_of(text, env, table=True)}"
+        if not re.match(r"^[a-z0-9][a-z0-9_-]{0,31}$", env) or not isinstance(table, dict):
+            raise ConfigError(f"{where}: [envs.{env}] must be a table named like an env (a-z, 0-9, - and _)")
+        for key, value in table.items():
+            if key not in ENV_KEYS:
+                raise ConfigError(f"{where}: unknown key {key!r} in [envs.{env}]; known keys: {', '.join(ENV_KEYS)}")
+            kind, valid, what = ENV_KEYS[key]
+            if isinstance(value, bool) or not isinstance(value, kind) or not valid(value):
+                raise ConfigError(f"{where}: [envs.{env}] {key} = {value!r} is not {what}")
     return HostSettings(name=name, source=path, **values)
 
 
-def line_of(text: str, key: str) -> int:
-    """The line a top-level key is set on (TOML parsers do not say)."""
-    pattern = re.compile(rf"^\s*(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')\s*[=.]")
+def line_of(text: str, key: str, table: bool = False) -> int:
+    """The line a top-level key (or an [envs.NAME] table) is set on: TOML parsers do not say."""
+    name = rf"(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')"
+    pattern = re.compile(rf"^\s*\[\s*envs\.{name}\s*\]" if table else rf"^\s*{name}\s*[=.]")
     for number, line in enumerate(text.splitlines(), 1):
         if pattern.match(line):
             return number

@@ -78,7 +78,7 @@ class Remote:
             channel = self._open(cmd, args)
             channel.shutdown_write()
             try:
-                result, status, stderr = self._read(channel, timeout, progress)
+                result, status, stderr = self._read(channel, timeout, _progress_only(progress))
             finally:
                 channel.close()
             if status == AGENT_MISSING and attempt == 0:
@@ -87,15 +87,39 @@ class Remote:
             return self._result(cmd, result, status, stderr)
         raise AssertionError("unreachable")
 
-    def _read(self, channel: paramiko.Channel, timeout: float, progress) -> tuple:
-        """Read JSON lines until the result line or the channel ends, within timeout."""
+    def follow(self, cmd: str, on_message: Callable[[dict], None], idle: float = 20, **args) -> dict:
+        """Run a command that streams messages until its result, or until Ctrl-C.
+
+        The agent sends heartbeats while it has nothing to say, so a link that
+        died is noticed within ``idle`` seconds instead of hanging for ever.
+        """
+        for attempt in range(2):
+            channel = self._open(cmd, args)
+            session = Session(self, channel)
+            try:
+                result, status, stderr = self._read(channel, float("inf"), on_message, idle=idle)
+            finally:
+                session.close()
+            if status == AGENT_MISSING and attempt == 0:
+                self.push_agent()
+                continue
+            return self._result(cmd, result, status, stderr)
+        raise AssertionError("unreachable")
+
+    def _read(self, channel: paramiko.Channel, timeout: float, on_message, idle: float | None = None) -> tuple:
+        """Read JSON lines until the result line (the one with "ok") or the channel ends."""
         deadline = time.monotonic() + timeout
+        heard = time.monotonic()
         channel.settimeout(0.5)
         buffer, stderr, result = b"", b"", None
         while result is None:
-            if time.monotonic() > deadline:
+            clock = time.monotonic()
+            if clock > deadline:
                 raise RemoteError(f"{self.name} did not answer within {timeout:.0f} s: "
                                   f"check the host's load and network, then run the command again")
+            if idle is not None and clock - heard > idle:
+                raise ConnectError(f"the connection to {self.name} went silent for {idle:.0f} s "
+                                   f"(network down or host frozen): run the command again")
             try:
                 chunk = channel.recv(65536)
             except socket.timeout:
@@ -107,17 +131,17 @@ class Remote:
             if chunk == b"":
                 break
             if chunk:
+                heard = clock
                 buffer += chunk
-                while b"\n" in buffer:
+                while b"\n" in buffer and result is None:
                     line, buffer = buffer.split(b"\n", 1)
                     message = _parse(line)
                     if message is None:
                         continue
-                    if "progress" in message:
-                        if progress:
-                            progress(message["progress"])
-                    else:
+                    if "ok" in message:
                         result = message
+                    elif on_message:
+                        on_message(message)
         if result is None and buffer.strip():
             result = _parse(buffer)
         while channel.recv_stderr_ready():
@@ -217,12 +241,16 @@ class Session:
             self._send(json.dumps(request).encode() + b"\n")
         except (OSError, EOFError, paramiko.SSHException) as e:
             raise ConnectError(f"the connection to {self.remote.name} broke: {e}") from None
-        result, status, stderr = self.remote._read(self.channel, timeout, progress)
+        result, status, stderr = self.remote._read(self.channel, timeout, _progress_only(progress))
         return self.remote._result(cmd, result, status, stderr)
 
     def close(self) -> None:
         self.closed.set()
         self.channel.close()
+
+
+def _progress_only(progress: Callable[[str], None] | None) -> Callable[[dict], None]:
+    return lambda message: progress(message["progress"]) if progress and "progress" in message else None
 
 
 def _parse(line: bytes) -> dict | None:
