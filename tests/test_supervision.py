@@ -272,3 +272,16 @@ def test_envs_side_by_side_get_their_own_ports(app_build, env_name):
     finally:
         from conftest import remove_env
         remove_env("lab1", other)
+
+
+def test_on_boot_brings_envs_back_after_a_reboot(app_build, env_name, port):
+    deploy(app_build(), env_name, port, "--on-boot")
+    crontab = in_host("lab1", "crontab", "-u", "qalab1", "-l").stdout
+    boot_line = next(line for line in crontab.splitlines() if line.startswith("@reboot"))
+    deploy(app_build(), env_name, port, "--on-boot")  # idempotent: one entry
+    assert in_host("lab1", "crontab", "-u", "qalab1", "-l").stdout.count("@reboot") == 1
+    # a "reboot": every process of the env gone, then cron's @reboot command
+    in_host("lab1", "sh", "-c", f"pkill -KILL -f 'supervi[s]e [^ ]+ {env_name} '; pkill -KILL -f '/env[s]/{env_name}/'")
+    assert get(port, "/")[0] == 0
+    in_host("lab1", "su", "qalab1", "-c", boot_line.split(" ", 1)[1])
+    assert wait_until(lambda: get(port, "/")[0] == 200, 10)

@@ -708,6 +708,33 @@ def stop_group(pid: int, timeout: float) -> None:
         pass
 
 
+def cmd_on_boot(req, io) -> dict:
+    """Have cron bring this host's envs back after a reboot (no root needed)."""
+    base = os.path.abspath(os.path.expanduser(req["base"]))
+    tag = "# qabox %s" % base
+    line = "@reboot %s %s boot %s %s" % (sys.executable, os.path.abspath(__file__), base, tag)
+    if shutil.which("crontab") is None:
+        raise Fail("no_cron", "crontab is not available on the host: install cron there, or "
+                   "deploy without --on-boot")
+    listing = subprocess.run(["crontab", "-l"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    lines = listing.stdout.decode().splitlines() if listing.returncode == 0 else []
+    if line in lines:
+        return {"changed": False}
+    lines = [x for x in lines if not x.endswith(tag)] + [line]
+    done = subprocess.run(["crontab", "-"], input=("\n".join(lines) + "\n").encode(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise Fail("no_cron", "crontab refused the @reboot entry: %s"
+                   % done.stdout.decode("utf-8", "replace").strip())
+    return {"changed": True}
+
+
+def boot(base: str) -> None:
+    """At reboot (from cron): give every env that should be up its supervisor."""
+    for name in all_envs(base):
+        revive(Env(base, name))
+
+
 def cmd_releases(req, io) -> dict:
     env = Env(req["base"], req["env"])
     current = env.current()
@@ -823,6 +850,7 @@ COMMANDS = {
     "stop": cmd_stop,
     "restart": cmd_restart,
     "releases": cmd_releases,
+    "on-boot": cmd_on_boot,
     "logs": cmd_logs,
     "status": cmd_status,
 }
@@ -1501,6 +1529,9 @@ def main(argv: list) -> int:
     os.umask(0o077)
     if len(argv) > 1 and argv[1] == "supervise":
         Supervisor(Env(argv[2], argv[3]), argv[4]).run()
+        return 0
+    if len(argv) > 1 and argv[1] == "boot":
+        boot(argv[2])
         return 0
     if len(argv) > 1 and argv[1] == "serve":
         serve(json.loads(argv[2]))

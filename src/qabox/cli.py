@@ -97,6 +97,7 @@ def deploy(
     port: Optional[int] = typer.Option(None, "--port", help="App port on the host's loopback (default: hosts file, else 8080)."),
     entry: Optional[str] = typer.Option(None, "--app", help="WSGI entry module:callable, overriding qabox.toml."),
     lock_timeout: float = typer.Option(60, "--lock-timeout", help="Seconds to wait for another deploy to finish."),
+    on_boot: bool = typer.Option(False, "--on-boot", help="Also bring the host's envs back after it reboots (an @reboot crontab entry)."),
     accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key", help="Trust and record the host key if it is not known yet."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
@@ -108,7 +109,7 @@ def deploy(
         context = make_context(ctx, accept_new_host_key)
         with deploy_progress(enabled=not as_json) as hooks:
             result = deploying.deploy(context, host, build, env=env, port=port, entry=entry,
-                                      lock_timeout=lock_timeout, hooks=hooks)
+                                      lock_timeout=lock_timeout, on_boot=on_boot, hooks=hooks)
         if as_json:
             print(json.dumps(result.to_json(), indent=2))
             return

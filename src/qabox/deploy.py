@@ -54,7 +54,8 @@ class Hooks:
 
 
 def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | None = None,
-           entry: str | None = None, lock_timeout: float = 60, hooks: Hooks | None = None) -> DeployResult:
+           entry: str | None = None, lock_timeout: float = 60, on_boot: bool = False,
+           hooks: Hooks | None = None) -> DeployResult:
     """Deploy the build at ``path`` to ``host``/``env``; raises QaboxError on failure."""
     hooks = hooks or Hooks()
     started = time.monotonic()
@@ -80,6 +81,8 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
                 health_interval=settings.health_interval,
                 log_max_bytes=int(settings.log_max_mb * 2**20),
             )
+            if on_boot:
+                session.call("on-boot")
     ctx.remember_host(host)
     return DeployResult(
         host=host, env=env, file=path.name, release=data["release"], previous=data.get("previous"),
