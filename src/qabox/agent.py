@@ -487,6 +487,11 @@ def cmd_deploy(req, io) -> dict:
     started = time.monotonic()
     current = env.current()
     settings = env_settings(env, req)
+    with TestersLock(env.base):
+        testers = load_testers(env.base)
+        if allocate_tester_ports(env.base, testers):
+            write_json(testers_file(env.base), testers)
+            write_authorized_keys(env.base, testers)
     if current and env.release_info(current).get("sha256") == sha:
         pong = supervisor_ping(env)
         if pong and pong.get("state") == "running" and pong.get("port") == settings["port"]:
@@ -539,11 +544,6 @@ def cmd_deploy(req, io) -> dict:
         "seconds": round(time.monotonic() - started, 2),
         "changed": True,
     }
-
-
-def connected_testers(env: Env) -> list:
-    """Testers whose tunnels are open now (filled in by tester sessions)."""
-    return []
 
 
 def env_settings(env: Env, req: dict) -> dict:
@@ -781,6 +781,223 @@ def cmd_logs(req, io) -> None:
     return None
 
 
+# ---------------------------------------------------------------- testers
+# A tester's public key goes into the deploy account's authorized_keys with
+# OpenSSH's restrictions: no shell, no command but the agent's tester-session,
+# and port forwarding only to the tester's own ports, one per env. The app's
+# supervisor listens on those ports too, so the access log can name the tester.
+
+TESTER_MARK = " qabox-tester:"
+PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh\.com|"
+                    r"sk-ecdsa-sha2-nistp256@openssh\.com) ([A-Za-z0-9+/]+={0,3})(?: [^\r\n]*)?$")
+FIRST_TESTER_PORT = 18080
+
+
+def testers_file(base: str) -> str:
+    return os.path.join(os.path.abspath(os.path.expanduser(base)), "testers.json")
+
+
+def load_testers(base: str) -> dict:
+    return read_json(testers_file(base), {}) or {}
+
+
+def tester_ports(env: Env) -> dict:
+    """Each tester's own port for this env."""
+    return {name: t["ports"][env.name] for name, t in load_testers(env.base).items()
+            if env.name in t.get("ports", {})}
+
+
+class TestersLock:
+    """Serialises edits of testers.json and authorized_keys on this host."""
+
+    def __init__(self, base: str):
+        makedirs(os.path.abspath(os.path.expanduser(base)))
+        self.fd = os.open(testers_file(base) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self):
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def allocate_tester_ports(base: str, testers: dict) -> bool:
+    """Give every tester a port of their own in every env. True if any was added."""
+    base = os.path.abspath(os.path.expanduser(base))
+    taken = {(read_json(Env(base, e).path("env.json"), {}) or {}).get("port") for e in all_envs(base)}
+    for t in testers.values():
+        taken.update(t.get("ports", {}).values())
+    changed = False
+    for name in sorted(testers):
+        ports = testers[name].setdefault("ports", {})
+        for env in all_envs(base):
+            if env not in ports:
+                ports[env] = free_port(FIRST_TESTER_PORT, taken)
+                taken.add(ports[env])
+                changed = True
+    return changed
+
+
+def authorized_line(base: str, name: str, tester: dict) -> str:
+    options = ["restrict"]
+    ports = sorted(tester.get("ports", {}).values())
+    if ports:
+        options.append("port-forwarding")
+        options += ['permitopen="127.0.0.1:%d"' % port for port in ports]
+    command = "%s %s tester-session %s %s" % (sys.executable, os.path.abspath(__file__),
+                                              os.path.abspath(os.path.expanduser(base)), name)
+    options.append('command="%s"' % command)
+    return "%s %s%s%s" % (",".join(options), tester["key"], TESTER_MARK, name)
+
+
+def write_authorized_keys(base: str, testers: dict) -> None:
+    """Rewrite qabox's tester lines atomically, leaving every other line as it was."""
+    ssh_dir = makedirs(os.path.expanduser("~/.ssh"))
+    path = os.path.join(ssh_dir, "authorized_keys")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    kept = [line for line in lines if TESTER_MARK not in line]
+    ours = [authorized_line(base, name, testers[name]) for name in sorted(testers)]
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(kept + ours) + "\n")
+    os.replace(tmp, path)
+
+
+def save_testers(base: str, testers: dict) -> None:
+    write_json(testers_file(base), testers)
+    write_authorized_keys(base, testers)
+    for env in all_envs(base):  # hand the new ports to running apps
+        env = Env(base, env)
+        if supervisor_ping(env):
+            supervisor_call(env, {"cmd": "testers"}, timeout=START_TIMEOUT + STOP_TIMEOUT + 10)
+
+
+def key_fingerprint(key: str) -> str:
+    import base64
+
+    blob = base64.b64decode(key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def cmd_tester_add(req, io) -> dict:
+    name, key = req["name"], " ".join(req["key"].split()[:2])
+    if not ENV_NAME.match(name or ""):
+        raise Fail("bad_name", "tester name %r is not allowed: use a-z, 0-9, - and _" % name)
+    if not PUBKEY.match(req["key"].strip()):
+        raise Fail("bad_key", "that is not an OpenSSH public key line (type, base64 key, comment)")
+    with TestersLock(req["base"]):
+        try:
+            with open(os.path.expanduser("~/.ssh/authorized_keys")) as f:
+                unrestricted = [line for line in f if key.split()[1] in line and TESTER_MARK not in line]
+        except FileNotFoundError:
+            unrestricted = []
+        if unrestricted:
+            raise Fail("key_in_use", "this key already logs in to the deploy account without "
+                       "restrictions: give the tester a key of their own")
+        testers = load_testers(req["base"])
+        for other, t in testers.items():
+            if t["key"] == key and other != name:
+                raise Fail("key_in_use", "this key is tester %s's already" % other)
+        old = testers.get(name, {})
+        if old.get("key") == key:
+            return {"name": name, "fingerprint": old["fingerprint"], "ports": old["ports"], "changed": False}
+        testers[name] = {"key": key, "fingerprint": key_fingerprint(key), "added_at": iso(now()),
+                         "added_by": req.get("by"), "ports": old.get("ports", {})}
+        allocate_tester_ports(req["base"], testers)
+        save_testers(req["base"], testers)
+    return {"name": name, "fingerprint": testers[name]["fingerprint"], "ports": testers[name]["ports"],
+            "changed": True}
+
+
+def cmd_tester_remove(req, io) -> dict:
+    with TestersLock(req["base"]):
+        testers = load_testers(req["base"])
+        if req["name"] not in testers:
+            raise Fail("no_tester", "there is no tester %r on this host" % req["name"])
+        del testers[req["name"]]
+        save_testers(req["base"], testers)
+    return {"changed": True}
+
+
+def cmd_tester_list(req, io) -> dict:
+    base = req["base"]
+    online = connected(base)
+    return {"testers": [
+        {"name": name, "fingerprint": t["fingerprint"], "ports": t.get("ports", {}),
+         "added_at": t.get("added_at"), "added_by": t.get("added_by"),
+         "connected": [c for c in online if c["name"] == name]}
+        for name, t in sorted(load_testers(base).items())]}
+
+
+def connected(base: str) -> list:
+    """Testers whose tunnel's session is open now."""
+    folder = os.path.join(os.path.abspath(os.path.expanduser(base)), "connected")
+    result = []
+    for name in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        record = read_json(name)
+        if record and pid_alive(record.get("pid")):
+            result.append(record)
+    return result
+
+
+def connected_testers(env: Env) -> list:
+    ports = tester_ports(env)
+    return [c for c in connected(env.base) if c["name"] in ports]
+
+
+def tester_requests(env: Env, name: str) -> int:
+    """Requests a tester made to the current release, from its access log."""
+    release = env.current()
+    if not release:
+        return 0
+    prefix = (name + " - - [").encode()
+    count = 0
+    for path in glob.glob(env.path("logs", release + ".log*")):
+        with open(path, "rb") as f:
+            count += sum(1 for line in f if line.startswith(prefix))
+    return count
+
+
+def tester_session(base: str, name: str, io: Stream) -> int:
+    """The forced command of a tester's key: say which ports are theirs, count
+    them as connected while the tunnel is open, and pass on deploy notices."""
+    testers = load_testers(base)
+    if name not in testers:
+        io.emit({"ok": False, "error": {"code": "no_tester", "message": "tester %s was removed" % name}})
+        return 1
+    folder = makedirs(os.path.join(os.path.abspath(os.path.expanduser(base)), "connected"))
+    record_path = os.path.join(folder, "%s-%d.json" % (name, os.getpid()))
+    origin = (os.environ.get("SSH_CONNECTION") or "local").split()[0]
+    write_json(record_path, {"name": name, "from": origin, "since": iso(now()), "pid": os.getpid()})
+    try:
+        ports = testers[name].get("ports", {})
+        seen = {env: Env(base, env).current() for env in ports}
+        io.emit({"ok": True, "changed": False, "data": {"tester": name, "envs": {
+            env: {"port": port, "release": seen[env]} for env, port in ports.items()}}})
+        while not io.gone.wait(1.0):
+            for env in ports:
+                release = Env(base, env).current()
+                if release != seen[env]:
+                    seen[env] = release
+                    info = Env(base, env).release_info(release) if release else {}
+                    io.emit({"notice": {"env": env, "release": release, "by": info.get("deployed_by")}})
+    finally:
+        os.unlink(record_path)
+    return 0
+
+
+def cmd_tester_session(req, io) -> None:
+    """The same session, asked for with the deploy account's own key."""
+    tester_session(req["base"], req["name"], io)
+    return None
+
+
 def cmd_status(req, io) -> dict:
     """Every env on this host (or the one asked): release, state, health.
 
@@ -836,6 +1053,8 @@ def env_status(env: Env) -> dict:
         "port": port,
         "supervisor_pid": pong.get("pid") if pong else None,
         "supervisor_revived": revived,
+        "testers": [dict(c, requests=tester_requests(env, c["name"])) for c in connected_testers(env)],
+        "requests": {name: tester_requests(env, name) for name in tester_ports(env)},
         "health": http_probe(port, info.get("health", "/")) if current and status != "stopped" else None,
     }
 
@@ -851,6 +1070,10 @@ COMMANDS = {
     "restart": cmd_restart,
     "releases": cmd_releases,
     "on-boot": cmd_on_boot,
+    "tester-add": cmd_tester_add,
+    "tester-remove": cmd_tester_remove,
+    "tester-list": cmd_tester_list,
+    "tester-session": cmd_tester_session,
     "logs": cmd_logs,
     "status": cmd_status,
 }
@@ -952,17 +1175,25 @@ def app_ctl_path(env: Env, pid: int) -> str:
     return env.path("run", "app-%d.sock" % pid)
 
 
-def send_fd(sock: socket.socket, fd: int) -> None:
-    sock.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
+def send_fds(sock: socket.socket, fds: dict) -> None:
+    """Send named file descriptors over a unix socket (names as JSON)."""
+    names = sorted(fds)
+    payload = json.dumps(names).encode()
+    sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                              array.array("i", [fds[n] for n in names]).tobytes())])
 
 
-def recv_fd(sock: socket.socket) -> int:
+def recv_fds(sock: socket.socket) -> dict:
     size = array.array("i").itemsize
-    _, ancdata, _, _ = sock.recvmsg(1, socket.CMSG_LEN(size))
+    payload, ancdata, _, _ = sock.recvmsg(65536, socket.CMSG_LEN(64 * size))
+    names = json.loads(payload.decode())
+    fds = array.array("i")
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            return array.array("i", data[:size])[0]
-    raise OSError("no file descriptor received")
+            fds.frombytes(data[: len(data) - len(data) % size])
+    if len(fds) != len(names):
+        raise OSError("expected %d file descriptors, got %d" % (len(names), len(fds)))
+    return dict(zip(names, fds))
 
 
 class AppProcess:
@@ -979,7 +1210,9 @@ class AppProcess:
         self.log_path = env.path("logs", release + ".log")
 
     @classmethod
-    def spawn(cls, env: Env, release: str, listen_fd: int, live: bool) -> "AppProcess":
+    def spawn(cls, env: Env, release: str, sockets: dict, live: bool) -> "AppProcess":
+        """Start ``agent.py serve`` for a release with the env's sockets:
+        ``sockets[""]`` is the main port, the others testers' own ports."""
         info = env.release_info(release)
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         probe.bind(("127.0.0.1", 0))
@@ -989,7 +1222,7 @@ class AppProcess:
         spec = {
             "release_dir": env.release_dir(release),
             "entry": info["entry"],
-            "listen_fd": listen_fd,
+            "sockets": sockets,
             "probe_fd": probe.fileno(),
             "live": live,
             "ctl_dir": env.path("run"),
@@ -1009,7 +1242,8 @@ class AppProcess:
         try:
             proc = subprocess.Popen(
                 [python, os.path.abspath(__file__), "serve", json.dumps(spec)],
-                cwd=spec["release_dir"], env=child_env, pass_fds=[listen_fd, probe.fileno()],
+                cwd=spec["release_dir"], env=child_env,
+                pass_fds=list(sockets.values()) + [probe.fileno()],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
         finally:
@@ -1019,17 +1253,17 @@ class AppProcess:
 
     @classmethod
     def adopt(cls, env: Env, state: dict):
-        """Take over an app left running by a dead supervisor; returns (app, listen fd)."""
+        """Take over an app left running by a dead supervisor; returns (app, its sockets)."""
         pid = state["pid"]
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(5)
         try:
             sock.connect(app_ctl_path(env, pid))
-            fd = recv_fd(sock)
+            fds = recv_fds(sock)
         finally:
             sock.close()
         app = cls(env, state["release"], pid, state["probe_port"], state.get("started_at") or now())
-        return app, fd
+        return app, fds
 
     def poll(self):
         """The exit code once the process has ended (-1 if adopted and unknown), else None."""
@@ -1088,6 +1322,7 @@ class Supervisor:
     def __init__(self, env: Env, listen_fd):
         self.env = env
         self.listen_fd = listen_fd
+        self.sockets = {}  # "" -> the main listening fd; tester name -> their port's fd
         self.port = None
         self.app = None
         saved = read_json(env.path("state.json"), {}) or {}
@@ -1145,8 +1380,9 @@ class Supervisor:
         if self.listen_fd == "adopt":
             self.adopt()
         else:
-            self.listen_fd = int(self.listen_fd)
-            self.port = socket.socket(fileno=os.dup(self.listen_fd)).getsockname()[1]
+            self.sockets[""] = int(self.listen_fd)
+            self.port = socket.socket(fileno=os.dup(self.sockets[""])).getsockname()[1]
+            self.bind_testers()
             current = self.env.current()
             if current and not self.settings.get("stopped"):
                 self.start(current)
@@ -1162,7 +1398,7 @@ class Supervisor:
     def adopt(self) -> None:
         """Take over the app a dead supervisor left running, with its socket."""
         state = read_json(self.env.path("state.json"), {}) or {}
-        self.app, self.listen_fd = AppProcess.adopt(self.env, state)
+        self.app, self.sockets = AppProcess.adopt(self.env, state)
         self.port = state["port"]
         self.state = "running"
         self.log("adopted %s (pid %d)" % (self.app.release, self.app.pid))
@@ -1201,12 +1437,32 @@ class Supervisor:
         if cmd == "stop":
             self.stop_app()
             return {"ok": True}
+        if cmd == "testers":
+            if self.bind_testers() and self.app is not None:
+                return self.switch(self.app.release, START_TIMEOUT)  # hand over the new sockets
+            return {"ok": True}
         raise Fail("bad_request", "unknown supervisor command %r" % cmd)
+
+    def bind_testers(self) -> bool:
+        """Listen on each tester's own port for this env. True if anything changed."""
+        wanted = tester_ports(self.env)
+        changed = False
+        for name in [n for n in self.sockets if n and n not in wanted]:
+            os.close(self.sockets.pop(name))
+            changed = True
+        for name, port in wanted.items():
+            if name not in self.sockets:
+                try:
+                    self.sockets[name] = os.dup(bind_listener(port).detach())
+                    changed = True
+                except (Fail, OSError) as e:
+                    self.log("cannot listen on tester %s's port %d: %s" % (name, port, e))
+        return changed
 
     def start(self, release: str) -> None:
         """Start a release straight onto the listening socket (no old one to keep)."""
         try:
-            self.app = AppProcess.spawn(self.env, release, self.listen_fd, live=True)
+            self.app = AppProcess.spawn(self.env, release, self.sockets, live=True)
             self.state = "starting"
             self.log("started %s (pid %d)" % (release, self.app.pid))
         except (OSError, KeyError) as e:
@@ -1216,7 +1472,7 @@ class Supervisor:
 
     def switch(self, release: str, timeout: float) -> dict:
         """Start ``release`` beside the old one; only a healthy one goes live."""
-        new = AppProcess.spawn(self.env, release, self.listen_fd, live=False)
+        new = AppProcess.spawn(self.env, release, self.sockets, live=False)
         self.log("starting %s (pid %d)" % (release, new.pid))
         result = new.wait_healthy(timeout)
         if result.get("code") is None or result["code"] >= 500:
@@ -1390,6 +1646,13 @@ def serve(spec: dict) -> None:
                 with active_lock:
                     active[0] -= 1
 
+    def tester_handler(name: str):
+        class TesterHandler(Handler):
+            def address_string(self):
+                return name  # the access log names the tester, not 127.0.0.1
+
+        return TesterHandler
+
     class QuietHandler(Handler):
         def log_request(self, *args, **kwargs):
             pass  # the supervisor's health probes are not testers' requests
@@ -1412,7 +1675,7 @@ def serve(spec: dict) -> None:
         while True:
             conn, _ = ctl.accept()
             with conn:
-                send_fd(conn, spec["listen_fd"])
+                send_fds(conn, spec["sockets"])
 
     ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
     threading.Thread(target=offer_socket, args=(ctl_path,), daemon=True).start()
@@ -1422,7 +1685,8 @@ def serve(spec: dict) -> None:
     live = False
     while not stop.is_set():
         if go_live.is_set() and not live:
-            start(spec["listen_fd"], Handler)
+            for name, fd in spec["sockets"].items():
+                start(fd, tester_handler(name) if name else Handler)
             live = True
         stop.wait(0.05)
     for server in servers:
@@ -1530,6 +1794,8 @@ def main(argv: list) -> int:
     if len(argv) > 1 and argv[1] == "supervise":
         Supervisor(Env(argv[2], argv[3]), argv[4]).run()
         return 0
+    if len(argv) > 1 and argv[1] == "tester-session":  # a tester key's forced command
+        return tester_session(argv[2], argv[3], Stream(sys.stdout, sys.stdin))
     if len(argv) > 1 and argv[1] == "boot":
         boot(argv[2])
         return 0

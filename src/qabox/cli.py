@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,9 @@ app = typer.Typer(
 )
 hosts_app = typer.Typer(help="Hosts: trust their keys.", no_args_is_help=True)
 app.add_typer(hosts_app, name="hosts")
+testers_app = typer.Typer(help="Testers: keys that reach the app through a tunnel and nothing else.",
+                          no_args_is_help=True)
+app.add_typer(testers_app, name="testers")
 
 out = Console()
 err = Console(stderr=True)
@@ -322,6 +326,168 @@ def logs(ctx: typer.Context, host: str = HOST, env: str = ENV,
             ops.logs(make_context(ctx), host, env, lines, follow, lambda line: print(line, flush=True))
         except KeyboardInterrupt:
             return
+
+
+@app.command()
+def tunnel(
+    ctx: typer.Context,
+    user: Optional[str] = typer.Option(None, "--user", "-u", help="Tester name (as in `qabox testers add`)."),
+    host: Optional[str] = typer.Option(None, "--host", "-H", help="Host name, as for `ssh NAME`."),
+    env: str = ENV,
+    port: Optional[int] = typer.Option(None, "--port", help="Local port (default: the tester's own, stable)."),
+    identity: Optional[str] = typer.Option(None, "-i", "--identity", help="The tester's private key file."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background."),
+    stop_: bool = typer.Option(False, "--stop", help="Stop the tester's background tunnel(s)."),
+    all_: bool = typer.Option(False, "--all", help="With --stop: stop every tunnel on this machine."),
+):
+    """Open a tester's tunnel: a stable http://127.0.0.1:PORT to the env's app.
+
+    Example: qabox tunnel --user tester2 --host oldbox
+    """
+    from qabox import tunnel as tunnels
+
+    with reporting(ctx.obj["verbose"]):
+        context = make_context(ctx)
+        if stop_:
+            if not (user or all_):
+                raise ConfigError("say whose tunnel to stop: --stop --user NAME, or --stop --all")
+            stopped = tunnels.stop_tunnels(context, None if all_ else user, None if all_ else host,
+                                           None if all_ else (env if host else None))
+            for r in stopped:
+                out.print(f"stopped {r['user']}'s tunnel to {r['host']}/{r['env']} ({r['url']})")
+            if not stopped:
+                out.print("no such tunnel is running")
+            return
+        if not user or not host:
+            raise ConfigError("name the tester and the host: qabox tunnel --user NAME --host HOST")
+        check_env(env)
+        check_env(user)
+        tester = context.settings(host).testers.get(user, {})
+        identity = identity or tester.get("key")
+        identity = str(Path(identity).expanduser()) if identity else None
+        local = tunnels.local_port(context, host, env, user, port or tester.get("port"))
+        if detach:
+            record = tunnels.detach(context, user, host, env, local, identity)
+            out.print(f"{user}'s tunnel to {host}/{env} runs in the background: {record['url']}")
+            out.print(f"  stop it with: qabox tunnel --stop --user {user}")
+            return
+        run_tunnel(context, tunnels, host, env, user, local, identity)
+
+
+def run_tunnel(context, tunnels, host, env, user, port, identity) -> None:
+    """Serve the tunnel in the foreground until Ctrl-C or SIGTERM, with a status line."""
+    import signal as signals
+    import threading
+
+    done = threading.Event()
+    live = err.is_terminal
+    state = {}
+
+    def on_change(status) -> None:
+        recorder(status)
+        line = f"{status.state}{' (' + status.reason + ')' if status.reason else ''}"
+        if live:
+            err.print(f"\r{line}, {status.requests} requests served", end="", markup=False,
+                      highlight=False, soft_wrap=True)
+        elif state.get("line") != line:
+            err.print(line, markup=False, highlight=False)
+        state["line"] = line
+
+    def on_notice(text: str) -> None:
+        err.print(("\n" if live else "") + text, markup=False, highlight=False)
+
+    t = tunnels.Tunnel(context, host, env, user, port, identity, on_change=lambda s: on_change(s),
+                       on_notice=on_notice)
+    recorder = tunnels.Recorder(context, t)
+    signals.signal(signals.SIGTERM, lambda *_: done.set())
+    try:
+        t.start()
+        out.print(f"{user}'s tunnel to {host}/{env}: {t.url}  (Ctrl-C to stop)")
+        while not done.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        t.stop()
+        recorder.remove()
+        if live:
+            err.print()
+
+
+@app.command("tunnels")
+def tunnels_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print them as JSON.")):
+    """List the tunnels running on this machine.
+
+    Example: qabox tunnels
+    """
+    from qabox import tunnel as tunnels
+
+    with reporting(ctx.obj["verbose"], as_json):
+        records = tunnels.running(make_context(ctx))
+        if as_json:
+            print(json.dumps({"tunnels": records}, indent=2))
+            return
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("TESTER", "HOST", "ENV", "URL", "STATE", "SINCE", "REQUESTS", "PID"):
+            table.add_column(column)
+        for r in records:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"]))
+            state = r["state"] + (f" ({r['reason']})" if r.get("reason") else "")
+            table.add_row(r["user"], r["host"], r["env"], r["url"], state, since, str(r["requests"]), str(r["pid"]))
+        Console(width=None if out.is_terminal else 200).print(table)
+
+
+@testers_app.command("add")
+def testers_add(ctx: typer.Context, name: str = typer.Argument(..., help="Tester name (a-z, 0-9, -, _)."),
+                key: Path = typer.Option(..., "--key", help="The tester's public key file (.pub)."),
+                host: str = HOST, as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
+    """Let a tester's key reach the app's ports on a host, and nothing else.
+
+    Example: qabox testers add tester2 --key tester2.pub --host oldbox
+    """
+    with reporting(ctx.obj["verbose"], as_json):
+        result = ops.tester_add(make_context(ctx), host, name, key)
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        ports = ", ".join(f"{e}: {p}" for e, p in sorted(result["ports"].items())) or "no envs yet"
+        verb = "added" if result["changed"] else "already has this key"
+        out.print(f"tester {name} {verb} on {host} ({result['fingerprint']}; ports {ports})")
+        out.print(f"  they connect with: qabox tunnel --user {name} --host {host} -i THEIR_KEY")
+
+
+@testers_app.command("remove")
+def testers_remove(ctx: typer.Context, name: str = typer.Argument(..., help="Tester name."), host: str = HOST):
+    """Take a tester's key off a host.
+
+    Example: qabox testers remove tester2 --host oldbox
+    """
+    with reporting(ctx.obj["verbose"]):
+        check_env(name)
+        ops.tester_remove(make_context(ctx), host, name)
+        out.print(f"tester {name} removed from {host}")
+
+
+@testers_app.command("list")
+def testers_list(ctx: typer.Context, host: str = HOST,
+                 as_json: bool = typer.Option(False, "--json", help="Print them as JSON.")):
+    """List a host's testers: key fingerprints, their ports per env, who is connected.
+
+    Example: qabox testers list --host oldbox
+    """
+    with reporting(ctx.obj["verbose"], as_json):
+        data = ops.tester_list(make_context(ctx), host)
+        if as_json:
+            print(json.dumps(data, indent=2))
+            return
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("TESTER", "FINGERPRINT", "ENVS (PORT)", "CONNECTED"):
+            table.add_column(column)
+        for t in data["testers"]:
+            envs = ", ".join(f"{e} ({p})" for e, p in sorted(t["ports"].items())) or "-"
+            online = ", ".join(f"from {c['from']} since {c['since']}" for c in t["connected"]) or "-"
+            table.add_row(t["name"], t["fingerprint"], envs, online)
+        Console(width=None if out.is_terminal else 200).print(table)
 
 
 @hosts_app.command("trust")

@@ -47,7 +47,7 @@ class Context:
     @contextmanager
     def remote(self, name: str) -> Iterator[Remote]:
         """A connected agent on the named host, closed after the block."""
-        settings = hosts.load_settings(name, self.hosts_dir)
+        settings = self.settings(name)
         client = ssh.connect(self.target(name), self.accept_new_host_key)
         remote = Remote(name, client, settings)
         try:
@@ -55,21 +55,31 @@ class Context:
         finally:
             remote.close()
 
-    # Hosts deployed to from this machine, so that a bare `qabox status` knows them.
+    def settings(self, name: str) -> hosts.HostSettings:
+        return hosts.load_settings(name, self.hosts_dir)
+
+    # Local state (hosts deployed to, testers' ports), as small JSON files.
+    def load_state(self, name: str) -> dict | list:
+        try:
+            return json.loads((self.state_dir / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def save_state(self, name: str, data) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / name
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+
     def remember_host(self, name: str) -> None:
+        """Hosts deployed to from this machine, so that a bare `qabox status` knows them."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.state_dir / "hosts.json.lock"), timeout=10):
-            names = set(self.remembered_hosts()) | {name}
-            path = self.state_dir / "hosts.json"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(sorted(names)))
-            tmp.replace(path)
+            self.save_state("hosts.json", sorted(set(self.remembered_hosts()) | {name}))
 
     def remembered_hosts(self) -> list[str]:
-        try:
-            return sorted(json.loads((self.state_dir / "hosts.json").read_text()))
-        except (OSError, ValueError):
-            return []
+        return sorted(self.load_state("hosts.json") or [])
 
 
 def check_env(env: str) -> str:

@@ -16,7 +16,6 @@ from typing import Callable
 from qabox import build as builds
 from qabox.context import Context, check_env, whoami
 from qabox.errors import ConfigError, ConnectError
-from qabox.hosts import load_settings
 from qabox.remote import Remote
 
 CHUNK = 1 << 20
@@ -63,7 +62,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     if port is not None and not 1 <= port <= 65535:
         raise ConfigError(f"--port {port} is out of range: use 1-65535")
     hooks.step("checking build")
-    settings = load_settings(host, ctx.hosts_dir)
+    settings = ctx.settings(host)
     build = builds.inspect(path, entry, settings.max_build_mb * 2**20)
     hooks.step("connecting")
     with ctx.remote(host) as remote:

@@ -35,6 +35,7 @@ class HostSettings:
     health_interval: float = 10.0
     log_max_mb: float = 10.0
     envs: dict = field(default_factory=dict)
+    testers: dict = field(default_factory=dict)
     source: Path | None = None
 
     def env_port(self, env: str) -> int | None:
@@ -54,8 +55,12 @@ KEYS = {
     "health_interval": ((int, float), lambda v: 0.2 <= v <= 3600, "seconds from 0.2 to 3600"),
     "log_max_mb": ((int, float), lambda v: 0.001 <= v <= 10240, "megabytes, more than 0"),
     "envs": (dict, lambda v: True, "a table of envs"),
+    "testers": (dict, lambda v: True, "a table of testers"),
 }
-ENV_KEYS = {"port": KEYS["port"]}
+TABLE_KEYS = {
+    "envs": {"port": KEYS["port"]},
+    "testers": {"port": KEYS["port"], "key": (str, lambda v: bool(v.strip()), "a private key file")},
+}
 
 
 def check_host_name(name: str) -> str:
@@ -84,23 +89,24 @@ def load_settings(name: str, hosts_dir: Path) -> HostSettings:
         if isinstance(value, bool) or not isinstance(value, kind) or not valid(value):
             raise ConfigError(f"{where}: {key} = {value!r} is not {what}")
         values[key] = value
-    for env, table in values.get("envs", {}).items():
-        where = f"{path}:{line_of(text, env, table=True)}"
-        if not re.match(r"^[a-z0-9][a-z0-9_-]{0,31}$", env) or not isinstance(table, dict):
-            raise ConfigError(f"{where}: [envs.{env}] must be a table named like an env (a-z, 0-9, - and _)")
-        for key, value in table.items():
-            if key not in ENV_KEYS:
-                raise ConfigError(f"{where}: unknown key {key!r} in [envs.{env}]; known keys: {', '.join(ENV_KEYS)}")
-            kind, valid, what = ENV_KEYS[key]
-            if isinstance(value, bool) or not isinstance(value, kind) or not valid(value):
-                raise ConfigError(f"{where}: [envs.{env}] {key} = {value!r} is not {what}")
+    for kind, known in TABLE_KEYS.items():
+        for entry, table in values.get(kind, {}).items():
+            where = f"{path}:{line_of(text, entry, table=kind)}"
+            if not re.match(r"^[a-z0-9][a-z0-9_-]{0,31}$", entry) or not isinstance(table, dict):
+                raise ConfigError(f"{where}: [{kind}.{entry}] must be a table with a name of a-z, 0-9, - and _")
+            for key, value in table.items():
+                if key not in known:
+                    raise ConfigError(f"{where}: unknown key {key!r} in [{kind}.{entry}]; known keys: {', '.join(known)}")
+                kind_, valid, what = known[key]
+                if isinstance(value, bool) or not isinstance(value, kind_) or not valid(value):
+                    raise ConfigError(f"{where}: [{kind}.{entry}] {key} = {value!r} is not {what}")
     return HostSettings(name=name, source=path, **values)
 
 
-def line_of(text: str, key: str, table: bool = False) -> int:
-    """The line a top-level key (or an [envs.NAME] table) is set on: TOML parsers do not say."""
+def line_of(text: str, key: str, table: str | None = None) -> int:
+    """The line a top-level key (or a [table.NAME]) is set on: TOML parsers do not say."""
     name = rf"(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')"
-    pattern = re.compile(rf"^\s*\[\s*envs\.{name}\s*\]" if table else rf"^\s*{name}\s*[=.]")
+    pattern = re.compile(rf"^\s*\[\s*{table}\.{name}\s*\]" if table else rf"^\s*{name}\s*[=.]")
     for number, line in enumerate(text.splitlines(), 1):
         if pattern.match(line):
             return number

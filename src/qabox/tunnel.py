@@ -1,0 +1,406 @@
+"""``qabox tunnel``: a tester's stable ``http://127.0.0.1:PORT`` to an env.
+
+Built on sshtunnel's forwarder, with what it lacks for testers: the host key
+verified (through qabox's own connection), TCP_NODELAY, a dead link noticed
+within seconds (keepalives whose replies are counted), and reconnection with
+backoff while the local port stays bound, so a browser only sees a short wait.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import paramiko
+import sshtunnel
+
+from qabox import ssh
+from qabox.context import Context
+from qabox.errors import ConfigError, ConnectError, QaboxError
+from qabox.remote import Remote
+
+KEEPALIVE_INTERVAL = 3.0  # like ServerAliveInterval...
+KEEPALIVE_COUNT = 3  # ...and ServerAliveCountMax: a dead peer is noticed within ~12 s
+RECONNECT_BACKOFF = (0.2, 0.5, 1.0, 2.0)
+WAIT_FOR_LINK = 30.0  # how long a new connection waits for a reconnect
+READ_SIZE = 256 * 1024
+
+
+@dataclass
+class TunnelState:
+    """What the status line and ``qabox tunnels`` show."""
+
+    state: str = "connecting"
+    reason: str | None = None
+    requests: int = 0
+    since: float = 0.0
+
+
+def local_port(ctx: Context, host: str, env: str, user: str, wanted: int | None) -> int:
+    """A stable local port per tester, host and env, so bookmarks keep working."""
+    if wanted:
+        return wanted
+    key = f"{user}@{host}/{env}"
+    ports = ctx.load_state("ports.json")
+    if key in ports:
+        return ports[key]
+    taken = set(ports.values())
+    port = 20000 + zlib.crc32(key.encode()) % 10000
+    while port in taken or not port_free(port):
+        port = 20000 + (port - 20000 + 1) % 10000
+    ports[key] = port
+    ctx.save_state("ports.json", ports)
+    return port
+
+
+def port_free(port: int) -> bool:
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+class Link:
+    """One verified SSH connection of a tester: transport plus the tester session."""
+
+    def __init__(self, ctx: Context, host: str, env: str, user: str, identity: str | None,
+                 connect_timeout: float | None = None):
+        target = ctx.target(host)
+        if identity:
+            target = ssh.replace(target, identity_files=(identity,), identities_only=True)
+        if connect_timeout:
+            target = ssh.replace(target, connect_timeout=connect_timeout)
+        self.client = ssh.connect(target, ctx.accept_new_host_key)
+        self.transport = self.client.get_transport()
+        self.remote = Remote(host, self.client, ctx.settings(host))
+        self.channel = self.remote._open("tester-session", {"name": user})
+        first = self.remote._read(self.channel, 30, None)
+        data = self.remote._result("tester-session", *first)
+        envs = data.get("envs", {})
+        if env not in envs:
+            self.close()
+            raise ConfigError(f"tester {user} has no port for env {env} on {host}: deploy the env, "
+                              f"then run `qabox testers add {user} --host {host}` again")
+        self.remote_port = envs[env]["port"]
+
+    def alive(self, timeout: float) -> bool:
+        """One keepalive@openssh.com request, answered within timeout (any answer counts)."""
+        if not self.transport.is_active():
+            return False
+        answered = threading.Event()
+
+        def ask() -> None:
+            self.transport.global_request("keepalive@openssh.com", wait=True)
+            answered.set()
+
+        threading.Thread(target=ask, daemon=True).start()
+        return answered.wait(timeout) and self.transport.is_active()
+
+    def close(self) -> None:
+        try:
+            self.channel.close()
+        finally:
+            self.client.close()
+
+
+class Forwarder(sshtunnel.SSHTunnelForwarder):
+    """sshtunnel's local forward over the Tunnel's current link, whatever it is now."""
+
+    def __init__(self, tunnel: "Tunnel", local: int, remote: int, host: str, port: int):
+        self.tunnel = tunnel
+        super().__init__(
+            (host, port), ssh_config_file=None, ssh_password="unused",  # auth is the Link's
+            allow_agent=False, host_pkey_directories=[], set_keepalive=0.0,
+            local_bind_address=("127.0.0.1", local),  # never sshtunnel's 0.0.0.0 default
+            remote_bind_address=("127.0.0.1", remote), logger=quiet_logger(),
+        )
+        self.daemon_forward_servers = True
+
+    def _connect_to_gateway(self):
+        self._transport = self.tunnel.link.transport
+
+    def _stop_transport(self, force=False):
+        for server in self._server_list:
+            server.shutdown()
+            server.server_close()
+
+    def _make_ssh_forward_handler_class(self, remote_address_):
+        tunnel = self.tunnel
+
+        class Handler(sshtunnel._ForwardHandler):
+            remote_address = remote_address_
+            logger = self.logger
+
+            @property
+            def ssh_transport(self):
+                return tunnel.transport_for_request()
+
+            def handle(self):
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tunnel.count_request()
+                try:
+                    super().handle()
+                except sshtunnel.HandlerSSHTunnelForwarderError:
+                    pass  # the app refused (it is down): this request fails, the tunnel stays
+
+            def _redirect(self, chan):
+                relay(self.request, chan)
+
+        return Handler
+
+
+def relay(sock: socket.socket, chan: paramiko.Channel) -> None:
+    """Copy both ways until either side closes (larger reads than sshtunnel's)."""
+    import select
+
+    while True:
+        ready, _, _ = select.select([sock, chan], [], [], 60)
+        if not ready:
+            continue
+        if sock in ready:
+            data = sock.recv(READ_SIZE)
+            if not data:
+                chan.shutdown_write()
+                break
+            chan.sendall(data)
+        if chan in ready:
+            data = chan.recv(READ_SIZE)
+            if not data:
+                break
+            sock.sendall(data)
+    # drain what the app still sends after the browser finished sending
+    chan.settimeout(30)
+    while True:
+        data = chan.recv(READ_SIZE)
+        if not data:
+            break
+        sock.sendall(data)
+
+
+def quiet_logger() -> logging.Logger:
+    logger = logging.getLogger("qabox.tunnel.sshtunnel")
+    logger.setLevel(logging.CRITICAL)
+    logger.propagate = False
+    return logger
+
+
+class Tunnel:
+    """A tester's tunnel: the local port stays while links come and go."""
+
+    def __init__(self, ctx: Context, host: str, env: str, user: str, port: int,
+                 identity: str | None = None, on_change: Callable[[TunnelState], None] = lambda s: None,
+                 on_notice: Callable[[str], None] = lambda text: None):
+        self.ctx, self.host, self.env, self.user = ctx, host, env, user
+        self.identity = identity
+        self.port = port
+        self.on_change, self.on_notice = on_change, on_notice
+        self.status = TunnelState(since=time.time())
+        self.link: Link | None = None
+        self.link_up = threading.Event()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.forwarder: Forwarder | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Connect once (errors here are the user's to fix), then bind the port."""
+        if not port_free(self.port):
+            raise ConfigError(f"local port {self.port} is in use: pick another with --port, "
+                              f"or stop what listens there")
+        self._use(Link(self.ctx, self.host, self.env, self.user, self.identity))
+        target = self.ctx.target(self.host)
+        self.forwarder = Forwarder(self, self.port, self.link.remote_port, target.hostname, target.port)
+        self.forwarder.start()
+        threading.Thread(target=self._watch, daemon=True, name="qabox-tunnel-watch").start()
+
+    def _use(self, link: Link) -> None:
+        with self.lock:
+            self.link = link
+        self.link_up.set()
+        self._set("connected", None)
+        threading.Thread(target=self._notices, args=(link,), daemon=True).start()
+
+    def _set(self, state: str, reason: str | None) -> None:
+        self.status.state, self.status.reason, self.status.since = state, reason, time.time()
+        self.on_change(self.status)
+
+    def count_request(self) -> None:
+        with self.lock:
+            self.status.requests += 1
+        self.on_change(self.status)
+
+    def transport_for_request(self) -> paramiko.Transport:
+        """The live transport; a request arriving during a reconnect waits for it."""
+        if not self.link_up.wait(WAIT_FOR_LINK):
+            raise sshtunnel.HandlerSSHTunnelForwarderError("no link to the host")
+        return self.link.transport
+
+    def _notices(self, link: Link) -> None:
+        """Deploy notices from the host's tester session, printed as they come."""
+        def on_message(message: dict) -> None:
+            notice = message.get("notice")
+            if notice:
+                self.on_notice(f"{self.host}/{notice['env']}: release {notice['release']} "
+                               f"deployed by {notice.get('by') or 'someone'}")
+
+        try:
+            link.remote._read(link.channel, float("inf"), on_message)
+        except QaboxError:
+            pass
+
+    def _watch(self) -> None:
+        """Keepalives with counted replies; on a dead link, reconnect with backoff."""
+        misses = 0
+        while not self.stopping.wait(KEEPALIVE_INTERVAL):
+            link = self.link
+            if link.alive(KEEPALIVE_INTERVAL):
+                misses = 0
+                continue
+            misses += 1
+            if misses < KEEPALIVE_COUNT and link.transport.is_active():
+                continue
+            misses = 0
+            self.link_up.clear()
+            self._set("reconnecting", "no answer from the host" if link.transport.is_active()
+                      else "connection closed")
+            link.close()
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                self._use(Link(self.ctx, self.host, self.env, self.user, self.identity, connect_timeout=2))
+                return
+            except QaboxError as e:
+                self._set("reconnecting", e.message)
+            self.stopping.wait(RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)])
+            attempt += 1
+
+    def stop(self) -> None:
+        """Stop serving and close the link (the handlers are daemon threads)."""
+        self.stopping.set()
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        if self.link is not None:
+            self.link.close()
+        self._set("stopped", None)
+
+
+# ------------------------------------------------ tunnels running on this machine
+
+
+def record_path(ctx: Context, user: str, host: str, env: str):
+    return ctx.state_dir / "tunnels" / f"{user}@{host}-{env}.json"
+
+
+class Recorder:
+    """Keeps a running tunnel's record (pid, URL, state) for `qabox tunnels`."""
+
+    def __init__(self, ctx: Context, tunnel: Tunnel):
+        self.path = record_path(ctx, tunnel.user, tunnel.host, tunnel.env)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tunnel = tunnel
+        self.started = time.time()
+        self.written = 0.0
+        self.state = None
+
+    def __call__(self, status: TunnelState) -> None:
+        if status.state == self.state and time.time() - self.written < 1:
+            return  # request counts: at most once a second
+        self.state, self.written = status.state, time.time()
+        t = self.tunnel
+        data = {"pid": os.getpid(), "user": t.user, "host": t.host, "env": t.env, "url": t.url,
+                "port": t.port, "state": status.state, "reason": status.reason,
+                "requests": status.requests, "since": self.started}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def running(ctx: Context) -> list[dict]:
+    """Tunnels recorded on this machine whose process still runs (stale records go)."""
+    found = []
+    for path in sorted((ctx.state_dir / "tunnels").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if process_alive(record.get("pid")):
+            found.append(record)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def process_alive(pid) -> bool:
+    try:
+        stat = open(f"/proc/{int(pid)}/stat").read()
+    except (OSError, TypeError, ValueError):
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def stop_tunnels(ctx: Context, user: str | None, host: str | None, env: str | None) -> list[dict]:
+    """SIGTERM the matching tunnels and wait (bounded) for them to end."""
+    chosen = [r for r in running(ctx) if (user is None or r["user"] == user)
+              and (host is None or r["host"] == host) and (env is None or r["env"] == env)]
+    for record in chosen:
+        try:
+            os.kill(record["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while any(process_alive(r["pid"]) for r in chosen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for record in chosen:
+        record_path(ctx, record["user"], record["host"], record["env"]).unlink(missing_ok=True)
+    return chosen
+
+
+def detach(ctx: Context, user: str, host: str, env: str, port: int, identity: str | None) -> dict:
+    """Run the tunnel in the background (log beside its record); wait until it is up."""
+    for record in running(ctx):
+        if (record["user"], record["host"], record["env"]) == (user, host, env):
+            return record
+    log_path = record_path(ctx, user, host, env).with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "qabox", "tunnel", "--user", user, "--host", host, "--env", env,
+            "--port", str(port)] + (["-i", identity] if identity else [])
+    child_env = dict(os.environ, QABOX_HOSTS_DIR=str(ctx.hosts_dir), QABOX_STATE_DIR=str(ctx.state_dir))
+    if ctx.ssh_config:
+        child_env["QABOX_SSH_CONFIG"] = str(ctx.ssh_config)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                env=child_env, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            raise ConnectError(lines[-1].removeprefix("qabox: error: ") if lines else
+                               f"the tunnel exited with code {proc.returncode}; see {log_path}")
+        record = next((r for r in running(ctx) if r["pid"] == proc.pid), None)
+        if record and record["state"] == "connected":
+            return record
+        time.sleep(0.1)
+    raise ConnectError(f"the tunnel did not come up within 30 s; see {log_path}")

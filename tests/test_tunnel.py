@@ -1,0 +1,216 @@
+"""Tester tunnels on a real lab host: tunnel-only keys, reconnects, notices."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import LAB, LAB_DIR, in_host, qabox
+
+pytestmark = pytest.mark.usefixtures("lab")
+
+
+@pytest.fixture
+def tester(tmp_path, env_name, port, notes_build):
+    """An env with the notes app, and a tester whose key may reach it."""
+    assert qabox("deploy", notes_build, "--host", "lab1", "--env", env_name, "--port", port).code == 0
+    key = tmp_path / "tester"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    name = "t" + env_name.replace("x", "")
+    result = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
+    assert result.code == 0, result
+    yield {"name": name, "key": str(key), "env": env_name, "ports": json.loads(result.stdout)["ports"]}
+    qabox("tunnel", "--stop", "--user", name)
+    qabox("testers", "remove", name, "--host", "lab1")
+
+
+def start_tunnel(tester, *extra) -> tuple[subprocess.Popen, str]:
+    """`qabox tunnel` in the foreground, as a tester runs it; returns it and its URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qabox", "tunnel", "--user", tester["name"], "--host", "lab1",
+         "--env", tester["env"], "-i", tester["key"], *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    line = proc.stdout.readline()
+    url = re.search(r"http://127\.0\.0\.1:\d+", line)
+    assert url, line + proc.stderr.read() if proc.poll() is not None else line
+    return proc, url.group(0)
+
+
+def get(url: str, timeout: float = 10) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except OSError as e:
+        return 0, str(e)
+
+
+def stop(proc: subprocess.Popen) -> tuple[float, str]:
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=10)
+    return time.monotonic() - started, err
+
+
+def test_tunnel_serves_the_app_and_names_the_tester(tester):
+    proc, url = start_tunnel(tester)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        assert get(url + "/health") == (200, "ok")
+        logs = qabox("logs", "--host", "lab1", "--env", tester["env"], "-n", "5").stdout
+        assert f'{tester["name"]} - - [' in logs and '"GET /health' in logs
+        env = json.loads(qabox("status", "--host", "lab1", "--env", tester["env"], "--json").stdout)
+        env = env["hosts"][0]["envs"][0]
+        assert [t["name"] for t in env["testers"]] == [tester["name"]]
+        assert env["requests"][tester["name"]] == 1
+    finally:
+        seconds, err = stop(proc)
+    assert seconds < 2 and proc.returncode == 0 and "Traceback" not in err
+
+
+def test_local_port_is_stable_per_tester(tester):
+    proc, url = start_tunnel(tester)
+    stop(proc)
+    proc, again = start_tunnel(tester)
+    stop(proc)
+    assert url == again
+
+
+def test_tester_key_reaches_its_port_and_nothing_else(tester, port, tmp_path):
+    config = tmp_path / "tester_ssh_config"
+    config.write_text(f"Host lab1\n  HostName 198.18.1.2\n  User qalab1\n  IdentityFile {tester['key']}\n"
+                      f"  IdentitiesOnly yes\n  UserKnownHostsFile {LAB_DIR / 'known_hosts'}\n")
+    ssh = ["ssh", "-F", str(config), "-o", "BatchMode=yes"]
+    # a command is replaced by the tester session (which answers in JSON)
+    out = subprocess.run(ssh + ["lab1", "cat /etc/passwd; id"], capture_output=True, text=True,
+                         timeout=20, stdin=subprocess.DEVNULL).stdout
+    assert "root:" not in out and "uid=" not in out and '"tester"' in out
+    own = tester["ports"][tester["env"]]
+    for target, allowed in ((own, True), (22, False), (port, False)):  # port: the env's main port
+        local = 29000 + target % 1000
+        fwd = subprocess.Popen(ssh + ["-N", "-o", "ExitOnForwardFailure=yes", "-L",
+                                      f"{local}:127.0.0.1:{target}", "lab1"], stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)
+            code, _ = get(f"http://127.0.0.1:{local}/health", timeout=5)
+        finally:
+            fwd.terminate()
+            err = fwd.communicate(timeout=10)[1]
+        assert (code == 200) == allowed, (target, err)
+        if not allowed:
+            assert "administratively prohibited" in err
+
+
+def test_detach_tunnels_and_stop(tester):
+    result = qabox("tunnel", "--user", tester["name"], "--host", "lab1", "--env", tester["env"],
+                   "-i", tester["key"], "--detach")
+    assert result.code == 0, result
+    url = re.search(r"http://127\.0\.0\.1:\d+", result.stdout).group(0)
+    assert get(url + "/health")[0] == 200
+    listing = json.loads(qabox("tunnels", "--json").stdout)["tunnels"]
+    assert [(t["user"], t["host"], t["env"], t["url"], t["state"]) for t in listing] == [
+        (tester["name"], "lab1", tester["env"], url, "connected")]
+    stopped = qabox("tunnel", "--stop", "--user", tester["name"])
+    assert stopped.code == 0 and "stopped" in stopped.stdout
+    assert json.loads(qabox("tunnels", "--json").stdout)["tunnels"] == []
+    assert get(url + "/health", timeout=3)[0] == 0
+
+
+def test_deploy_notice_reaches_a_running_tunnel(tester, make_build):
+    proc, url = start_tunnel(tester)
+    try:
+        build = make_build({"wsgi.py": "from flask import Flask\napp = Flask(__name__)\n"
+                                       "@app.get('/')\ndef i():\n    return 'v2'\n"})
+        result = qabox("deploy", build, "--host", "lab1", "--env", tester["env"], "--json")
+        release = json.loads(result.stdout)["release"]
+        assert get(url + "/") == (200, "v2")
+        time.sleep(2)
+    finally:
+        _, err = stop(proc)
+    assert f"lab1/{tester['env']}: release {release} deployed by" in err
+
+
+def cut_link(seconds: float) -> None:
+    subprocess.run([sys.executable, str(LAB), "link", "lab1", "down"], check=True)
+    try:
+        time.sleep(seconds)
+    finally:
+        subprocess.run([sys.executable, str(LAB), "link", "lab1", "up"], check=True)
+
+
+def wait_served(url: str, timeout: float) -> float | None:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if get(url + "/health", timeout=3)[0] == 200:
+            return time.monotonic() - started
+        time.sleep(0.1)
+    return None
+
+
+def test_tunnel_survives_a_cut_link(tester):
+    proc, url = start_tunnel(tester)
+    try:
+        cut_link(5)  # shorter than the keepalive's patience: the same link carries on
+        assert wait_served(url, 30) is not None
+    finally:
+        _, err = stop(proc)
+    assert "Traceback" not in err
+
+
+def tunnel_sshd_sessions(tester) -> list[str]:
+    """Pids of the sshd processes serving the tester's tunnel (its session's parent)."""
+    out = in_host("lab1", "sh", "-c", f"pgrep -f 'tester-sessio[n] .* {tester['name']}$'").stdout.split()
+    parents = [in_host("lab1", "ps", "-o", "ppid=", "-p", pid).stdout.strip() for pid in out]
+    return [p for p in parents if p]
+
+
+def test_tunnel_survives_its_sshd_session_killed(tester):
+    proc, url = start_tunnel(tester)
+    try:
+        sessions = tunnel_sshd_sessions(tester)
+        assert sessions
+        in_host("lab1", "kill", "-9", *sessions)
+        time.sleep(1)
+        assert wait_served(url, 30) is not None
+    finally:
+        stop(proc)
+
+
+def test_tunnel_survives_a_frozen_session(tester):
+    proc, url = start_tunnel(tester)
+    sessions = tunnel_sshd_sessions(tester)
+    try:
+        in_host("lab1", "kill", "-STOP", *sessions)
+        started = time.monotonic()
+        served = wait_served(url, 40)
+        assert served is not None and time.monotonic() - started < 30
+    finally:
+        in_host("lab1", "kill", "-KILL", *sessions)
+        _, err = stop(proc)
+    assert "no answer from the host" in err
+
+
+def test_app_down_fails_the_request_but_not_the_tunnel(tester):
+    proc, url = start_tunnel(tester)
+    try:
+        assert qabox("stop", "--host", "lab1", "--env", tester["env"]).code == 0
+        assert get(url + "/health", timeout=5)[0] == 0
+        assert qabox("start", "--host", "lab1", "--env", tester["env"]).code == 0
+        assert get(url + "/health")[0] == 200
+    finally:
+        stop(proc)
+
+
+def test_bad_tester_input():
+    assert qabox("tunnel", "--user", "../x", "--host", "lab1").code == 2
+    result = qabox("testers", "add", "a;b", "--key", "/etc/hostname", "--host", "lab1")
+    assert result.code == 2 and "is not allowed" in result.stderr
+    result = qabox("testers", "add", "ok", "--key", "/nonexistent.pub", "--host", "lab1")
+    assert result.code == 2 and "cannot read the tester's public key" in result.stderr
