@@ -1,4 +1,5 @@
-"""scripts/bench runs end to end on the lab and reports every deploy figure."""
+"""scripts/bench runs end to end on the lab, reports every figure, and leaves
+nothing behind on lab1."""
 
 from __future__ import annotations
 
@@ -11,22 +12,68 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURES = {
+LAB_ENVS = Path("/home/qalab1/.qabox/envs")
+DEPLOY_FIGURES = {
     "build size", "first deploy, wall", "first deploy, reported", "unchanged redeploy, wall",
     "unchanged redeploy, reported", "changed redeploy, wall", "changed redeploy, reported",
     "scp + untar (baseline)", "upload throughput",
 }
+SUPERVISION_FIGURES = {
+    "redeploy under load: requests", "failed requests", "request rate", "slowest request",
+    "deploy meanwhile, wall", "restart meanwhile, wall", "kill -9 to serving again",
+    "1 tester, /slow p50", "1 tester, /slow p95", "10 testers, /slow p50", "10 testers, /slow p95",
+    "p95 10 testers / 1 tester",
+}
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="the bench needs the lab's namespace hosts (root)")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the bench needs the lab's namespace hosts (root)")
-def test_quick_deploy_bench_reports_positive_figures():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench"), "--only", "deploy", "--quick", "--json"],
-        capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    rows = {row["name"]: row for row in json.loads(proc.stdout)["sections"]["deploy"]}
-    assert FIGURES <= rows.keys()
-    for name in FIGURES:
+def run_quick_bench(section: str) -> tuple[dict[str, dict], str]:
+    """Run one section with --quick --json: (its rows by stripped name, the bench's env)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "bench"), "--only", section, "--quick", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err
+    rows = {row["name"].strip(): row for row in json.loads(out)["sections"][section]}
+    return rows, f"bench{proc.pid}"  # the bench names its envs after its pid
+
+
+def assert_gone(env: str) -> None:
+    """Nothing of the env is left on lab1: no files, no supervisor, no app."""
+    assert not (LAB_ENVS / env).exists()
+    for pattern in (f"supervise \\S+ {env} ", f"/envs/{env}/"):
+        assert subprocess.run(["pgrep", "-f", pattern]).returncode == 1, pattern
+
+
+def assert_positive(rows: dict[str, dict], names: set[str]) -> None:
+    """Every named figure is there, with a positive value and baseline (if any)."""
+    assert names <= rows.keys()
+    for name in names:
         assert rows[name]["value"] > 0, rows[name]
         assert rows[name]["baseline"] is None or rows[name]["baseline"] > 0, rows[name]
+
+
+def test_quick_deploy_bench_reports_positive_figures():
+    rows, env = run_quick_bench("deploy")
+    assert_positive(rows, DEPLOY_FIGURES)
     assert rows["unchanged redeploy, reported"]["value"] < rows["first deploy, reported"]["value"]
+    assert_gone(env)
+
+
+def test_quick_supervision_bench_reports_load_restarts_and_latency():
+    """The figures are measured as meant (qabox's own guarantees are test_supervision's)."""
+    rows, env = run_quick_bench("supervision")
+    assert_positive(rows, SUPERVISION_FIGURES - {"failed requests"})
+    assert isinstance(rows["failed requests"]["value"], int)
+    assert rows["redeploy under load: requests"]["value"] >= 300
+    assert "v1 then v2" in rows["redeploy under load: requests"]["note"]  # the redeploy was under load
+    # the baseline really serves one request at a time: 10 testers wait for each other
+    assert rows["p95 10 testers / 1 tester"]["baseline"] > 5
+    assert_gone(env + "s")
+    assert subprocess.run(["pgrep", "-f", "qabox-bench-.*/single_threaded.py"]).returncode == 1

@@ -321,15 +321,24 @@ def cmd_upload_state(req, io) -> dict:
     if not SHA256.match(sha):
         raise Fail("bad_request", "not a sha256: %r" % sha)
     builds = makedirs(os.path.join(os.path.abspath(os.path.expanduser(req["base"])), "builds"))
+    if os.path.islink(builds):
+        raise Fail("unsafe", "%s is a symlink: qabox does not write through it; remove it" % builds)
     final = os.path.join(builds, sha)
     part = final + ".part"
+    for path in (final, part):
+        if os.path.islink(path):  # planted: the upload must never write through it
+            os.unlink(path)
+    if req.get("discard"):  # the client gave up on a partial upload (disk full)
+        if os.path.isfile(part):
+            os.unlink(part)
+        return {"discarded": True, "free_bytes": shutil.disk_usage(builds).free}
     env = Env(req["base"], req["env"])
     current = env.current()
     info = env.release_info(current) if current else {}
     return {
         "have": os.path.isfile(final),
         "part": os.path.getsize(part) if os.path.isfile(part) else 0,
-        "part_path": os.path.relpath(part, os.path.expanduser("~")),
+        "part_path": part,
         "current": current,
         "current_sha256": info.get("sha256"),
         "free_bytes": shutil.disk_usage(builds).free,
@@ -347,7 +356,7 @@ def file_sha256(path: str) -> str:
 def take_build(builds: str, sha: str) -> str:
     """The verified build file: a finished upload is checked before first use."""
     final = os.path.join(builds, sha)
-    if os.path.isfile(final):
+    if os.path.isfile(final) and not os.path.islink(final):
         return final
     part = final + ".part"
     if not os.path.isfile(part):
@@ -357,6 +366,14 @@ def take_build(builds: str, sha: str) -> str:
         raise Fail("checksum", "the uploaded build does not match its sha256: deploy again")
     os.replace(part, final)
     return final
+
+
+def remove(path: str) -> None:
+    """Delete a file, a symlink (not what it points to) or a tree."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 def new_release_id(env: Env) -> str:
@@ -503,7 +520,7 @@ def cmd_deploy(req, io) -> dict:
     tmp = env.path("releases", "." + release + ".tmp")
     try:
         io.emit({"progress": "extracting"})
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         extract(build, tmp, int(req.get("max_bytes") or DEFAULT_MAX_BYTES))
         io.check()
         key, python, created = prepare_venv(env, tmp, io)
@@ -527,11 +544,14 @@ def cmd_deploy(req, io) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(rdir, ignore_errors=True)
         if e.errno == errno.ENOSPC:
+            drop_build(env.base, sha)  # it cannot be extracted here anyway: give its space back
             raise disk_full(env.base)
         raise
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(rdir, ignore_errors=True)
+        if getattr(e, "code", None) == "disk_full":
+            drop_build(env.base, sha)
         raise
     pruned = prune(env, int(req.get("keep") or 5))
     return {
@@ -628,14 +648,23 @@ def prune(env: Env, keep: int) -> list:
     for key in os.listdir(env.path("venvs")):
         if key not in venvs:
             shutil.rmtree(env.path("venvs", key), ignore_errors=True)
-    used = set()
-    for name in all_envs(env.base):
-        other = Env(env.base, name)
-        used.update(other.release_info(r).get("sha256") for r in other.releases())
     for name in os.listdir(env.builds):
-        if not name.endswith(".part") and name not in used:
-            os.unlink(os.path.join(env.builds, name))
+        path = os.path.join(env.builds, name)
+        # an hour's grace: a build just uploaded for another env's deploy is not garbage yet
+        if not name.endswith(".part") and now() - os.path.getmtime(path) > 3600:
+            drop_build(env.base, name)
     return old
+
+
+def drop_build(base: str, sha: str) -> None:
+    """Delete an uploaded build that no kept release of any env uses."""
+    for name in all_envs(base):
+        other = Env(base, name)
+        if any(other.release_info(r).get("sha256") == sha for r in other.releases()):
+            return
+    path = os.path.join(os.path.abspath(os.path.expanduser(base)), "builds", sha)
+    if os.path.isfile(path):
+        os.unlink(path)
 
 
 def cmd_rollback(req, io) -> dict:

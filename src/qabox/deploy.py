@@ -8,17 +8,22 @@ its health check becomes current (the agent and supervisor see to that).
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import paramiko
+
 from qabox import build as builds
 from qabox.context import Context, check_env, whoami
-from qabox.errors import ConfigError, ConnectError
+from qabox.errors import ConfigError, ConnectError, RemoteError
 from qabox.remote import Remote
 
 CHUNK = 1 << 20
+STALL = 20.0
 
 
 @dataclass
@@ -71,7 +76,16 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
             state = session.call("upload-state", env=env, sha256=build.sha256)
             sent = 0
             if not state["have"]:
-                sent = upload(remote, build, state["part_path"], state["part"], hooks)
+                check_space(remote, build.size - state["part"], state["free_bytes"])
+                try:
+                    sent = upload(remote, build, state["part_path"], state["part"], hooks)
+                except UploadFailed as e:
+                    if e.code != "stalled":
+                        # A full disk shows as a bare SFTP "Failure": ask the host, and clean up.
+                        left = session.call("upload-state", timeout=15, env=env, sha256=build.sha256,
+                                            discard=True)
+                        check_space(remote, build.size, left["free_bytes"])
+                    raise
             data = session.call(
                 "deploy", timeout=900, progress=hooks.step, env=env, sha256=build.sha256,
                 file=path.name, entry=build.entry, health=build.health,
@@ -91,13 +105,61 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     )
 
 
+class Watchdog:
+    """Closes the connection when an upload makes no progress for ``limit`` seconds.
+
+    paramiko retries a blocked socket write for as long as the transport is
+    open, so a cut link would hang the upload; closing it makes the write fail.
+    """
+
+    def __init__(self, client: paramiko.SSHClient, limit: float):
+        self.client, self.limit = client, limit
+        self.last = time.monotonic()
+        self.fired = False
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self.done.wait(1.0):
+            if time.monotonic() - self.last > self.limit:
+                self.fired = True
+                self.client.close()
+                return
+
+    def stop(self) -> None:
+        self.done.set()
+
+
+class UploadFailed(ConnectError):
+    """The upload broke off; what was sent stays on the host for the next try."""
+
+
+def check_space(remote: Remote, needed: int, free: int) -> None:
+    if free < needed + (1 << 20):
+        raise RemoteError(
+            f"{remote.name}: the host's disk is full: {free // 2**20} MB free for "
+            f"{remote.settings.dir}, the build needs {needed // 2**20} MB more (and room to "
+            f"extract it): free some space there and deploy again", code="disk_full")
+
+
 def upload(remote: Remote, build: builds.Build, part_path: str, offset: int, hooks: Hooks) -> int:
-    """Send the build to its ``.part`` file over SFTP, resuming after ``offset`` bytes."""
+    """Send the build to its ``.part`` file over SFTP, resuming after ``offset`` bytes.
+
+    A write that makes no progress for STALL seconds (a cut link) fails the
+    upload instead of hanging; the next deploy resumes where it stopped.
+    """
     if offset > build.size:
         offset = 0
     hooks.upload(offset, build.size)
+    sftp = remote.sftp
+    sftp.get_channel().settimeout(STALL)
+    watchdog = Watchdog(remote.client, STALL)
     try:
-        with open(build.path, "rb") as local, remote.sftp.open(part_path, "r+b" if offset else "wb") as f:
+        with open(build.path, "rb") as local:
+            f = sftp.open(part_path, "r+b" if offset else "wb")
             f.chmod(0o600)
             f.set_pipelined(True)
             local.seek(offset)
@@ -105,11 +167,17 @@ def upload(remote: Remote, build: builds.Build, part_path: str, offset: int, hoo
             done = offset
             while block := local.read(CHUNK):
                 f.write(block)
+                watchdog.progress()
                 done += len(block)
                 hooks.upload(done, build.size)
-    except OSError as e:
-        if "No space left" in str(e) or getattr(e, "errno", None) == 28:
-            raise ConnectError(f"{remote.name}: the host's disk is full: free some space in "
-                               f"{remote.settings.dir} and deploy again") from None
-        raise ConnectError(f"{remote.name}: the upload failed ({e}); deploy again to resume it") from None
+            f.close()  # waits for the host to acknowledge every write
+    except (OSError, EOFError, paramiko.SSHException) as e:
+        sftp.get_channel().close()  # not f.close(): it would wait for acks that never come
+        if watchdog.fired or isinstance(e, socket.timeout):
+            raise UploadFailed(f"{remote.name}: the upload stalled (no progress for {STALL:.0f} s): "
+                               f"check the network, then deploy again to resume it", code="stalled") from None
+        raise UploadFailed(f"{remote.name}: the upload failed ({e or type(e).__name__}); "
+                           f"deploy again to resume it") from None
+    finally:
+        watchdog.stop()
     return build.size - offset

@@ -144,6 +144,9 @@ class Remote:
                         on_message(message)
         if result is None and buffer.strip():
             result = _parse(buffer)
+        if result is None and not channel.get_transport().is_active():
+            raise ConnectError(f"the connection to {self.name} was lost (network down or sshd "
+                               f"restarted): run the command again")
         while channel.recv_stderr_ready():
             stderr += channel.recv_stderr(65536)
         status = channel.recv_exit_status() if result is None else 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import socket
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,10 @@ import paramiko
 from qabox.errors import ConfigError, ConnectError, HostKeyError
 
 DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
+
+# paramiko's transport threads log tracebacks of failures qabox reports itself
+# in one line; without a handler, Python would print them to stderr.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 @dataclass(frozen=True)
