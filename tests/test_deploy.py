@@ -185,7 +185,7 @@ def test_lock_held_names_the_holder(notes_build, env_name, port):
     holding, release = threading.Event(), threading.Event()
 
     def hold():
-        with ctx.remote("lab1") as remote, remote.session(env_name, 5, "alice@laptop"):
+        with ctx.remote("lab1") as remote, remote.session(env_name, 5, "alice@laptop", create=True):
             holding.set()
             release.wait(30)
 

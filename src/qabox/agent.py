@@ -282,6 +282,8 @@ def cmd_session(req, io) -> None:
     this process exits, and the lock is free. It can never be left stale.
     """
     env = Env(req["base"], req["env"])
+    if not req.get("create") and not os.path.isdir(env.dir):
+        raise Fail("no_env", "there is no env %s on this host: deploy to it first" % env.name)
     makedirs(env.dir)
     path = env.path("deploy.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -858,9 +860,13 @@ def allocate_tester_ports(base: str, testers: dict) -> bool:
     for t in testers.values():
         taken.update(t.get("ports", {}).values())
     changed = False
+    envs = set(all_envs(base))
     for name in sorted(testers):
         ports = testers[name].setdefault("ports", {})
-        for env in all_envs(base):
+        for gone in [env for env in ports if env not in envs]:  # envs deleted since
+            del ports[gone]
+            changed = True
+        for env in sorted(envs):
             if env not in ports:
                 ports[env] = free_port(FIRST_TESTER_PORT, taken)
                 taken.add(ports[env])
@@ -903,8 +909,11 @@ def save_testers(base: str, testers: dict) -> None:
     write_authorized_keys(base, testers)
     for env in all_envs(base):  # hand the new ports to running apps
         env = Env(base, env)
-        if supervisor_ping(env):
-            supervisor_call(env, {"cmd": "testers"}, timeout=START_TIMEOUT + STOP_TIMEOUT + 10)
+        try:
+            if supervisor_ping(env):
+                supervisor_call(env, {"cmd": "testers"}, timeout=START_TIMEOUT + STOP_TIMEOUT + 10)
+        except (Fail, OSError):
+            pass  # that env's app gets the ports at its next start; the key is in place
 
 
 def key_fingerprint(key: str) -> str:
@@ -1126,14 +1135,18 @@ def supervisor_call(env: Env, request: dict, timeout: float = 5.0) -> dict:
             data += chunk
     finally:
         sock.close()
-    return json.loads(data.decode())
+    try:
+        return json.loads(data.decode())
+    except ValueError:
+        raise Fail("supervisor", "the supervisor of env %s did not answer: run `qabox status` "
+                   "(it revives a dead supervisor) and try again" % env.name)
 
 
 def supervisor_ping(env: Env):
     """The supervisor's answer to ping, or None if none is running."""
     try:
         return supervisor_call(env, {"cmd": "ping"}, timeout=3.0)
-    except (OSError, ValueError):
+    except (OSError, Fail):
         return None
 
 

@@ -38,8 +38,8 @@ testers_app = typer.Typer(help="Testers: keys that reach the app through a tunne
                           no_args_is_help=True)
 app.add_typer(testers_app, name="testers")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # one line stays one line, for people and for grep
+err = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager

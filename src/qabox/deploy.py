@@ -72,7 +72,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     hooks.step("connecting")
     with ctx.remote(host) as remote:
         hooks.step("waiting for the deploy lock")
-        with remote.session(env, lock_timeout, whoami()) as session:
+        with remote.session(env, lock_timeout, whoami(), create=True) as session:
             state = session.call("upload-state", env=env, sha256=build.sha256)
             sent = 0
             if not state["have"]:

@@ -186,7 +186,7 @@ class Remote:
         sftp.posix_rename(tmp, self.agent_path)
 
     @contextmanager
-    def session(self, env: str, lock_timeout: float, by: str) -> Iterator["Session"]:
+    def session(self, env: str, lock_timeout: float, by: str, create: bool = False) -> Iterator["Session"]:
         """Hold the env's deploy lock on the host and run requests under it.
 
         One agent process holds the lock for as long as this channel is open
@@ -194,7 +194,7 @@ class Remote:
         network can never leave the lock stale.
         """
         for attempt in range(2):
-            channel = self._open("session", {"env": env, "timeout": lock_timeout, "by": by})
+            channel = self._open("session", {"env": env, "timeout": lock_timeout, "by": by, "create": create})
             try:
                 result, status, stderr = self._read(channel, lock_timeout + 30, None)
             except BaseException:
