@@ -911,6 +911,7 @@ def save_testers(base: str, testers: dict) -> None:
         env = Env(base, env)
         try:
             if supervisor_ping(env):
+                ensure_supervisor(env)  # one of an older agent would not know the command
                 supervisor_call(env, {"cmd": "testers"}, timeout=START_TIMEOUT + STOP_TIMEOUT + 10)
         except (Fail, OSError):
             pass  # that env's app gets the ports at its next start; the key is in place
@@ -944,6 +945,7 @@ def cmd_tester_add(req, io) -> dict:
                 raise Fail("key_in_use", "this key is tester %s's already" % other)
         old = testers.get(name, {})
         if old.get("key") == key:
+            save_testers(req["base"], testers)  # unchanged, but make sure every app listens
             return {"name": name, "fingerprint": old["fingerprint"], "ports": old["ports"], "changed": False}
         testers[name] = {"key": key, "fingerprint": key_fingerprint(key), "added_at": iso(now()),
                          "added_by": req.get("by"), "ports": old.get("ports", {})}
@@ -1159,11 +1161,16 @@ def ensure_supervisor(env: Env) -> None:
     """
     port = (read_json(env.path("env.json"), {}) or {}).get("port", 8080)
     pong = supervisor_ping(env)
-    if pong and pong.get("port") == port:
+    if pong and pong.get("port") == port and pong.get("agent") == os.path.basename(__file__):
         return
-    if pong:  # the env moved to another port
-        supervisor_call(env, {"cmd": "stop"}, timeout=STOP_TIMEOUT + 10)
-        wait_for(lambda: supervisor_ping(env) is None, 5.0)
+    if pong:  # the env moved to another port, or its supervisor runs an older agent
+        try:
+            supervisor_call(env, {"cmd": "stop"}, timeout=STOP_TIMEOUT + 10)
+        except (Fail, OSError):
+            pass
+        if not wait_for(lambda: supervisor_ping(env) is None, 5.0):
+            os.kill(pong["pid"], signal.SIGKILL)  # one too old to know "stop"
+            wait_for(lambda: supervisor_ping(env) is None, 5.0)
     state = read_json(env.path("state.json"), {}) or {}
     orphan = state.get("pid") if pid_alive(state.get("pid")) else None
     listener = None
@@ -1473,7 +1480,8 @@ class Supervisor:
     def dispatch(self, request: dict) -> dict:
         cmd = request.get("cmd")
         if cmd == "ping":
-            return {"ok": True, "port": self.port, "state": self.state, "pid": os.getpid()}
+            return {"ok": True, "port": self.port, "state": self.state, "pid": os.getpid(),
+                    "agent": os.path.basename(__file__)}
         if cmd == "switch":
             return self.switch(request["release"], float(request.get("timeout", START_TIMEOUT)))
         if cmd == "stop":

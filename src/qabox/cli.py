@@ -188,15 +188,15 @@ def status(
 def print_status(hosts: list[dict]) -> None:
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("HOST", "ENV", "RELEASE", "STATE", "PID", "UPTIME", "RESTARTS", "PORT",
-                   "HEALTH", "DEPLOYED"):
+                   "HEALTH", "DEPLOYED", "TESTERS"):
         table.add_column(column)
     for host in hosts:
         if not host["reachable"]:
             table.add_row(host["host"], "-", "-", "[red]unreachable[/]", "", "", "", "", "",
-                          host["error"])
+                          host["error"], "")
             continue
         if not host["envs"]:
-            table.add_row(host["host"], "-", "nothing deployed", "", "", "", "", "", "", "")
+            table.add_row(host["host"], "-", "nothing deployed", "", "", "", "", "", "", "", "")
         for e in host["envs"]:
             state_style = {"running": "green", "starting": "yellow"}.get(e["state"], "red")
             health = e.get("health") or {}
@@ -206,6 +206,7 @@ def print_status(hosts: list[dict]) -> None:
                 host["host"], e["env"], e["release"] or "-", f"[{state_style}]{e['state']}[/]",
                 str(e["pid"] or "-"), human_seconds(e["uptime"]), str(e["restarts"]), str(e["port"]),
                 health_text, f"{e['deployed_at']} by {e['deployed_by']}" if e["deployed_at"] else "-",
+                ", ".join(f"{t['name']} ({t['requests']} req)" for t in e.get("testers", [])) or "-",
             )
     Console(width=None if out.is_terminal else 200).print(table)
 
