@@ -264,13 +264,44 @@ def all_envs(base: str) -> list:
 
 
 def cmd_hello(req, io) -> dict:
-    """Handshake: protocol version and facts about the host."""
+    """Facts about the host, for ``qabox hosts check``."""
+    import importlib.util
+
+    base = os.path.abspath(os.path.expanduser(req["base"]))
+    existing = base
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    ports = {}
+    for name in all_envs(base):
+        env = Env(base, name)
+        port = (read_json(env.path("env.json"), {}) or {}).get("port")
+        if port:
+            ports[name] = {"port": port, "ours": supervisor_ping(env) is not None,
+                           "free": port_is_free(port)}
+    wanted = req.get("port")
     return {
         "protocol": PROTOCOL,
+        "agent": os.path.basename(__file__),
         "python": sys.version.split()[0],
+        "venv": importlib.util.find_spec("venv") is not None and importlib.util.find_spec("ensurepip") is not None,
         "user": os.environ.get("USER") or str(os.getuid()),
         "time": now(),
+        "free_bytes": shutil.disk_usage(existing).free,
+        "base": base,
+        "envs": ports,
+        "port_free": port_is_free(wanted) if wanted else None,
     }
+
+
+def port_is_free(port: int) -> bool:
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.1", int(port)))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def cmd_session(req, io) -> None:
@@ -597,16 +628,8 @@ def env_settings(env: Env, req: dict) -> dict:
 
 def free_port(start: int, taken: set) -> int:
     for port in range(start, start + 1000):
-        if port in taken:
-            continue
-        probe = socket.socket()
-        try:
-            probe.bind(("127.0.0.1", port))
+        if port not in taken and port_is_free(port):
             return port
-        except OSError:
-            continue
-        finally:
-            probe.close()
     raise Fail("port_in_use", "no free port from %d to %d on the host" % (start, start + 999))
 
 

@@ -24,6 +24,7 @@ from rich.table import Table
 from qabox import __version__, deploy as deploying, ops, ssh
 from qabox.context import Context, check_env
 from qabox.errors import ConfigError, QaboxError
+from qabox.hosts import expand
 from qabox.status import status as get_status
 
 app = typer.Typer(
@@ -32,7 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-hosts_app = typer.Typer(help="Hosts: trust their keys.", no_args_is_help=True)
+hosts_app = typer.Typer(help="Hosts: list them, check them, trust their keys.", no_args_is_help=True)
 app.add_typer(hosts_app, name="hosts")
 testers_app = typer.Typer(help="Testers: keys that reach the app through a tunnel and nothing else.",
                           no_args_is_help=True)
@@ -96,21 +97,30 @@ def make_context(ctx: typer.Context, accept_new_host_key: bool = False) -> Conte
 def deploy(
     ctx: typer.Context,
     build: Path = typer.Argument(..., help="The build: a .tar, .tar.gz, .tar.bz2 or .tar.xz file."),
-    host: str = typer.Option(..., "--host", "-H", help="Host name, as for `ssh NAME`."),
+    host: List[str] = typer.Option(..., "--host", "-H", help="Host name, as for `ssh NAME`, or a group from hosts/groups.toml; repeat for several."),
     env: str = typer.Option("main", "--env", "-e", help="Env on the host (several can run side by side)."),
     port: Optional[int] = typer.Option(None, "--port", help="App port on the host's loopback (default: hosts file, else 8080)."),
     entry: Optional[str] = typer.Option(None, "--app", help="WSGI entry module:callable, overriding qabox.toml."),
     lock_timeout: float = typer.Option(60, "--lock-timeout", help="Seconds to wait for another deploy to finish."),
     on_boot: bool = typer.Option(False, "--on-boot", help="Also bring the host's envs back after it reboots (an @reboot crontab entry)."),
     accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key", help="Trust and record the host key if it is not known yet."),
+    parallel: int = typer.Option(8, "--parallel", help="With several hosts: how many at once."),
+    serial: bool = typer.Option(False, "--serial", help="With several hosts: one after another (a rolling deploy)."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="With several hosts: start no more after a failure."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
-    """Deploy a build to a host and serve it there, supervised.
+    """Deploy a build to a host (or several) and serve it there, supervised.
 
     Example: qabox deploy build.tar.gz --host oldbox --env main
     """
     with reporting(ctx.obj["verbose"], as_json):
         context = make_context(ctx, accept_new_host_key)
+        hosts = expand(host, context.hosts_dir)
+        if len(hosts) > 1:
+            deploy_fleet(context, hosts, build, 1 if serial else parallel, fail_fast, as_json,
+                         env=env, port=port, entry=entry, lock_timeout=lock_timeout, on_boot=on_boot)
+            return
+        host = hosts[0]
         with deploy_progress(enabled=not as_json) as hooks:
             result = deploying.deploy(context, host, build, env=env, port=port, entry=entry,
                                       lock_timeout=lock_timeout, on_boot=on_boot, hooks=hooks)
@@ -129,6 +139,37 @@ def deploy(
         if result.testers:
             names = ", ".join(f"{t['name']} (from {t['from']})" for t in result.testers)
             out.print(f"  connected testers, told of this release: {names}")
+
+
+def deploy_fleet(context: Context, hosts: list, build: Path, parallel: int, fail_fast: bool,
+                 as_json: bool, **options) -> None:
+    """Deploy to several hosts: a progress line per host, then a table; exit 1 if any failed."""
+    from qabox.fleet import deploy_many
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        DownloadColumn(), console=err, transient=True, disable=as_json)
+    with progress:
+        tasks = {h: progress.add_task(f"{h}: waiting", total=None) for h in hosts}
+
+        def hooks_for(host: str) -> deploying.Hooks:
+            return deploying.Hooks(
+                step=lambda text: progress.update(tasks[host], description=f"{host}: {text}"),
+                upload=lambda sent, total: progress.update(tasks[host], completed=sent, total=total))
+
+        rows = deploy_many(context, hosts, build, parallel, fail_fast, hooks_for, **options)
+    if as_json:
+        print(json.dumps({"hosts": rows}, indent=2))
+    else:
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("HOST", "RELEASE", "RESULT", "SECONDS"):
+            table.add_column(column)
+        for r in rows:
+            style = "green" if r["ok"] else "red"
+            table.add_row(r["host"], r["release"] or "-", f"[{style}]{r['result']}[/]",
+                          f"{r['seconds']:.1f}" if r["seconds"] else "-")
+        Console(width=None if out.is_terminal else 200).print(table)
+    if not all(r["ok"] for r in rows):
+        raise typer.Exit(1)
 
 
 @contextmanager
@@ -171,7 +212,7 @@ def status(
     """
     with reporting(ctx.obj["verbose"], as_json):
         context = make_context(ctx)
-        names = host or context.remembered_hosts()
+        names = expand(host, context.hosts_dir) if host else context.remembered_hosts()
         if not names:
             raise ConfigError("no hosts known yet: name one with --host NAME")
         if env:
@@ -492,6 +533,74 @@ def testers_list(ctx: typer.Context, host: str = HOST,
             online = ", ".join(f"from {c['from']} since {c['since']}" for c in t["connected"]) or "-"
             table.add_row(t["name"], t["fingerprint"], envs, online)
         Console(width=None if out.is_terminal else 200).print(table)
+
+
+@app.command("build")
+def build_cmd(
+    ctx: typer.Context,
+    src: Path = typer.Argument(Path("."), help="The project directory (default: here)."),
+    output: Path = typer.Option(Path("build.tar.gz"), "-o", "--output", help="The build file to write."),
+    python_version: Optional[str] = typer.Option(None, "--python-version", help="The host's Python, e.g. 3.11 (see `qabox hosts check`)."),
+    platform: Optional[str] = typer.Option(None, "--platform", help="The host's platform tag, e.g. manylinux2014_x86_64."),
+):
+    """Pack a project into a build: its files and a wheelhouse of its requirements.
+
+    Example: qabox build . -o build.tar.gz --python-version 3.11
+    """
+    from qabox import bundle
+
+    with reporting(ctx.obj["verbose"]):
+        report = bundle.make(src, output, python_version, platform)
+        out.print(f"{report.path}: {report.files} files, {report.wheels} wheels, "
+                  f"{human_bytes(report.size)}, entry {report.entry}", markup=False, highlight=False)
+        for secret in report.secrets:
+            err.print(f"qabox: warning: {secret} looks like a secret and is in the build: "
+                      f"add it to .gitignore or [build] exclude in qabox.toml", markup=False, highlight=False)
+
+
+@hosts_app.command("list")
+def hosts_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print them as JSON.")):
+    """List the hosts known from hosts/ and ssh_config: address, user, port, envs.
+
+    Example: qabox hosts list
+    """
+    from qabox import inventory
+
+    with reporting(ctx.obj["verbose"], as_json):
+        rows = inventory.list_hosts(make_context(ctx))
+        if as_json:
+            print(json.dumps({"hosts": rows}, indent=2))
+            return
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("HOST", "ADDRESS", "USER", "PORT", "ENVS", "SETTINGS"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(r["host"], r["address"], r["user"] or "-", str(r["port"]),
+                          ", ".join(r["envs"]) or "-", r["settings"] or "-")
+        Console(width=None if out.is_terminal else 200).print(table)
+
+
+@hosts_app.command("check")
+def hosts_check(ctx: typer.Context, name: str = typer.Argument(..., help="Host name, as for `ssh NAME`."),
+                as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")):
+    """Check that a host is ready for qabox: each check passes or says the fix.
+
+    Example: qabox hosts check oldbox
+    """
+    from qabox import inventory
+
+    with reporting(ctx.obj["verbose"], as_json):
+        checks = inventory.check_host(make_context(ctx), name)
+        if as_json:
+            print(json.dumps({"host": name, "ok": all(c.ok for c in checks),
+                              "checks": [c.__dict__ for c in checks]}, indent=2))
+        else:
+            for c in checks:
+                mark = "[green]pass[/]" if c.ok else "[red]FAIL[/]"
+                fix = "" if c.ok else f"  → {c.fix}"
+                out.print(f"{mark}  {c.name}: {c.detail}{fix}", highlight=False)
+        if not all(c.ok for c in checks):
+            raise typer.Exit(1)
 
 
 @hosts_app.command("trust")

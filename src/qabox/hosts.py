@@ -111,3 +111,24 @@ def line_of(text: str, key: str, table: str | None = None) -> int:
         if pattern.match(line):
             return number
     return 1
+
+
+def expand(names: list[str], hosts_dir: Path) -> list[str]:
+    """Host names with groups (``hosts/groups.toml``: ``qa = ["oldbox", "spare"]``) expanded."""
+    path = hosts_dir / "groups.toml"
+    groups = {}
+    if path.is_file():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            groups = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}; fix the TOML syntax there") from None
+        for name, members in groups.items():
+            if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+                raise ConfigError(f"{path}:{line_of(text, name)}: group {name} must be a list of host names")
+    result = []
+    for name in names:
+        for host in groups.get(name, [name]):
+            if check_host_name(host) not in result:
+                result.append(host)
+    return result

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterable, Mapping
+from typing import BinaryIO, Callable, Iterable, Mapping
 
 # A fixed timestamp for every member (and the gzip header): real mtimes would
 # make two builds of identical files differ.  2023-11-14, any constant works.
@@ -82,12 +82,15 @@ def pack(
     out: Path,
     wheels: Iterable[Path] = (),
     extra: Mapping[str, bytes] | None = None,
+    include: Callable[[str, bool], bool] | None = None,
 ) -> Path:
     """Write `src`'s files, `wheels` (under ``wheels/``) and `extra` to the tar `out`.
 
     Compression follows `out`'s suffix (.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz).
     `extra` maps member names to contents, for generated files (build info,
     assets) that should not have to be written into the app directory first.
+    `include(relative_path, is_dir)`, when given, says which of `src`'s files
+    and directories go in (a directory left out is not walked).
 
     Reproducible: members are sorted by name, and everything that would vary
     between machines or runs (mtime, owner, umask-dependent modes, the gzip
@@ -116,14 +119,17 @@ def pack(
 
     out_resolved = out.resolve()
     for dirpath, dirnames, filenames in os.walk(src):
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
         base = Path(dirpath)
         rel_dir = base.relative_to(src).as_posix()
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and (
+            include is None or include((base / d).relative_to(src).as_posix(), True))]
         if rel_dir != ".":
             entries.setdefault(rel_dir, (True, True, None))  # keeps empty dirs too
         for fname in filenames:
             path = base / fname
             if fname.endswith(SKIP_SUFFIXES) or fname in SKIP_DIRS or path.resolve() == out_resolved:
+                continue
+            if include is not None and not include(path.relative_to(src).as_posix(), False):
                 continue
             add(path.relative_to(src).as_posix(), bool(path.stat().st_mode & 0o111), path)
 

@@ -1,0 +1,79 @@
+"""``qabox build``: pack a project directory into a deployable build.
+
+The app's files (minus what .gitignore and ``[build] exclude`` leave out),
+and a ``wheels/`` wheelhouse of its requirements for the host's Python, so the
+host never needs an index. Same inputs, byte-identical tarball (``pack``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pathspec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from qabox import build as checks
+from qabox.errors import BuildError
+from qabox.pack import PackError, download_wheels, pack
+
+SECRETS = (".env", ".env.*", "id_rsa*", "id_ed25519*", "id_ecdsa*", "*.pem", "*.key", "*.p12", ".netrc")
+ALWAYS_OUT = (".git/", "__pycache__/", "*.pyc", ".venv/", "venv/", "wheels/", ".qabox/")
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    path: Path
+    files: int
+    wheels: int
+    size: int
+    secrets: tuple[str, ...]
+    entry: str
+
+
+def exclusions(src: Path) -> pathspec.PathSpec:
+    """What stays out: .gitignore's patterns, qabox.toml's [build] exclude, and the usual."""
+    lines = list(ALWAYS_OUT)
+    gitignore = src / ".gitignore"
+    if gitignore.is_file():
+        lines += gitignore.read_text(errors="replace").splitlines()
+    config = src / "qabox.toml"
+    if config.is_file():
+        try:
+            exclude = tomllib.loads(config.read_text()).get("build", {}).get("exclude", [])
+        except tomllib.TOMLDecodeError as e:
+            raise BuildError(f"{config}: {e}") from None
+        if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
+            raise BuildError(f"{config}: [build] exclude must be a list of patterns, like [\"tests/\"]")
+        lines += exclude
+    return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
+def make(src: Path, out: Path, python_version: str | None = None, platform: str | None = None) -> BuildReport:
+    """Pack ``src`` with its requirements' wheels into ``out``; checks the result like deploy does."""
+    if not src.is_dir():
+        raise BuildError(f"{src} is not a directory: give the project's directory")
+    spec = exclusions(src)
+    keep = lambda rel, is_dir: not spec.match_file(rel + ("/" if is_dir else ""))  # noqa: E731
+    try:
+        with tempfile.TemporaryDirectory(prefix="qabox-wheels-") as tmp:
+            requirements = src / "requirements.txt"
+            wheels = (download_wheels(requirements, Path(tmp), python_version, platform)
+                      if requirements.is_file() else [])
+            pack(src, out, wheels=wheels, include=keep)
+    except PackError as e:
+        raise BuildError(str(e)) from None
+    checked = checks.inspect(out)
+    with tarfile.open(out) as tar:
+        packed = [m.name for m in tar.getmembers() if m.isfile() and not m.name.startswith("wheels/")]
+    secrets = tuple(f for f in packed if any(fnmatch.fnmatch(Path(f).name, s) for s in SECRETS))
+    return BuildReport(path=out, files=len(packed), wheels=len(wheels), size=out.stat().st_size,
+                       secrets=secrets, entry=checked.entry)

@@ -1,0 +1,79 @@
+"""``qabox hosts list`` and ``qabox hosts check``: what hosts there are, and
+whether each is ready for qabox, every check with its fix."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import paramiko
+
+from qabox import agent, ssh
+from qabox.context import Context
+from qabox.errors import ConnectError, HostKeyError, QaboxError
+from qabox.hosts import HOST_NAME
+
+MIN_FREE = 500 * 2**20
+MAX_SKEW = 60.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def list_hosts(ctx: Context) -> list[dict]:
+    """Hosts named by hosts/*.toml files and by ssh_config's plain Host entries."""
+    names = {p.stem for p in ctx.hosts_dir.glob("*.toml") if p.stem not in ("example", "groups")}
+    if ctx.ssh_config:
+        config = paramiko.SSHConfig.from_path(str(ctx.ssh_config))
+        names |= {h for h in config.get_hostnames() if HOST_NAME.match(h)}
+    rows = []
+    for name in sorted(names):
+        target = ctx.target(name)
+        settings = ctx.settings(name)
+        rows.append({"host": name, "address": target.hostname, "port": target.port, "user": target.user,
+                     "envs": sorted(settings.envs) or (["main"] if settings.source else []),
+                     "settings": str(settings.source) if settings.source else None})
+    return rows
+
+
+def check_host(ctx: Context, name: str) -> list[Check]:
+    """Connect and check everything a deploy needs, stopping at the first blocker."""
+    target = ctx.target(name)
+    settings = ctx.settings(name)
+    try:
+        with ctx.remote(name) as remote:
+            checks = [Check("host key known", True, ssh.fingerprint(remote.client.get_transport().get_remote_server_key())),
+                      Check("login works", True, f"{target.user or 'default user'}@{target.hostname}:{target.port}")]
+            asked = time.time()
+            facts = remote.call("hello", port=settings.env_port("main"))
+            answered = time.time()
+    except HostKeyError as e:
+        return [Check("host key known", False, e.message, f"qabox hosts trust {name}")]
+    except ConnectError as e:
+        return [Check("host key known", True, "not reached"),
+                Check("login works", False, e.message, f"check that `ssh {name}` works")]
+    except QaboxError as e:
+        return [Check("agent runs", False, e.message, f"set `python` in hosts/{name}.toml")]
+    version = tuple(int(x) for x in facts["python"].split(".")[:2])
+    skew = facts["time"] - (asked + answered) / 2
+    port = settings.env_port("main") or 8080
+    main = facts["envs"].get("main", {})
+    port_ok = facts["port_free"] is not False or (main.get("port") == port and main.get("ours"))
+    checks += [
+        Check("python 3.8+", version >= (3, 8), f"{settings.python} is {facts['python']}",
+              f"install Python 3.8+ on the host, or set `python` in hosts/{name}.toml"),
+        Check("venv available", facts["venv"], "python -m venv" if facts["venv"] else "no venv/ensurepip module",
+              "install the python3-venv package on the host"),
+        Check("disk free", facts["free_bytes"] >= MIN_FREE, f"{facts['free_bytes'] // 2**20} MB free at {facts['base']}",
+              "free at least 500 MB there, or set `dir` in the hosts file to a roomier place"),
+        Check("app port free", port_ok, f"127.0.0.1:{port}" + (" (the main env's own)" if main.get("ours") else ""),
+              "stop what listens there, or set `port` in the hosts file"),
+        Check("clock skew", abs(skew) <= MAX_SKEW, f"{skew:+.1f} s", "sync the host's clock (NTP)"),
+        Check("agent version", facts["protocol"] == agent.PROTOCOL, facts["agent"], "upgrade qabox here"),
+    ]
+    return checks

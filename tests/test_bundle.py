@@ -1,0 +1,62 @@
+"""qabox build: what goes in, what stays out, reproducibly."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+
+import pytest
+
+from conftest import REPO, qabox
+from qabox import bundle
+from qabox.errors import BuildError
+
+
+@pytest.fixture
+def project(tmp_path):
+    src = tmp_path / "proj"
+    shutil.copytree(REPO / "examples" / "notes", src)
+    (src / ".gitignore").write_text("*.log\nnode_modules/\n")
+    (src / "debug.log").write_text("noise")
+    (src / "node_modules").mkdir()
+    (src / "node_modules" / "x.js").write_text("x")
+    (src / "tests").mkdir()
+    (src / "tests" / "test_x.py").write_text("")
+    (src / ".env").write_text("SECRET=1")
+    (src / "qabox.toml").write_text((src / "qabox.toml").read_text() + '\n[build]\nexclude = ["tests/"]\n')
+    return src
+
+
+def names(path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return sorted(m.name for m in tar.getmembers() if m.isfile())
+
+
+def test_build_honours_gitignore_and_exclude_and_warns_of_secrets(project, tmp_path):
+    report = bundle.make(project, tmp_path / "b.tar.gz")
+    files = names(report.path)
+    assert "notes.py" in files and "qabox.toml" in files and "requirements.txt" in files
+    assert not [f for f in files if f.endswith(".log") or f.startswith(("node_modules", "tests/"))]
+    assert report.wheels >= 1 and any(f.startswith("wheels/flask-") for f in files)
+    assert report.secrets == (".env",) and report.entry == "notes:app"
+
+
+def test_build_is_reproducible(project, tmp_path):
+    first = bundle.make(project, tmp_path / "1.tar.gz").path.read_bytes()
+    (project / "notes.py").touch()
+    assert bundle.make(project, tmp_path / "2.tar.gz").path.read_bytes() == first
+
+
+def test_build_cli_prints_what_went_in(project, tmp_path):
+    result = qabox("build", project, "-o", tmp_path / "c.tar.gz")
+    assert result.code == 0, result
+    assert "files" in result.stdout and "wheels" in result.stdout
+    assert "warning" in result.stderr and ".env" in result.stderr
+
+
+def test_bad_exclude_and_missing_dir(project, tmp_path):
+    (project / "qabox.toml").write_text('[build]\nexclude = "tests/"\n')
+    with pytest.raises(BuildError, match="exclude must be a list"):
+        bundle.make(project, tmp_path / "d.tar.gz")
+    with pytest.raises(BuildError, match="is not a directory"):
+        bundle.make(tmp_path / "nope", tmp_path / "e.tar.gz")

@@ -1,0 +1,71 @@
+"""Many hosts: hosts list/check, groups, parallel deploys with a row per host."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import LAB, REPO, qabox, remove_env
+
+pytestmark = pytest.mark.usefixtures("lab")
+
+
+@pytest.fixture(scope="module")
+def four_hosts():
+    subprocess.run([sys.executable, str(LAB), "up", "--hosts", "4"], check=True, capture_output=True)
+    return ["lab1", "lab2", "lab3", "lab4"]
+
+
+def test_hosts_list_shows_lab_hosts():
+    rows = {r["host"]: r for r in json.loads(qabox("hosts", "list", "--json").stdout)["hosts"]}
+    assert rows["lab1"]["address"] == "198.18.1.2" and rows["lab1"]["user"] == "qalab1"
+    assert "example" not in rows
+
+
+def test_hosts_check_passes_on_a_lab_host():
+    result = qabox("hosts", "check", "lab1", "--json")
+    data = json.loads(result.stdout)
+    assert result.code == 0 and data["ok"]
+    names = [c["name"] for c in data["checks"]]
+    assert names == ["host key known", "login works", "python 3.8+", "venv available", "disk free",
+                     "app port free", "clock skew", "agent version"]
+
+
+def test_hosts_check_fails_with_the_fix(tmp_path, monkeypatch):
+    from conftest import LAB_DIR
+
+    config = tmp_path / "ssh_config"
+    config.write_text((LAB_DIR / "ssh_config").read_text().replace(str(LAB_DIR / "known_hosts"), str(tmp_path / "kh")))
+    monkeypatch.setenv("QABOX_SSH_CONFIG", str(config))
+    result = qabox("hosts", "check", "lab1")
+    assert result.code == 1 and "FAIL  host key known" in result.stdout and "qabox hosts trust lab1" in result.stdout
+
+
+def test_deploy_to_a_group_in_parallel(four_hosts, tmp_path, monkeypatch, notes_build, env_name):
+    hosts_dir = tmp_path / "hosts"
+    hosts_dir.mkdir()
+    (hosts_dir / "groups.toml").write_text('qa = ["lab1", "lab2", "lab3", "lab4"]\n')
+    monkeypatch.setenv("QABOX_HOSTS_DIR", str(hosts_dir))
+    try:
+        result = qabox("deploy", notes_build, "--host", "qa", "--env", env_name, "--port", "9650", "--json")
+        rows = json.loads(result.stdout)["hosts"]
+        assert result.code == 0, result
+        assert [r["host"] for r in rows] == four_hosts and all(r["result"] == "deployed" for r in rows)
+        status = json.loads(qabox("status", "--host", "qa", "--env", env_name, "--json").stdout)["hosts"]
+        assert all(h["envs"][0]["release"] == r["release"] for h, r in zip(status, rows)), status
+        # one host failing does not stop the others; the exit code says so
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "lab2.toml").write_text(f"[envs.{env_name}p]\nport = 1\n")  # no user may bind it
+        (broken / "groups.toml").write_text('qa = ["lab1", "lab2"]\n')
+        monkeypatch.setenv("QABOX_HOSTS_DIR", str(broken))
+        result = qabox("deploy", notes_build, "--host", "qa", "--env", env_name + "p", "--json")
+        rows = {r["host"]: r for r in json.loads(result.stdout)["hosts"]}
+        assert result.code == 1 and rows["lab1"]["ok"] and not rows["lab2"]["ok"]
+    finally:
+        for host in four_hosts:
+            remove_env(host, env_name, user=f"qa{host}")
+            remove_env(host, env_name + "p", user=f"qa{host}")
