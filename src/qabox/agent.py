@@ -1152,12 +1152,7 @@ def supervisor_call(env: Env, request: dict, timeout: float = 5.0) -> dict:
     try:
         sock.connect(env.path("ctl.sock"))
         sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = recv_line(sock)
     finally:
         sock.close()
     try:
@@ -1165,6 +1160,17 @@ def supervisor_call(env: Env, request: dict, timeout: float = 5.0) -> dict:
     except ValueError:
         raise Fail("supervisor", "the supervisor of env %s did not answer: run `qabox status` "
                    "(it revives a dead supervisor) and try again" % env.name)
+
+
+def recv_line(sock: socket.socket) -> bytes:
+    """One JSON line from a control socket (empty if the peer closed first)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def supervisor_ping(env: Env):
@@ -1480,12 +1486,9 @@ class Supervisor:
             conn.settimeout(5)
             request = {}
             try:
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
+                data = recv_line(conn)
+                if not data:
+                    return
                 request = json.loads(data.decode())
                 reply = self.dispatch(request)
             except Fail as e:

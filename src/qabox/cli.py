@@ -160,14 +160,9 @@ def deploy_fleet(context: Context, hosts: list, build: Path, parallel: int, fail
     if as_json:
         print(json.dumps({"hosts": rows}, indent=2))
     else:
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("HOST", "RELEASE", "RESULT", "SECONDS"):
-            table.add_column(column)
-        for r in rows:
-            style = "green" if r["ok"] else "red"
-            table.add_row(r["host"], r["release"] or "-", f"[{style}]{r['result']}[/]",
-                          f"{r['seconds']:.1f}" if r["seconds"] else "-")
-        Console(width=None if out.is_terminal else 200).print(table)
+        print_table(("HOST", "RELEASE", "RESULT", "SECONDS"), [
+            (r["host"], r["release"] or "-", f"[{'green' if r['ok'] else 'red'}]{r['result']}[/]",
+             f"{r['seconds']:.1f}" if r["seconds"] else "-") for r in rows])
     if not all(r["ok"] for r in rows):
         raise typer.Exit(1)
 
@@ -189,6 +184,16 @@ def deploy_progress(enabled: bool):
 
         yield deploying.Hooks(step=lambda text: progress.update(step, description=text),
                               upload=on_upload)
+
+
+def print_table(columns: tuple, rows: list) -> None:
+    """A plain table; as wide as it needs when not on a terminal (for grep and logs)."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=None if out.is_terminal else 200).print(table)
 
 
 def human_bytes(n: int) -> str:
@@ -227,29 +232,24 @@ def status(
 
 
 def print_status(hosts: list[dict]) -> None:
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("HOST", "ENV", "RELEASE", "STATE", "PID", "UPTIME", "RESTARTS", "PORT",
-                   "HEALTH", "DEPLOYED", "TESTERS"):
-        table.add_column(column)
+    rows = []
     for host in hosts:
         if not host["reachable"]:
-            table.add_row(host["host"], "-", "-", "[red]unreachable[/]", "", "", "", "", "",
-                          host["error"], "")
-            continue
-        if not host["envs"]:
-            table.add_row(host["host"], "-", "nothing deployed", "", "", "", "", "", "", "", "")
+            rows.append((host["host"], "-", "-", "[red]unreachable[/]", "", "", "", "", "", host["error"], ""))
+        elif not host["envs"]:
+            rows.append((host["host"], "-", "nothing deployed", "", "", "", "", "", "", "", ""))
         for e in host["envs"]:
-            state_style = {"running": "green", "starting": "yellow"}.get(e["state"], "red")
+            style = {"running": "green", "starting": "yellow"}.get(e["state"], "red")
             health = e.get("health") or {}
-            health_text = (f"{health['code']} {health['ms']:.0f} ms" if health.get("code")
-                           else (health.get("error") or "-"))
-            table.add_row(
-                host["host"], e["env"], e["release"] or "-", f"[{state_style}]{e['state']}[/]",
+            rows.append((
+                host["host"], e["env"], e["release"] or "-", f"[{style}]{e['state']}[/]",
                 str(e["pid"] or "-"), human_seconds(e["uptime"]), str(e["restarts"]), str(e["port"]),
-                health_text, f"{e['deployed_at']} by {e['deployed_by']}" if e["deployed_at"] else "-",
+                f"{health['code']} {health['ms']:.0f} ms" if health.get("code") else (health.get("error") or "-"),
+                f"{e['deployed_at']} by {e['deployed_by']}" if e["deployed_at"] else "-",
                 ", ".join(f"{t['name']} ({t['requests']} req)" for t in e.get("testers", [])) or "-",
-            )
-    Console(width=None if out.is_terminal else 200).print(table)
+            ))
+    print_table(("HOST", "ENV", "RELEASE", "STATE", "PID", "UPTIME", "RESTARTS", "PORT", "HEALTH",
+                 "DEPLOYED", "TESTERS"), rows)
 
 
 def human_seconds(seconds: float | None) -> str:
@@ -349,13 +349,10 @@ def releases(ctx: typer.Context, host: str = HOST, env: str = ENV,
         if as_json:
             print(json.dumps(data, indent=2))
             return
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("", "RELEASE", "DEPLOYED AT", "BY", "FILE", "SHA256"):
-            table.add_column(column)
-        for r in data["releases"]:
-            table.add_row("*" if r["current"] else "", r["release"], r.get("deployed_at") or "-",
-                          r.get("deployed_by") or "-", r.get("file") or "-", (r.get("sha256") or "")[:12])
-        Console(width=None if out.is_terminal else 200).print(table)
+        print_table(("", "RELEASE", "DEPLOYED AT", "BY", "FILE", "SHA256"), [
+            ("*" if r["current"] else "", r["release"], r.get("deployed_at") or "-",
+             r.get("deployed_by") or "-", r.get("file") or "-", (r.get("sha256") or "")[:12])
+            for r in data["releases"]])
 
 
 @app.command()
@@ -472,14 +469,11 @@ def tunnels_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
         if as_json:
             print(json.dumps({"tunnels": records}, indent=2))
             return
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("TESTER", "HOST", "ENV", "URL", "STATE", "SINCE", "REQUESTS", "PID"):
-            table.add_column(column)
-        for r in records:
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"]))
-            state = r["state"] + (f" ({r['reason']})" if r.get("reason") else "")
-            table.add_row(r["user"], r["host"], r["env"], r["url"], state, since, str(r["requests"]), str(r["pid"]))
-        Console(width=None if out.is_terminal else 200).print(table)
+        print_table(("TESTER", "HOST", "ENV", "URL", "STATE", "SINCE", "REQUESTS", "PID"), [
+            (r["user"], r["host"], r["env"], r["url"],
+             r["state"] + (f" ({r['reason']})" if r.get("reason") else ""),
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"])), str(r["requests"]), str(r["pid"]))
+            for r in records])
 
 
 @testers_app.command("add")
@@ -525,14 +519,10 @@ def testers_list(ctx: typer.Context, host: str = HOST,
         if as_json:
             print(json.dumps(data, indent=2))
             return
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("TESTER", "FINGERPRINT", "ENVS (PORT)", "CONNECTED"):
-            table.add_column(column)
-        for t in data["testers"]:
-            envs = ", ".join(f"{e} ({p})" for e, p in sorted(t["ports"].items())) or "-"
-            online = ", ".join(f"from {c['from']} since {c['since']}" for c in t["connected"]) or "-"
-            table.add_row(t["name"], t["fingerprint"], envs, online)
-        Console(width=None if out.is_terminal else 200).print(table)
+        print_table(("TESTER", "FINGERPRINT", "ENVS (PORT)", "CONNECTED"), [
+            (t["name"], t["fingerprint"], ", ".join(f"{e} ({p})" for e, p in sorted(t["ports"].items())) or "-",
+             ", ".join(f"from {c['from']} since {c['since']}" for c in t["connected"]) or "-")
+            for t in data["testers"]])
 
 
 @app.command("build")
@@ -571,13 +561,9 @@ def hosts_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json",
         if as_json:
             print(json.dumps({"hosts": rows}, indent=2))
             return
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("HOST", "ADDRESS", "USER", "PORT", "ENVS", "SETTINGS"):
-            table.add_column(column)
-        for r in rows:
-            table.add_row(r["host"], r["address"], r["user"] or "-", str(r["port"]),
-                          ", ".join(r["envs"]) or "-", r["settings"] or "-")
-        Console(width=None if out.is_terminal else 200).print(table)
+        print_table(("HOST", "ADDRESS", "USER", "PORT", "ENVS", "SETTINGS"), [
+            (r["host"], r["address"], r["user"] or "-", str(r["port"]), ", ".join(r["envs"]) or "-",
+             r["settings"] or "-") for r in rows])
 
 
 @hosts_app.command("check")
