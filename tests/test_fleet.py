@@ -56,6 +56,10 @@ def test_deploy_to_a_group_in_parallel(four_hosts, tmp_path, monkeypatch, notes_
         assert [r["host"] for r in rows] == four_hosts and all(r["result"] == "deployed" for r in rows)
         status = json.loads(qabox("status", "--host", "qa", "--env", env_name, "--json").stdout)["hosts"]
         assert all(h["envs"][0]["release"] == r["release"] for h, r in zip(status, rows)), status
+        restarted = qabox("restart", "--host", "qa", "--env", env_name)
+        assert restarted.code == 0 and restarted.stdout.count("restarted") == 4
+        logs = qabox("logs", "--host", "lab1", "--host", "lab2", "--env", env_name, "-n", "5")
+        assert logs.code == 0 and {line.split(" | ")[0] for line in logs.stdout.splitlines()} <= {"lab1", "lab2"}
         # one host failing does not stop the others; the exit code says so
         broken = tmp_path / "broken"
         broken.mkdir()

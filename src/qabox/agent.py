@@ -1199,7 +1199,7 @@ def ensure_supervisor(env: Env) -> None:
             pass
         if not wait_for(lambda: supervisor_ping(env) is None, 5.0):
             os.kill(pong["pid"], signal.SIGKILL)  # one too old to know "stop"
-            wait_for(lambda: supervisor_ping(env) is None, 5.0)
+        wait_for(lambda: not pid_alive(pong["pid"]), 5.0)  # its sockets close with it
     state = read_json(env.path("state.json"), {}) or {}
     orphan = state.get("pid") if pid_alive(state.get("pid")) else None
     listener = None

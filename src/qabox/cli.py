@@ -266,34 +266,56 @@ def human_seconds(seconds: float | None) -> str:
 
 
 HOST = typer.Option(..., "--host", "-H", help="Host name, as for `ssh NAME`.")
+HOSTS = typer.Option(..., "--host", "-H", help="Host name, as for `ssh NAME`, or a group; repeat for several.")
 ENV = typer.Option("main", "--env", "-e", help="Env on the host.")
 LOCK_TIMEOUT = typer.Option(60, "--lock-timeout", help="Seconds to wait for a deploy in progress.")
 
 
-def change_env(ctx: typer.Context, cmd: str, host: str, env: str, lock_timeout: float,
+def change_env(ctx: typer.Context, cmd: str, hosts: list, env: str, lock_timeout: float,
                as_json: bool, **args) -> None:
-    """start/stop/restart/rollback: run it under the deploy lock and report."""
+    """start/stop/restart/rollback on one host or several (in parallel), under the deploy lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
     with reporting(ctx.obj["verbose"], as_json):
-        result = ops.change(make_context(ctx), host, env, cmd, lock_timeout, **args)
+        context = make_context(ctx)
+        names = expand(hosts, context.hosts_dir)
+        if len(names) == 1:
+            results = [(names[0], ops.change(context, names[0], env, cmd, lock_timeout, **args), None)]
+        else:
+            def one(host: str):
+                try:
+                    return host, ops.change(context, host, env, cmd, lock_timeout, **args), None
+                except QaboxError as e:
+                    return host, None, e.message
+
+            with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+                results = list(pool.map(one, names))
         if as_json:
-            print(json.dumps(result, indent=2))
-            return
-        where = f"{host}/{env}"
-        release = result.get("release")
-        messages = {
-            "start": f"{where}: release {release} is running",
+            rows = [{"host": h, "ok": e is None, "result": r, "error": e} for h, r, e in results]
+            print(json.dumps(rows[0]["result"] if len(rows) == 1 else {"hosts": rows}, indent=2))
+        for host, result, error in results:
+            if error:
+                err.print(f"qabox: error: {error}", markup=False, highlight=False)
+            elif not as_json:
+                out.print(change_message(cmd, f"{host}/{env}", result), markup=False, highlight=False)
+        if any(error for _, _, error in results):
+            raise typer.Exit(1)
+
+
+def change_message(cmd: str, where: str, result: dict) -> str:
+    release = result.get("release")
+    if not result.get("changed"):
+        return {"start": f"{where}: already running release {release}",
+                "stop": f"{where}: already stopped",
+                "rollback": f"{where}: already on release {release}"}[cmd]
+    return {"start": f"{where}: release {release} is running",
             "stop": f"{where}: stopped",
             "restart": f"{where}: release {release} restarted (pid {result.get('pid')})",
-            "rollback": f"{where}: rolled back to release {release} (was {result.get('previous')})",
-        }
-        unchanged = {"start": f"{where}: already running release {release}",
-                     "stop": f"{where}: already stopped",
-                     "rollback": f"{where}: already on release {release}"}
-        out.print(messages[cmd] if result.get("changed") else unchanged[cmd])
+            "rollback": f"{where}: rolled back to release {release} (was {result.get('previous')})"}[cmd]
 
 
 @app.command()
-def start(ctx: typer.Context, host: str = HOST, env: str = ENV, lock_timeout: float = LOCK_TIMEOUT,
+def start(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV, lock_timeout: float = LOCK_TIMEOUT,
           as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
     """Start an env's current release (also after a crash loop).
 
@@ -303,7 +325,7 @@ def start(ctx: typer.Context, host: str = HOST, env: str = ENV, lock_timeout: fl
 
 
 @app.command()
-def stop(ctx: typer.Context, host: str = HOST, env: str = ENV, lock_timeout: float = LOCK_TIMEOUT,
+def stop(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV, lock_timeout: float = LOCK_TIMEOUT,
          as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
     """Stop an env's app gracefully (in-flight requests finish).
 
@@ -313,7 +335,7 @@ def stop(ctx: typer.Context, host: str = HOST, env: str = ENV, lock_timeout: flo
 
 
 @app.command()
-def restart(ctx: typer.Context, host: str = HOST, env: str = ENV, lock_timeout: float = LOCK_TIMEOUT,
+def restart(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV, lock_timeout: float = LOCK_TIMEOUT,
             as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
     """Restart an env's app with no failed requests: new process first, then the old one goes.
 
@@ -323,7 +345,7 @@ def restart(ctx: typer.Context, host: str = HOST, env: str = ENV, lock_timeout: 
 
 
 @app.command()
-def rollback(ctx: typer.Context, host: str = HOST, env: str = ENV,
+def rollback(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV,
              to: Optional[str] = typer.Option(None, "--to", help="Release id to go back to (default: the previous one)."),
              lock_timeout: float = LOCK_TIMEOUT,
              as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
@@ -356,18 +378,47 @@ def releases(ctx: typer.Context, host: str = HOST, env: str = ENV,
 
 
 @app.command()
-def logs(ctx: typer.Context, host: str = HOST, env: str = ENV,
+def logs(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV,
          lines: int = typer.Option(50, "-n", "--lines", help="How many of the last lines to show."),
          follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines until Ctrl-C.")):
-    """Show the app's output and access log from the host.
+    """Show the app's output and access log from the host (or several, each line prefixed).
 
     Example: qabox logs --host oldbox -n 100 -f
     """
+    import threading
+
     with reporting(ctx.obj["verbose"]):
+        context = make_context(ctx)
+        names = expand(host, context.hosts_dir)
+        errors = []
+        printing = threading.Lock()
+
+        def follow_one(name: str) -> None:
+            prefix = f"{name} | " if len(names) > 1 else ""
+
+            def show(line: str) -> None:
+                with printing:
+                    print(prefix + line, flush=True)
+
+            try:
+                ops.logs(context, name, env, lines, follow, show)
+            except QaboxError as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=follow_one, args=(n,), daemon=True) for n in names]
         try:
-            ops.logs(make_context(ctx), host, env, lines, follow, lambda line: print(line, flush=True))
+            for t in threads:
+                t.start()
+            while any(t.is_alive() for t in threads):
+                time.sleep(0.1)
         except KeyboardInterrupt:
             return
+        if len(errors) == 1 and len(names) == 1:
+            raise errors[0]
+        for e in errors:
+            err.print(f"qabox: error: {e.message}", markup=False, highlight=False)
+        if errors:
+            raise typer.Exit(1)
 
 
 @app.command()

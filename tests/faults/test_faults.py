@@ -241,3 +241,27 @@ def test_sshd_restart_during_logs_follow_fails_clearly(tmp_path, env_name, port)
     _, err = follow.communicate(timeout=40)
     assert follow.returncode != 0 and "qabox: error:" in err and "Traceback" not in err
     assert http_get("lab1", port, "/health")[0] == 200  # the app never noticed
+
+
+def test_client_killed_mid_extract_leaves_nothing_half_done(tmp_path, env_name, port, make_build):
+    import signal
+
+    build = make_build({"wsgi.py": "from flask import Flask\napp = Flask(__name__)\n",
+                        **{f"static/{i}.txt": "x" * 1000 for i in range(3000)}})
+    proc = subprocess.Popen(deploy_cmd(build, env_name, port), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=os.environ.copy())
+    releases = f"{HOME}/.qabox/envs/{env_name}/releases"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the host is extracting or preparing the venv
+        if in_host("lab1", "sh", "-c", f"ls -A {releases} 2>/dev/null | grep -q '^\\.'").returncode == 0:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the deploy never reached extraction")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # the agent notices at its next step, removes the half release and frees the lock
+    assert qabox("deploy", build, "--host", "lab1", "--env", env_name, "--port", port,
+                 "--lock-timeout", "30").code == 0
+    left = in_host("lab1", "ls", "-A", releases).stdout.split()
+    assert len(left) == 1 and not left[0].startswith("."), left
