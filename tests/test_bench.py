@@ -77,3 +77,24 @@ def test_quick_supervision_bench_reports_load_restarts_and_latency():
     assert rows["p95 10 testers / 1 tester"]["baseline"] > 5
     assert_gone(env + "s")
     assert subprocess.run(["pgrep", "-f", "qabox-bench-.*/single_threaded.py"]).returncode == 1
+
+
+TUNNEL_WAYS = ("qabox tunnel", "sshtunnel", "ssh -L")
+TUNNEL_FIGURES = {f"{figure}, {way}" for way in TUNNEL_WAYS for figure in (
+    "1 client, GET / p50", "1 client, GET / p95", "8 connections", "CPU per 1000 requests",
+    "1 MiB responses", "link down 5 s: link up to served")} | {"8 connections, app alone in lab1"}
+
+
+def test_quick_tunnel_bench_compares_three_forwards_and_cleans_up():
+    """All three ways served, the link cut was survived, and the tester and env are gone."""
+    rows, env = run_quick_bench("tunnel")
+    assert_positive(rows, TUNNEL_FIGURES)
+    assert "failed requests, all three: 0" in rows["8 connections, sshtunnel"]["note"]
+    for way in TUNNEL_WAYS:  # each answered again well within the bench's 30 s wait
+        assert rows[f"link down 5 s: link up to served, {way}"]["value"] < 30
+    assert "EXITED" not in rows["link down 5 s: link up to served, qabox tunnel"]["note"]
+    assert_gone(env + "t")
+    testers = json.loads((LAB_ENVS.parent / "testers.json").read_text())
+    assert env + "t" not in testers
+    # no forward outlives the bench: all three name the tester's key file in their command line
+    assert subprocess.run(["pgrep", "-f", "qabox-bench-[^ ]*/tester"]).returncode == 1

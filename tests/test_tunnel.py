@@ -94,18 +94,26 @@ def test_tester_key_reaches_its_port_and_nothing_else(tester, port, tmp_path):
     assert "root:" not in out and "uid=" not in out and '"tester"' in out
     own = tester["ports"][tester["env"]]
     for target, allowed in ((own, True), (22, False), (port, False)):  # port: the env's main port
-        local = 29000 + target % 1000
+        local = free_port()
         fwd = subprocess.Popen(ssh + ["-N", "-o", "ExitOnForwardFailure=yes", "-L",
                                       f"{local}:127.0.0.1:{target}", "lab1"], stderr=subprocess.PIPE, text=True)
         try:
             time.sleep(1.5)
             code, _ = get(f"http://127.0.0.1:{local}/health", timeout=5)
         finally:
-            fwd.terminate()
+            fwd.kill()
             err = fwd.communicate(timeout=10)[1]
         assert (code == 200) == allowed, (target, err)
         if not allowed:
             assert "administratively prohibited" in err
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_detach_tunnels_and_stop(tester):

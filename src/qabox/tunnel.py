@@ -29,9 +29,9 @@ from qabox.context import Context
 from qabox.errors import ConfigError, ConnectError, QaboxError
 from qabox.remote import Remote
 
-KEEPALIVE_INTERVAL = 3.0  # like ServerAliveInterval...
-KEEPALIVE_COUNT = 3  # ...and ServerAliveCountMax: a dead peer is noticed within ~12 s
-RECONNECT_BACKOFF = (0.2, 0.5, 1.0, 2.0)
+KEEPALIVE_INTERVAL = 3.0  # like ServerAliveInterval x ServerAliveCountMax, but from the
+# first unanswered keepalive (3 s) fresh links are tried, and the first that works is used
+RECONNECT_BACKOFF = (0.1, 0.2, 0.5, 1.0)
 WAIT_FOR_LINK = 30.0  # how long a new connection waits for a reconnect
 READ_SIZE = 256 * 1024
 
@@ -266,31 +266,37 @@ class Tunnel:
             pass
 
     def _watch(self) -> None:
-        """Keepalives with counted replies; on a dead link, reconnect with backoff."""
-        misses = 0
+        """Keepalives whose answers are counted; on a missed one, find a working link.
+
+        New requests wait (the local port stays bound) while fresh connections
+        are tried: one that gets through wins, since the old connection may sit
+        in TCP's backed-off retransmits for seconds after the network is back.
+        The old link wins instead if it answers again first.
+        """
         while not self.stopping.wait(KEEPALIVE_INTERVAL):
             link = self.link
             if link.alive(KEEPALIVE_INTERVAL):
-                misses = 0
                 continue
-            misses += 1
-            if misses < KEEPALIVE_COUNT and link.transport.is_active():
-                continue
-            misses = 0
             self.link_up.clear()
             self._set("reconnecting", "no answer from the host" if link.transport.is_active()
                       else "connection closed")
-            link.close()
-            self._reconnect()
+            self._replace(link)
 
-    def _reconnect(self) -> None:
+    def _replace(self, old: Link) -> None:
         attempt = 0
         while not self.stopping.is_set():
             try:
-                self._use(Link(self.ctx, self.host, self.env, self.user, self.identity, connect_timeout=2))
-                return
+                new = Link(self.ctx, self.host, self.env, self.user, self.identity, connect_timeout=1.5)
             except QaboxError as e:
                 self._set("reconnecting", e.message)
+            else:
+                threading.Thread(target=old.close, daemon=True).start()
+                self._use(new)
+                return
+            if old.transport.is_active() and old.alive(0.5):
+                self.link_up.set()
+                self._set("connected", None)
+                return
             self.stopping.wait(RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)])
             attempt += 1
 
