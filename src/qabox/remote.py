@@ -74,18 +74,7 @@ class Remote:
     def call(self, cmd: str, timeout: float = 60, progress: Callable[[str], None] | None = None,
              **args) -> dict:
         """Run one agent command and return its data; progress lines go to ``progress``."""
-        for attempt in range(2):
-            channel = self._open(cmd, args)
-            channel.shutdown_write()
-            try:
-                result, status, stderr = self._read(channel, timeout, _progress_only(progress))
-            finally:
-                channel.close()
-            if status == AGENT_MISSING and attempt == 0:
-                self.push_agent()
-                continue
-            return self._result(cmd, result, status, stderr)
-        raise AssertionError("unreachable")
+        return self._run(cmd, args, timeout, _progress_only(progress), keep_open=False)
 
     def follow(self, cmd: str, on_message: Callable[[dict], None], idle: float = 20, **args) -> dict:
         """Run a command that streams messages until its result, or until Ctrl-C.
@@ -93,13 +82,20 @@ class Remote:
         The agent sends heartbeats while it has nothing to say, so a link that
         died is noticed within ``idle`` seconds instead of hanging for ever.
         """
+        return self._run(cmd, args, float("inf"), on_message, keep_open=True, idle=idle)
+
+    def _run(self, cmd: str, args: dict, timeout: float, on_message, keep_open: bool,
+             idle: float | None = None) -> dict:
+        """One agent command on its own channel; pushes the agent first if the host lacks it."""
         for attempt in range(2):
             channel = self._open(cmd, args)
-            session = Session(self, channel)
+            session = Session(self, channel) if keep_open else None  # heartbeats keep it open
+            if session is None:
+                channel.shutdown_write()
             try:
-                result, status, stderr = self._read(channel, float("inf"), on_message, idle=idle)
+                result, status, stderr = self._read(channel, timeout, on_message, idle=idle)
             finally:
-                session.close()
+                (session or channel).close()
             if status == AGENT_MISSING and attempt == 0:
                 self.push_agent()
                 continue
