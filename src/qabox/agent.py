@@ -1529,7 +1529,7 @@ class Supervisor:
         for name, port in wanted.items():
             if name not in self.sockets:
                 try:
-                    self.sockets[name] = os.dup(bind_listener(port).detach())
+                    self.sockets[name] = bind_listener(port).detach()  # the fd, kept open
                     changed = True
                 except (Fail, OSError) as e:
                     self.log("cannot listen on tester %s's port %d: %s" % (name, port, e))

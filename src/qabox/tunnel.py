@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import paramiko
@@ -81,9 +81,9 @@ class Link:
                  connect_timeout: float | None = None):
         target = ctx.target(host)
         if identity:
-            target = ssh.replace(target, identity_files=(identity,), identities_only=True)
+            target = replace(target, identity_files=(identity,), identities_only=True)
         if connect_timeout:
-            target = ssh.replace(target, connect_timeout=connect_timeout)
+            target = replace(target, connect_timeout=connect_timeout)
         self.client = ssh.connect(target, ctx.accept_new_host_key)
         self.transport = self.client.get_transport()
         self.remote = Remote(host, self.client, ctx.settings(host))
