@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -497,7 +496,8 @@ def run_tunnel(context, tunnels, host, env, user, port, identity) -> None:
         t.start()
         out.print(f"{user}'s tunnel to {host}/{env}: {t.url}  (Ctrl-C to stop)")
         while not done.wait(0.2):
-            pass
+            t.refresh()
+            recorder(t.status)  # a count it skipped a moment ago
     except KeyboardInterrupt:
         pass
     finally:

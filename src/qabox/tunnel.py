@@ -1,15 +1,15 @@
 """``qabox tunnel``: a tester's stable ``http://127.0.0.1:PORT`` to an env.
 
-Built on sshtunnel's forwarder, with what it lacks for testers: the host key
-verified (through qabox's own connection), TCP_NODELAY, a dead link noticed
-within seconds (keepalives whose replies are counted), and reconnection with
-backoff while the local port stays bound, so a browser only sees a short wait.
+What a plain sshtunnel forward lacks for testers: the host key verified
+(through qabox's own connection), a dead link noticed within seconds
+(keepalives whose replies are counted), reconnection while the local port
+stays bound, so a browser only sees a short wait, and a data path that keeps
+up with ``ssh -L`` (``forward.py``).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -21,19 +21,15 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Callable
 
-import paramiko
-import sshtunnel
-
 from qabox import ssh
 from qabox.context import Context
 from qabox.errors import ConfigError, ConnectError, QaboxError
+from qabox.forward import Forward
 from qabox.remote import Remote
 
 KEEPALIVE_INTERVAL = 3.0  # like ServerAliveInterval x ServerAliveCountMax, but from the
 # first unanswered keepalive (3 s) fresh links are tried, and the first that works is used
 RECONNECT_BACKOFF = (0.1, 0.2, 0.5, 1.0)
-WAIT_FOR_LINK = 30.0  # how long a new connection waits for a reconnect
-READ_SIZE = 256 * 1024
 
 
 @dataclass
@@ -117,87 +113,6 @@ class Link:
             self.client.close()
 
 
-class Forwarder(sshtunnel.SSHTunnelForwarder):
-    """sshtunnel's local forward over the Tunnel's current link, whatever it is now."""
-
-    def __init__(self, tunnel: "Tunnel", local: int, remote: int, host: str, port: int):
-        self.tunnel = tunnel
-        super().__init__(
-            (host, port), ssh_config_file=None, ssh_password="unused",  # auth is the Link's
-            allow_agent=False, host_pkey_directories=[], set_keepalive=0.0,
-            local_bind_address=("127.0.0.1", local),  # never sshtunnel's 0.0.0.0 default
-            remote_bind_address=("127.0.0.1", remote), logger=quiet_logger(),
-        )
-        self.daemon_forward_servers = True
-
-    def _connect_to_gateway(self):
-        self._transport = self.tunnel.link.transport
-
-    def _stop_transport(self, force=False):
-        for server in self._server_list:
-            server.shutdown()
-            server.server_close()
-
-    def _make_ssh_forward_handler_class(self, remote_address_):
-        tunnel = self.tunnel
-
-        class Handler(sshtunnel._ForwardHandler):
-            remote_address = remote_address_
-            logger = self.logger
-
-            @property
-            def ssh_transport(self):
-                return tunnel.transport_for_request()
-
-            def handle(self):
-                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                tunnel.count_request()
-                try:
-                    super().handle()
-                except sshtunnel.HandlerSSHTunnelForwarderError:
-                    pass  # the app refused (it is down): this request fails, the tunnel stays
-
-            def _redirect(self, chan):
-                relay(self.request, chan)
-
-        return Handler
-
-
-def relay(sock: socket.socket, chan: paramiko.Channel) -> None:
-    """Copy both ways until either side closes (larger reads than sshtunnel's)."""
-    import select
-
-    while True:
-        ready, _, _ = select.select([sock, chan], [], [], 60)
-        if not ready:
-            continue
-        if sock in ready:
-            data = sock.recv(READ_SIZE)
-            if not data:
-                chan.shutdown_write()
-                break
-            chan.sendall(data)
-        if chan in ready:
-            data = chan.recv(READ_SIZE)
-            if not data:
-                break
-            sock.sendall(data)
-    # drain what the app still sends after the browser finished sending
-    chan.settimeout(30)
-    while True:
-        data = chan.recv(READ_SIZE)
-        if not data:
-            break
-        sock.sendall(data)
-
-
-def quiet_logger() -> logging.Logger:
-    logger = logging.getLogger("qabox.tunnel.sshtunnel")
-    logger.setLevel(logging.CRITICAL)
-    logger.propagate = False
-    return logger
-
-
 class Tunnel:
     """A tester's tunnel: the local port stays while links come and go."""
 
@@ -210,30 +125,30 @@ class Tunnel:
         self.on_change, self.on_notice = on_change, on_notice
         self.status = TunnelState(since=time.time())
         self.link: Link | None = None
-        self.link_up = threading.Event()
         self.stopping = threading.Event()
-        self.lock = threading.Lock()
-        self.forwarder: Forwarder | None = None
+        self.forward: Forward | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        """Connect once (errors here are the user's to fix), then bind the port."""
-        if not port_free(self.port):
-            raise ConfigError(f"local port {self.port} is in use: pick another with --port, "
-                              f"or stop what listens there")
-        self._use(Link(self.ctx, self.host, self.env, self.user, self.identity))
-        target = self.ctx.target(self.host)
-        self.forwarder = Forwarder(self, self.port, self.link.remote_port, target.hostname, target.port)
-        self.forwarder.start()
+        """Bind the port, connect once (errors here are the user's to fix), serve."""
+        listener = listen(self.port)
+        try:
+            link = Link(self.ctx, self.host, self.env, self.user, self.identity)
+        except BaseException:
+            listener.close()
+            raise
+        self.forward = Forward(listener, link.remote_port)
+        self._use(link)
+        self.forward.start()
         threading.Thread(target=self._watch, daemon=True, name="qabox-tunnel-watch").start()
 
     def _use(self, link: Link) -> None:
-        with self.lock:
-            self.link = link
-        self.link_up.set()
+        self.link = link
+        self.forward.remote_port = link.remote_port
+        self.forward.use(link.transport)
         self._set("connected", None)
         threading.Thread(target=self._notices, args=(link,), daemon=True).start()
 
@@ -241,16 +156,11 @@ class Tunnel:
         self.status.state, self.status.reason, self.status.since = state, reason, time.time()
         self.on_change(self.status)
 
-    def count_request(self) -> None:
-        with self.lock:
-            self.status.requests += 1
-        self.on_change(self.status)
-
-    def transport_for_request(self) -> paramiko.Transport:
-        """The live transport; a request arriving during a reconnect waits for it."""
-        if not self.link_up.wait(WAIT_FOR_LINK):
-            raise sshtunnel.HandlerSSHTunnelForwarderError("no link to the host")
-        return self.link.transport
+    def refresh(self) -> None:
+        """Report the requests served, if more came since the last call."""
+        if self.forward is not None and self.forward.requests != self.status.requests:
+            self.status.requests = self.forward.requests
+            self.on_change(self.status)
 
     def _notices(self, link: Link) -> None:
         """Deploy notices from the host's tester session, printed as they come."""
@@ -277,7 +187,7 @@ class Tunnel:
             link = self.link
             if link.alive(KEEPALIVE_INTERVAL):
                 continue
-            self.link_up.clear()
+            self.forward.use(None)
             self._set("reconnecting", "no answer from the host" if link.transport.is_active()
                       else "connection closed")
             self._replace(link)
@@ -294,20 +204,34 @@ class Tunnel:
                 self._use(new)
                 return
             if old.transport.is_active() and old.alive(0.5):
-                self.link_up.set()
+                self.forward.use(old.transport)
                 self._set("connected", None)
                 return
             self.stopping.wait(RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)])
             attempt += 1
 
     def stop(self) -> None:
-        """Stop serving and close the link (the handlers are daemon threads)."""
+        """Stop serving (open connections are reset) and close the link."""
         self.stopping.set()
-        if self.forwarder is not None:
-            self.forwarder.stop()
+        if self.forward is not None:
+            self.forward.stop()
         if self.link is not None:
             self.link.close()
         self._set("stopped", None)
+
+
+def listen(port: int) -> socket.socket:
+    """The tunnel's local port, on 127.0.0.1 only: other machines never reach it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"local port {port} cannot be used ({e.strerror}): pick another with "
+                          f"--port, or stop what listens there") from None
+    return sock
 
 
 # ------------------------------------------------ tunnels running on this machine
@@ -327,11 +251,13 @@ class Recorder:
         self.started = time.time()
         self.written = 0.0
         self.state = None
+        self.requests = 0
 
     def __call__(self, status: TunnelState) -> None:
-        if status.state == self.state and time.time() - self.written < 1:
+        if status.state == self.state and (status.requests == self.requests
+                                           or time.time() - self.written < 1):
             return  # request counts: at most once a second
-        self.state, self.written = status.state, time.time()
+        self.state, self.requests, self.written = status.state, status.requests, time.time()
         t = self.tunnel
         data = {"pid": os.getpid(), "user": t.user, "host": t.host, "env": t.env, "url": t.url,
                 "port": t.port, "state": status.state, "reason": status.reason,
