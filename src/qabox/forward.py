@@ -31,6 +31,7 @@ from paramiko.message import Message
 
 READ_SIZE = 256 * 1024
 WAIT_FOR_LINK = 30.0  # how long a new connection waits for a link to the host
+EARLY_MAX = 2 * 1024 * 1024  # what a client may send before its channel opens
 RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,10 @@ class Opened:
         conn, chan = self.conn, self.chan
         forward = chan.forward
         if not chan.active:  # refused (the app is down), or the link died
-            refused = chan.transport.active
-            forward.call(forward.close if refused else forward.reopen, conn, chan)
+            if chan.transport.active:
+                forward.call(forward.close, conn)
+            else:
+                forward.call(forward.reopen, conn, chan)
             return
         with conn.lock:  # the loop thread keeps adding to conn.early until conn.opened
             if conn.chan is not chan or conn.closed:
@@ -176,6 +179,7 @@ class Forward:
 
     def __init__(self, listener: socket.socket, remote_port: int):
         self.listener = listener
+        self.local_port = listener.getsockname()[1]
         self.remote_port = remote_port
         self.requests = 0
         self.transport: paramiko.Transport | None = None
@@ -274,7 +278,8 @@ class Forward:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # out of file descriptors and the like: try again soon
+            except OSError:  # out of file descriptors and the like: wait, do not spin
+                time.sleep(0.1)
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -314,8 +319,10 @@ class Forward:
         m.add_string("127.0.0.1")
         m.add_int(self.remote_port)
         m.add_string("127.0.0.1")
-        m.add_int(self.listener.getsockname()[1])
+        m.add_int(self.local_port)
         transport._send_user_message(m)
+        if not transport.active:  # it died meanwhile, maybe before it could tell the channel
+            self.reopen(conn, chan)
 
     def read(self, conn: Conn) -> None:
         """The client sent something: pass it on (or keep it until the channel opens)."""
@@ -331,11 +338,12 @@ class Forward:
         if not data:
             self.watch(conn, conn.events & ~selectors.EVENT_READ)
         with conn.lock:
+            conn.client_eof = not data
             if not conn.opened:
                 conn.early += data
-                conn.client_eof = not data
+                if len(conn.early) >= EARLY_MAX:  # read no more until the channel opens
+                    self.watch(conn, conn.events & ~selectors.EVENT_READ)
                 return
-            conn.client_eof = not data
         if data:
             self.send(conn, data)
         else:
@@ -348,10 +356,8 @@ class Forward:
         with conn.lock:
             early, conn.early = bytes(conn.early), bytearray()
             conn.opened = True
-        if early:
-            self.send(conn, early)
-        if conn.client_eof and not conn.closed:
-            self.client_done(conn)
+        self.send(conn, early)
+        self.sent(conn)
 
     def send(self, conn: Conn, data: bytes) -> None:
         """To the host, as far as its window allows; the rest waits for a window adjust."""
@@ -379,6 +385,10 @@ class Forward:
             return
         held, conn.held = conn.held, b""
         self.send(conn, held)
+        self.sent(conn)
+
+    def sent(self, conn: Conn) -> None:
+        """After held-back bytes went out: pass on the client's EOF, or read it again."""
         if conn.held or conn.closed:
             return
         if conn.client_eof:
@@ -443,7 +453,7 @@ class Forward:
             self.selector.modify(conn.sock, events, conn)
         conn.events = events
 
-    def close(self, conn: Conn, *_) -> None:
+    def close(self, conn: Conn) -> None:
         """Close the client's socket and the channel. A client whose answer was cut
         short gets a reset, so it cannot take a part for the whole."""
         if conn.closed:
@@ -453,9 +463,11 @@ class Forward:
         with conn.lock:
             conn.closed = True
             cut = chan is None or not conn.host_eof or bool(conn.out)
-            if cut:
-                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
-            conn.sock.close()
+            try:
+                if cut:
+                    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+            finally:
+                conn.sock.close()
         self.conns.discard(conn)
         if chan is not None:
             chan.close()
