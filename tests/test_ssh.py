@@ -100,6 +100,15 @@ def test_hashed_known_hosts_entries_work(config, tmp_path):
     ssh.connect(ssh.resolve("lab1", tmp_path / "ssh_config")).close()
 
 
+def test_aes_gcm_is_preferred_when_sshd_offers_it(config, tmp_path):
+    config("Host lab1\n" + lab_block(UserKnownHostsFile=LAB_DIR / "known_hosts"))
+    client = ssh.connect(ssh.resolve("lab1", tmp_path / "ssh_config"))
+    try:
+        assert client.get_transport().remote_cipher == "aes128-gcm@openssh.com"
+    finally:
+        client.close()
+
+
 def test_login_refused_says_what_to_check(config, tmp_path):
     key = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)

@@ -141,6 +141,16 @@ def trust_hint(target: Target) -> str:
     return f"qabox hosts trust {target.alias}"
 
 
+def gcm_first_transport(*args, **kwargs) -> paramiko.Transport:
+    """paramiko's Transport, offering AES-GCM first: one pass per packet instead
+    of AES-CTR and then an HMAC, so less CPU at both ends (uploads, tunnels)."""
+    t = paramiko.Transport(*args, **kwargs)
+    options = t.get_security_options()
+    first = tuple(c for c in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if c in options.ciphers)
+    options.ciphers = first + tuple(c for c in options.ciphers if c not in first)
+    return t
+
+
 def connect(target: Target, accept_new_host_key: bool = False, _jumped: int = 0) -> paramiko.SSHClient:
     """A logged-in SSHClient for the target, or a ConnectError/HostKeyError saying why."""
     client = paramiko.SSHClient()
@@ -168,6 +178,7 @@ def connect(target: Target, accept_new_host_key: bool = False, _jumped: int = 0)
             auth_timeout=target.connect_timeout,
             channel_timeout=target.connect_timeout,
             sock=sock,
+            transport_factory=gcm_first_transport,
         )
     except UnknownHostKey as e:
         client.close()
