@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import LAB, LAB_DIR, in_host, qabox
+from conftest import LAB, LAB_DIR, http_get, in_host, qabox
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -106,6 +106,29 @@ def test_tester_key_reaches_its_port_and_nothing_else(tester, port, tmp_path):
         assert (code == 200) == allowed, (target, err)
         if not allowed:
             assert "administratively prohibited" in err
+
+
+def test_testers_come_and_go_without_restarting_the_app(tester, tmp_path):
+    def app_pid() -> int:
+        status = json.loads(qabox("status", "--host", "lab1", "--env", tester["env"], "--json").stdout)
+        return status["hosts"][0]["envs"][0]["pid"]
+
+    pid = app_pid()
+    key = tmp_path / "second"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    name = tester["name"] + "b"
+    added = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
+    assert added.code == 0, added
+    try:
+        port = json.loads(added.stdout)["ports"][tester["env"]]
+        assert http_get("lab1", port, "/health") == (200, "ok")
+        logs = qabox("logs", "--host", "lab1", "--env", tester["env"], "-n", "5").stdout
+        assert f'{name} - - [' in logs
+    finally:
+        assert qabox("testers", "remove", name, "--host", "lab1").code == 0
+    assert http_get("lab1", port, "/health")[0] == 0  # nothing listens there any more
+    assert http_get("lab1", tester["ports"][tester["env"]], "/health") == (200, "ok")
+    assert app_pid() == pid
 
 
 def free_port() -> int:

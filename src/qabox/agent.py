@@ -1253,25 +1253,47 @@ def app_ctl_path(env: Env, pid: int) -> str:
     return env.path("run", "app-%d.sock" % pid)
 
 
-def send_fds(sock: socket.socket, fds: dict) -> None:
-    """Send named file descriptors over a unix socket (names as JSON)."""
+def send_fds(sock: socket.socket, fds: dict, **message) -> None:
+    """Send a JSON message with named file descriptors over a unix socket."""
     names = sorted(fds)
-    payload = json.dumps(names).encode()
-    sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                              array.array("i", [fds[n] for n in names]).tobytes())])
+    payload = json.dumps(dict(message, names=names)).encode()
+    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                array.array("i", [fds[n] for n in names]).tobytes())] if names else []
+    sock.sendmsg([payload], ancdata)
 
 
-def recv_fds(sock: socket.socket) -> dict:
+def recv_fds(sock: socket.socket) -> tuple:
+    """(message, {name: fd}) as send_fds sent them."""
     size = array.array("i").itemsize
     payload, ancdata, _, _ = sock.recvmsg(65536, socket.CMSG_LEN(64 * size))
-    names = json.loads(payload.decode())
     fds = array.array("i")
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % size])
+    message = json.loads(payload.decode()) if payload else {}
+    if isinstance(message, list):  # an app of an older agent sends just the names
+        message = {"names": message}
+    names = message.get("names", [])
     if len(fds) != len(names):
+        for fd in fds:
+            os.close(fd)
         raise OSError("expected %d file descriptors, got %d" % (len(names), len(fds)))
-    return dict(zip(names, fds))
+    return message, dict(zip(names, fds))
+
+
+def app_request(env: Env, pid: int, fds: dict, **message) -> tuple:
+    """Ask a running app over its control socket: (its answer, the fds it sent)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(app_ctl_path(env, pid))
+        try:
+            send_fds(sock, fds, **message)
+        except BrokenPipeError:
+            pass  # an app of an older agent answers without reading: its answer is still there
+        return recv_fds(sock)
+    finally:
+        sock.close()
 
 
 class AppProcess:
@@ -1333,13 +1355,7 @@ class AppProcess:
     def adopt(cls, env: Env, state: dict):
         """Take over an app left running by a dead supervisor; returns (app, its sockets)."""
         pid = state["pid"]
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(5)
-        try:
-            sock.connect(app_ctl_path(env, pid))
-            fds = recv_fds(sock)
-        finally:
-            sock.close()
+        _, fds = app_request(env, pid, {}, cmd="sockets")
         app = cls(env, state["release"], pid, state["probe_port"], state.get("started_at") or now())
         return app, fds
 
@@ -1369,6 +1385,17 @@ class AppProcess:
 
     def go_live(self) -> None:
         os.kill(self.pid, signal.SIGUSR1)
+
+    def hand_over(self, sockets: dict) -> bool:
+        """Have the app serve exactly these sockets (testers added or removed)
+        without a restart. False if it cannot (an app of an older agent)."""
+        try:
+            answer, fds = app_request(self.env, self.pid, sockets, cmd="serve")
+        except (OSError, ValueError):
+            return False
+        for fd in fds.values():
+            os.close(fd)
+        return answer.get("ok") is True
 
     def stop(self, timeout: float = STOP_TIMEOUT):
         """SIGTERM the app's process group, give it time to drain, then SIGKILL."""
@@ -1514,8 +1541,8 @@ class Supervisor:
             self.stop_app()
             return {"ok": True}
         if cmd == "testers":
-            if self.bind_testers() and self.app is not None:
-                return self.switch(self.app.release, START_TIMEOUT)  # hand over the new sockets
+            if self.bind_testers() and self.app is not None and not self.app.hand_over(self.sockets):
+                return self.switch(self.app.release, START_TIMEOUT)  # a new process gets them
             return {"ok": True}
         raise Fail("bad_request", "unknown supervisor command %r" % cmd)
 
@@ -1692,8 +1719,9 @@ def serve(spec: dict) -> None:
     It serves the private probe socket at once and the shared listening socket
     after SIGUSR1 (when the supervisor has seen it healthy). On SIGTERM it stops
     accepting, lets in-flight requests finish (Werkzeug alone would kill them
-    mid-response), and exits. A new supervisor can ask it for the listening
-    socket (adoption) on ``run/app-PID.sock``.
+    mid-response), and exits. On ``run/app-PID.sock`` a new supervisor can ask
+    it for its sockets (adoption), and its supervisor hands it the sockets of
+    testers added since (and takes back those of testers removed).
     """
     import threading
 
@@ -1734,15 +1762,39 @@ def serve(spec: dict) -> None:
             pass  # the supervisor's health probes are not testers' requests
 
     app = load_app(spec["entry"])
-    servers = []
+    sockets = dict(spec["sockets"])  # what this app serves once live, by name
+    servers = {}  # the same names, once live
+    lock = threading.Lock()  # sockets and servers: the control thread changes them too
 
-    def start(fd: int, handler) -> None:
+    def start(fd: int, handler):
         server = ThreadedWSGIServer("127.0.0.1", 0, app, handler=handler, fd=fd)
-        servers.append(server)
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
+        return server
 
-    def offer_socket(path: str) -> None:
+    def serve_all() -> None:
+        for name, fd in sockets.items():
+            if name not in servers:
+                servers[name] = start(fd, tester_handler(name) if name else Handler)
+
+    def serve_only(fds: dict) -> None:
+        """The supervisor's sockets now: testers were added or removed."""
+        for name in [n for n in sockets if n not in fds]:
+            server = servers.pop(name, None)
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            os.close(sockets.pop(name))
+        for name, fd in fds.items():
+            if name in sockets:
+                os.close(fd)  # the same socket, already served
+            else:
+                sockets[name] = fd
+        if go_live.is_set():
+            serve_all()
+
+    def control(path: str) -> None:
+        """A new supervisor asks for the sockets (adoption), or sends new ones."""
         if os.path.lexists(path):
             os.unlink(path)
         ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1751,22 +1803,33 @@ def serve(spec: dict) -> None:
         while True:
             conn, _ = ctl.accept()
             with conn:
-                send_fds(conn, spec["sockets"])
+                conn.settimeout(5)
+                try:
+                    message, fds = recv_fds(conn)
+                    with lock:
+                        if message.get("cmd") == "serve":
+                            serve_only(fds)
+                            send_fds(conn, {}, ok=True)
+                        else:
+                            send_fds(conn, sockets)
+                except (OSError, ValueError) as e:
+                    print("control request failed: %s" % e, flush=True)
 
     ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
-    threading.Thread(target=offer_socket, args=(ctl_path,), daemon=True).start()
-    start(spec["probe_fd"], QuietHandler)
+    threading.Thread(target=control, args=(ctl_path,), daemon=True).start()
+    probe = start(spec["probe_fd"], QuietHandler)
     if spec.get("live"):
         go_live.set()
     live = False
     while not stop.is_set():
         if go_live.is_set() and not live:
-            for name, fd in spec["sockets"].items():
-                start(fd, tester_handler(name) if name else Handler)
+            with lock:
+                serve_all()
             live = True
         stop.wait(0.05)
-    for server in servers:
-        server.shutdown()
+    with lock:
+        for server in [probe] + list(servers.values()):
+            server.shutdown()
     deadline = time.monotonic() + STOP_TIMEOUT - 1
     while active[0] and time.monotonic() < deadline:
         time.sleep(0.02)
