@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tarfile
 import threading
 import time
 
+import paramiko
 import pytest
 
 from conftest import http_get, in_host, qabox, raw_tar
+from qabox import ssh
 from qabox.context import Context
+from qabox.remote import Remote
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -278,3 +282,23 @@ def test_old_releases_are_pruned(make_build, env_name, port, tmp_path, monkeypat
     current = status_json(env_name)["release"]
     releases = in_host("lab1", "ls", f"/home/qalab1/.qabox/envs/{env_name}/releases").stdout.split()
     assert len(releases) == 2 and current in releases
+
+
+def test_a_missing_agent_is_pushed_even_if_its_command_ended_first(monkeypatch):
+    """Without the agent the host's command exits at once (97), and can close the
+    channel before the request is sent: that must lead to a push, not an error."""
+    ctx = Context.create()
+    settings = dataclasses.replace(ctx.settings("lab1"), dir=".qabox-agent-race")  # no agent there yet
+    exec_command = paramiko.Channel.exec_command
+
+    def late_exec(channel, command):
+        exec_command(channel, command)
+        time.sleep(0.5)  # the command has ended by now
+
+    monkeypatch.setattr(paramiko.Channel, "exec_command", late_exec)
+    client = ssh.connect(ctx.target("lab1"))
+    try:
+        assert Remote("lab1", client, settings).call("hello")["protocol"]
+    finally:
+        client.close()
+        in_host("lab1", "rm", "-rf", "/home/qalab1/.qabox-agent-race")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import secrets
 import shlex
 import socket
 import threading
@@ -62,13 +63,17 @@ class Remote:
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
             raise ConnectError(f"the connection to {self.name} was lost: run the command again")
+        channel = None
+        request = {"protocol": agent.PROTOCOL, "cmd": cmd, "args": {"base": self.base, **args}}
         try:
             channel = transport.open_session(timeout=15)
             channel.exec_command(self._command())
-            request = {"protocol": agent.PROTOCOL, "cmd": cmd, "args": {"base": self.base, **args}}
             channel.sendall(json.dumps(request).encode() + b"\n")
         except (paramiko.SSHException, OSError, EOFError) as e:
-            raise ConnectError(f"the connection to {self.name} failed: {e or type(e).__name__}") from None
+            # A command that ended at once (exit 97: no agent yet) may close the
+            # channel before the request goes out: the caller reads its status.
+            if channel is None or not channel.exit_status_ready():
+                raise ConnectError(f"the connection to {self.name} failed: {e or type(e).__name__}") from None
         return channel
 
     def call(self, cmd: str, timeout: float = 60, progress: Callable[[str], None] | None = None,
@@ -175,7 +180,7 @@ class Remote:
                 sftp.mkdir(path, 0o700)
             except OSError:
                 pass  # exists already
-        tmp = f"{self.agent_path}.{int(time.time() * 1000)}.tmp"
+        tmp = f"{self.agent_path}.{secrets.token_hex(4)}.tmp"  # two qabox may push at once
         with sftp.open(tmp, "wb") as f:
             f.chmod(0o600)
             f.write(AGENT_SOURCE)
