@@ -131,6 +131,24 @@ def test_testers_come_and_go_without_restarting_the_app(tester, tmp_path):
     assert app_pid() == pid
 
 
+def test_a_dead_background_thread_is_raised_not_hidden(tester, monkeypatch):
+    from qabox import tunnel
+    from qabox.context import Context
+
+    def broken(link, timeout):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tunnel.Link, "alive", broken)  # the watch thread's first keepalive
+    port = free_port()
+    with tunnel.Tunnel(Context.create(), "lab1", tester["env"], tester["name"], port,
+                       tester["key"]) as t:
+        assert get(t.url + "/health") == (200, "ok")
+        time.sleep(tunnel.KEEPALIVE_INTERVAL + 1)
+        with pytest.raises(tunnel.TunnelBroken, match="RuntimeError: boom"):
+            t.refresh()
+    assert tunnel.port_free(port)  # the with block closed it
+
+
 def free_port() -> int:
     import socket
 

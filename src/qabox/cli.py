@@ -493,15 +493,14 @@ def run_tunnel(context, tunnels, host, env, user, port, identity) -> None:
     recorder = tunnels.Recorder(context, t)
     signals.signal(signals.SIGTERM, lambda *_: done.set())
     try:
-        t.start()
-        out.print(f"{user}'s tunnel to {host}/{env}: {t.url}  (Ctrl-C to stop)")
-        while not done.wait(0.2):
-            t.refresh()
-            recorder(t.status)  # a count it skipped a moment ago
+        with t:
+            out.print(f"{user}'s tunnel to {host}/{env}: {t.url}  (Ctrl-C to stop)")
+            while not done.wait(0.2):
+                t.refresh()
+                recorder(t.status)  # a count it skipped a moment ago
     except KeyboardInterrupt:
         pass
     finally:
-        t.stop()
         recorder.remove()
         if live:
             err.print()

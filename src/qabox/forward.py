@@ -190,6 +190,7 @@ class Forward:
         self.wake_r, self.wake_w = socket.socketpair()
         self.woken = False
         self.stopping = False
+        self.error: Exception | None = None  # what ended the loop, if not stop()
         listener.setblocking(False)
         self.wake_r.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, "accept")
@@ -245,6 +246,8 @@ class Forward:
                     else:
                         self.ready(key.data, mask)
                 self.expire_waiting()
+        except Exception as e:  # the Tunnel raises it in the foreground
+            self.error = e
         finally:
             self._close_all()
 

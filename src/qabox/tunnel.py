@@ -127,6 +127,18 @@ class Tunnel:
         self.link: Link | None = None
         self.stopping = threading.Event()
         self.forward: Forward | None = None
+        self.error: Exception | None = None  # what ended the watch thread
+
+    def __enter__(self) -> "Tunnel":
+        try:
+            self.start()
+        except BaseException:  # Ctrl-C while connecting, say
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     @property
     def url(self) -> str:
@@ -157,7 +169,12 @@ class Tunnel:
         self.on_change(self.status)
 
     def refresh(self) -> None:
-        """Report the requests served, if more came since the last call."""
+        """Report the requests served, if more came since the last call; raise
+        what a background thread died of, rather than serve nothing quietly."""
+        error = self.error or (self.forward and self.forward.error)
+        if error is not None:
+            raise TunnelBroken(f"the tunnel stopped ({type(error).__name__}: {error}): start it "
+                               f"again; run it with -v to see where") from error
         if self.forward is not None and self.forward.requests != self.status.requests:
             self.status.requests = self.forward.requests
             self.on_change(self.status)
@@ -176,6 +193,13 @@ class Tunnel:
             pass
 
     def _watch(self) -> None:
+        """The watch thread: what ends it, refresh() raises in the foreground."""
+        try:
+            self._keep_alive()
+        except Exception as e:
+            self.error = e
+
+    def _keep_alive(self) -> None:
         """Keepalives whose answers are counted; on a missed one, find a working link.
 
         New requests wait (the local port stays bound) while fresh connections
@@ -218,6 +242,10 @@ class Tunnel:
         if self.link is not None:
             self.link.close()
         self._set("stopped", None)
+
+
+class TunnelBroken(QaboxError):
+    """A background thread of the tunnel failed: a bug, not the network."""
 
 
 def listen(port: int) -> socket.socket:
