@@ -80,7 +80,8 @@ def tunnel(tmp_path_factory, wheels):
             line = proc.stdout.readline()
             url = re.search(r"http://127\.0\.0\.1:(\d+)", line)
             assert url, line + (proc.stderr.read() if proc.poll() is not None else "")
-            yield {"port": int(url.group(1)), "proc": proc, "state": variables["QABOX_STATE_DIR"]}
+            yield {"port": int(url.group(1)), "proc": proc, "state": variables["QABOX_STATE_DIR"],
+                   "env": env, "user": f"fw{env}", "key": str(tmp / "key")}
         finally:
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=10)
@@ -157,6 +158,40 @@ def test_concurrent_connections_each_get_their_own_bytes(tunnel):
     for t in threads:
         t.join(120)
     assert results == {n: True for n in sizes}
+
+
+def test_transfers_survive_key_exchanges(tunnel):
+    """SSH re-keys a long-lived link (every GB or hour): the transport's thread
+    then must not wait on itself, and no byte may be lost or reordered."""
+    from qabox.context import Context
+    from qabox.tunnel import Tunnel
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    with Tunnel(Context.create(), "lab1", tunnel["env"], tunnel["user"], port, tunnel["key"]) as t:
+        done = threading.Event()
+        rekeys = []
+
+        def rekey() -> None:
+            while not done.is_set():
+                t.link.transport.renegotiate_keys()
+                rekeys.append(time.monotonic())
+                time.sleep(0.05)
+
+        threading.Thread(target=rekey, daemon=True).start()
+        try:
+            sizes = [3 * MB + i for i in range(8)]
+            for n in sizes:
+                assert request(port, "GET", f"/bytes?n={n}") == expected(n)
+            body = random.Random(2).randbytes(5 * MB)
+            answer = request(port, "POST", "/sha", body).decode()
+            assert answer == f"{len(body)} {hashlib.sha256(body).hexdigest()}"
+        finally:
+            done.set()
+        t.refresh()  # no background thread died
+    assert len(rekeys) >= 3
 
 
 def test_tunnels_counts_the_connections_served(tunnel, monkeypatch):

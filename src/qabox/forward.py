@@ -26,7 +26,7 @@ import time
 from typing import Callable
 
 import paramiko
-from paramiko.common import cMSG_CHANNEL_OPEN, cMSG_CHANNEL_WINDOW_ADJUST
+from paramiko.common import cMSG_CHANNEL_FAILURE, cMSG_CHANNEL_OPEN, cMSG_CHANNEL_WINDOW_ADJUST
 from paramiko.message import Message
 
 READ_SIZE = 256 * 1024
@@ -59,7 +59,10 @@ class Conn:
 class Relay(paramiko.Channel):
     """A direct-tcpip channel that writes what the host sends straight to its client.
 
-    These methods run on the transport's thread (see ``virtual_dispatch``).
+    These methods run on the transport's thread (see ``virtual_dispatch``),
+    which must never wait to send: during a key exchange, which that thread
+    runs itself, it would wait for itself (paramiko's own close and request
+    handlers do, so they are replaced here). Replies go out by ``send_soon``.
     """
 
     def __init__(self, chanid: int, conn: Conn, forward: "Forward"):
@@ -105,6 +108,24 @@ class Relay(paramiko.Channel):
             conn.host_eof = True
             if not conn.out and not conn.closed:
                 shut_write(conn.sock)
+
+    def _handle_close(self, m) -> None:
+        """The host closed the channel: close our end too."""
+        with self.lock:
+            replies = self._close_internal()
+            self.transport._unlink_channel(self.chanid)
+        for reply in replies:
+            if reply is not None:
+                self.forward.send_soon(self.transport, reply)
+
+    def _handle_request(self, m) -> None:
+        """A channel request from the host (sshd's keepalive, say): we have none to grant."""
+        m.get_text()
+        if m.get_boolean():  # want_reply
+            reply = Message()
+            reply.add_byte(cMSG_CHANNEL_FAILURE)
+            reply.add_int(self.remote_chanid)
+            self.forward.send_soon(self.transport, reply)
 
     def _window_adjust(self, m) -> None:
         super()._window_adjust(m)
