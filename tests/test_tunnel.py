@@ -131,6 +131,21 @@ def test_testers_come_and_go_without_restarting_the_app(tester, tmp_path):
     assert app_pid() == pid
 
 
+def test_removing_a_tester_ends_their_open_tunnel(tester):
+    proc, url = start_tunnel(tester)
+    try:
+        assert get(url + "/health") == (200, "ok")
+        removed = qabox("testers", "remove", tester["name"], "--host", "lab1")
+        assert removed.code == 0 and "1 open tunnel(s) ended" in removed.stdout, removed
+        code = proc.wait(timeout=30)  # its reconnect is refused: it ends instead of retrying
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    err = proc.stderr.read()
+    assert code == 3 and "tunnel to lab1/" in err and "no longer accepts" in err, err
+    assert "Traceback" not in err
+
+
 def test_a_dead_background_thread_is_raised_not_hidden(tester, monkeypatch):
     from qabox import tunnel
     from qabox.context import Context

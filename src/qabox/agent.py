@@ -985,7 +985,11 @@ def cmd_tester_remove(req, io) -> dict:
             raise Fail("no_tester", "there is no tester %r on this host" % req["name"])
         del testers[req["name"]]
         save_testers(req["base"], testers)
-    return {"changed": True}
+    ended = 0
+    for record in connected(req["base"]):
+        if record["name"] == req["name"]:
+            ended += end_connection(record["pid"])
+    return {"changed": True, "disconnected": ended}
 
 
 def cmd_tester_list(req, io) -> dict:
@@ -1007,6 +1011,26 @@ def connected(base: str) -> list:
         if record and pid_alive(record.get("pid")):
             result.append(record)
     return result
+
+
+def end_connection(pid: int) -> bool:
+    """End the SSH connection a tester's session runs under (its sshd process):
+    taking their key out of authorized_keys ends no connection already open."""
+    while pid > 1:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                stat = f.read()
+        except OSError:
+            return False
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if name.startswith("sshd"):
+            try:
+                os.kill(pid, signal.SIGTERM)
+                return True
+            except OSError:
+                return False
+        pid = int(rest[1])  # the parent
+    return False
 
 
 def connected_testers(env: Env) -> list:

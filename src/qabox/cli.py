@@ -553,8 +553,8 @@ def testers_remove(ctx: typer.Context, name: str = typer.Argument(..., help="Tes
     """
     with reporting(ctx.obj["verbose"]):
         check_env(name)
-        ops.tester_remove(make_context(ctx), host, name)
-        out.print(f"tester {name} removed from {host}")
+        ended = ops.tester_remove(make_context(ctx), host, name).get("disconnected", 0)
+        out.print(f"tester {name} removed from {host}" + (f" (their {ended} open tunnel(s) ended)" if ended else ""))
 
 
 @testers_app.command("list")

@@ -199,8 +199,8 @@ def connect(target: Target, accept_new_host_key: bool = False, _jumped: int = 0)
         client.close()
         raise ConnectError(
             f"SSH login to {where} ({target.alias}) was refused: check the user and key "
-            f"(User/IdentityFile in ssh_config, or `ssh-add`), and that `ssh {target.alias}` works"
-        ) from None
+            f"(User/IdentityFile in ssh_config, or `ssh-add`), and that `ssh {target.alias}` works",
+            code="login_refused") from None
     except socket.gaierror:
         client.close()
         raise ConnectError(

@@ -23,13 +23,14 @@ from typing import Callable
 
 from qabox import ssh
 from qabox.context import Context
-from qabox.errors import ConfigError, ConnectError, QaboxError
+from qabox.errors import ConfigError, ConnectError, HostKeyError, QaboxError
 from qabox.forward import Forward
 from qabox.remote import Remote
 
 KEEPALIVE_INTERVAL = 3.0  # like ServerAliveInterval x ServerAliveCountMax, but from the
 # first unanswered keepalive (3 s) fresh links are tried, and the first that works is used
 RECONNECT_BACKOFF = (0.1, 0.2, 0.5, 1.0)
+FINAL_CODES = ("login_refused", "no_tester")  # errors that no retry can fix
 
 
 @dataclass
@@ -172,6 +173,8 @@ class Tunnel:
         """Report the requests served, if more came since the last call; raise
         what a background thread died of, rather than serve nothing quietly."""
         error = self.error or (self.forward and self.forward.error)
+        if isinstance(error, QaboxError):
+            raise error
         if error is not None:
             raise TunnelBroken(f"the tunnel stopped ({type(error).__name__}: {error}): start it "
                                f"again; run it with -v to see where") from error
@@ -215,6 +218,8 @@ class Tunnel:
             self._set("reconnecting", "no answer from the host" if link.transport.is_active()
                       else "connection closed")
             self._replace(link)
+            if self.error:
+                return
 
     def _replace(self, old: Link) -> None:
         attempt = 0
@@ -222,6 +227,15 @@ class Tunnel:
             try:
                 new = Link(self.ctx, self.host, self.env, self.user, self.identity, connect_timeout=1.5)
             except QaboxError as e:
+                if isinstance(e, (HostKeyError, ConfigError)) or e.code in FINAL_CODES:
+                    # Retrying would not help (and failed logins every second get
+                    # an address banned): end, saying why.
+                    why = (f"the host no longer accepts {self.user}'s key (removed as a tester?): "
+                           f"ask for `qabox testers add {self.user} --host {self.host}` again"
+                           if e.code == "login_refused" else e.message)
+                    self.error = type(e)(f"{self.user}'s tunnel to {self.host}/{self.env} ended: {why}",
+                                         code=e.code)
+                    return  # refresh() raises it in the foreground
                 self._set("reconnecting", e.message)
             else:
                 threading.Thread(target=old.close, daemon=True).start()
