@@ -272,6 +272,32 @@ def test_app_down_fails_the_request_but_not_the_tunnel(tester):
         stop(proc)
 
 
+def test_tunnel_without_host_takes_the_testers_earlier_one(tester):
+    proc, url = start_tunnel(tester)
+    stop(proc)
+    proc = subprocess.Popen([sys.executable, "-m", "qabox", "tunnel", "--user", tester["name"],
+                             "--env", tester["env"], "-i", tester["key"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert f"tunnel to lab1/{tester['env']}: {url}" in proc.stdout.readline()
+    finally:
+        stop(proc)
+
+
+def test_tunnel_without_host_when_it_is_not_clear(tmp_path, monkeypatch):
+    from qabox.context import Context
+    from qabox.tunnel import tester_host
+
+    monkeypatch.setenv("QABOX_HOSTS_DIR", str(tmp_path))
+    (tmp_path / "oldbox.toml").write_text("[testers.solo]\nport = 25000\n")
+    assert tester_host(Context.create(), "solo") == "oldbox"  # the hosts file names the tester
+    result = qabox("tunnel", "--user", "nobody")
+    assert result.code == 2 and "name the host: qabox tunnel --user nobody --host HOST" in result.stderr
+    Context.create().save_state("ports.json", {"nobody@a/main": 20001, "nobody@b/main": 20002})
+    result = qabox("tunnel", "--user", "nobody")
+    assert result.code == 2 and "tester nobody could tunnel to a, b: say which with --host" in result.stderr
+
+
 def test_bad_tester_input():
     assert qabox("tunnel", "--user", "../x", "--host", "lab1").code == 2
     result = qabox("testers", "add", "a;b", "--key", "/etc/hostname", "--host", "lab1")

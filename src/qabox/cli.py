@@ -424,7 +424,8 @@ def logs(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV,
 def tunnel(
     ctx: typer.Context,
     user: Optional[str] = typer.Option(None, "--user", "-u", help="Tester name (as in `qabox testers add`)."),
-    host: Optional[str] = typer.Option(None, "--host", "-H", help="Host name, as for `ssh NAME`."),
+    host: Optional[str] = typer.Option(None, "--host", "-H", help="Host name, as for `ssh NAME` "
+                                       "(default: the tester's earlier tunnels' host, or the one host known)."),
     env: str = ENV,
     port: Optional[int] = typer.Option(None, "--port", help="Local port (default: the tester's own, stable)."),
     identity: Optional[str] = typer.Option(None, "-i", "--identity", help="The tester's private key file."),
@@ -450,10 +451,11 @@ def tunnel(
             if not stopped:
                 out.print("no such tunnel is running")
             return
-        if not user or not host:
-            raise ConfigError("name the tester and the host: qabox tunnel --user NAME --host HOST")
+        if not user:
+            raise ConfigError("name the tester: qabox tunnel --user NAME [--host HOST]")
         check_env(env)
         check_env(user)
+        host = host or tunnels.tester_host(context, user)
         tester = context.settings(host).testers.get(user, {})
         identity = identity or tester.get("key")
         identity = str(Path(identity).expanduser()) if identity else None

@@ -58,6 +58,10 @@ class Context:
     def settings(self, name: str) -> hosts.HostSettings:
         return hosts.load_settings(name, self.hosts_dir)
 
+    def host_files(self) -> list[str]:
+        """Hosts with a hosts/NAME.toml (example.toml and groups.toml name none)."""
+        return sorted(p.stem for p in self.hosts_dir.glob("*.toml") if p.stem not in ("example", "groups"))
+
     # Local state (hosts deployed to, testers' ports), as small JSON files.
     def load_state(self, name: str) -> dict | list:
         try:

@@ -27,7 +27,7 @@ class Check:
 
 def list_hosts(ctx: Context) -> list[dict]:
     """Hosts named by hosts/*.toml files and by ssh_config's plain Host entries."""
-    names = {p.stem for p in ctx.hosts_dir.glob("*.toml") if p.stem not in ("example", "groups")}
+    names = set(ctx.host_files())
     if ctx.ssh_config:
         config = paramiko.SSHConfig.from_path(str(ctx.ssh_config))
         names |= {h for h in config.get_hostnames() if HOST_NAME.match(h)}

@@ -43,6 +43,21 @@ class TunnelState:
     since: float = 0.0
 
 
+def tester_host(ctx: Context, user: str) -> str:
+    """The host for a tunnel without --host: the tester's earlier tunnels' host,
+    else the host whose hosts file names the tester, else the one deployed to
+    from here; it must be just one."""
+    before = sorted({key.split("@", 1)[1].split("/", 1)[0] for key in ctx.load_state("ports.json")
+                     if key.startswith(user + "@")})
+    for found in (before, [h for h in ctx.host_files() if user in ctx.settings(h).testers],
+                  ctx.remembered_hosts()):
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ConfigError(f"tester {user} could tunnel to {', '.join(found)}: say which with --host")
+    raise ConfigError(f"name the host: qabox tunnel --user {user} --host HOST")
+
+
 def local_port(ctx: Context, host: str, env: str, user: str, wanted: int | None) -> int:
     """A stable local port per tester, host and env, so bookmarks keep working."""
     if wanted:
