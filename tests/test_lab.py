@@ -3,6 +3,8 @@
 The suite shares one lab (the default lab dir), so these tests bring it up but
 never take it down.
 """
+import importlib.machinery
+import importlib.util
 import json
 import os
 import subprocess
@@ -97,3 +99,66 @@ def test_unknown_host_is_a_clean_error(lab_up):
     result = lab("exec", "lab99", "--", "true")
     assert result.returncode == 1
     assert result.stderr.startswith("lab: ") and "Traceback" not in result.stderr
+
+
+def load_lab_module():
+    """scripts/lab as a module, for its pure functions (it has no .py suffix)."""
+    loader = importlib.machinery.SourceFileLoader("qabox_lab_script", str(LAB_SCRIPT))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+LINKS = """1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN
+2: eth0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc fq_codel state UP
+5: qlab1@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP
+7: qlab12@if2: <BROADCAST,MULTICAST> mtu 1500 qdisc noop state DOWN
+"""
+ADDRESSES = """2: eth0    inet 192.0.2.2/24 brd 192.0.2.255 scope global eth0
+5: qlab1    inet 198.18.1.1/24 scope global qlab1
+198.18.20.0/24 dev other proto kernel scope link src 198.18.20.1
+"""
+
+
+def test_used_numbers_come_from_links_addresses_and_routes():
+    lab_module = load_lab_module()
+    assert lab_module.used_numbers(LINKS, ADDRESSES) == {1, 12, 20}
+    assert lab_module.used_numbers("", "") == set()
+
+
+def test_a_slot_is_free_only_when_none_of_its_numbers_is_used():
+    lab_module = load_lab_module()
+    used = lab_module.used_numbers(LINKS, ADDRESSES)  # 1 (slot 0), 12 (slot 1), 20 (slot 2)
+    assert [lab_module.slot_free(slot, used) for slot in range(4)] == [False, False, False, True]
+    assert lab_module.slot_free(0, {9, 17})  # neighbours' numbers do not count
+
+
+@pytest.mark.parametrize("slot, names", [
+    (0, ("lab1", "qabox-lab1", "qlab1", "qalab1", "198.18.1.2")),  # what the tests hard-code
+    (1, ("lab1", "qabox-lab9", "qlab9", "qalab9", "198.18.9.2")),
+    (30, ("lab1", "qabox-lab241", "qlab241", "qalab241", "198.18.241.2")),
+])
+def test_slot_names_keep_slot_0_as_it_was(slot, names):
+    host = load_lab_module().Host(1, slot=slot)
+    assert (host.name, host.ns, host.veth, host.user, host.address) == names
+    assert len(host.veth) <= 15  # a Linux interface name's limit
+
+
+def test_pick_slot_keeps_the_recorded_slot_and_checks_the_asked_one(monkeypatch):
+    lab_module = load_lab_module()
+    monkeypatch.setattr(lab_module, "machine_used_numbers", lambda: {1, 2, 9})
+    monkeypatch.delenv("QABOX_LAB_SLOT", raising=False)
+    assert lab_module.pick_slot({"mode": "netns", "hosts": 1}) == 0  # before slots: slot 0
+    assert lab_module.pick_slot({"mode": "netns", "hosts": 1, "slot": 3}) == 3
+    assert lab_module.pick_slot(None) == 2  # slots 0 and 1 are taken
+    monkeypatch.setenv("QABOX_LAB_SLOT", "0")
+    with pytest.raises(lab_module.LabError, match="slot 0 is in use by another lab"):
+        lab_module.pick_slot(None)
+    with pytest.raises(lab_module.LabError, match="up in slot 3"):
+        lab_module.pick_slot({"mode": "netns", "hosts": 1, "slot": 3})
+    monkeypatch.setenv("QABOX_LAB_SLOT", "5")
+    assert lab_module.pick_slot(None) == 5
+    monkeypatch.setenv("QABOX_LAB_SLOT", "31")
+    with pytest.raises(lab_module.LabError, match="from 0 to 30"):
+        lab_module.pick_slot(None)
