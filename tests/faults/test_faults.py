@@ -106,7 +106,7 @@ def small_disk(tmp_path, monkeypatch):
     """lab1's deploy directory on a 60 MB tmpfs, through a hosts file."""
     mount = f"{HOME}/qabox-small"
     # sshd runs in a mount namespace of its own (ip netns exec): mount in there
-    in_sshd = ["nsenter", "-t", (LAB_DIR / "lab1" / "sshd.pid").read_text().strip(), "-m"]
+    in_sshd = ["nsenter", "-t", (LAB_DIR / "lab1" / "sshd.pid").read_text().strip(), "-m", "-r"]
     subprocess.run(["mkdir", "-p", mount], check=True)
     subprocess.run(in_sshd + ["mount", "-t", "tmpfs", "-o", "size=60m,mode=0700", "tmpfs", mount], check=True)
     subprocess.run(in_sshd + ["chown", "qalab1:qalab1", mount], check=True)
