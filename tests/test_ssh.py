@@ -138,3 +138,46 @@ def test_missing_ssh_config_file(monkeypatch, tmp_path):
     monkeypatch.setenv("QABOX_SSH_CONFIG", str(tmp_path / "nope"))
     result = qabox("status", "--host", "lab1")
     assert result.code == 2 and "does not exist" in result.stderr
+
+
+def test_advice_names_the_ssh_config_qabox_uses(config, tmp_path, isolated, monkeypatch):
+    key = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    path = config("Host lab1\n" + lab_block(IdentityFile=key))
+    refused = ("SSH login to qalab1@198.18.1.2:22 (lab1) was refused: check the user and key "
+               "(User/IdentityFile in ssh_config, or `ssh-add`), and that `{}` works")
+    result = qabox("hosts", "check", "lab1", "--json")
+    checks = json.loads(result.stdout)["checks"]
+    assert checks[1]["detail"] == refused.format(f"ssh -F {path} lab1")
+    # ssh's own ~/.ssh/config needs no -F
+    (isolated / ".ssh").mkdir()
+    (isolated / ".ssh" / "config").write_text(path.read_text())
+    monkeypatch.delenv("QABOX_SSH_CONFIG")
+    checks = json.loads(qabox("hosts", "check", "lab1", "--json").stdout)["checks"]
+    assert checks[1]["detail"] == refused.format("ssh lab1")
+
+
+def test_a_relative_ssh_config_and_its_relative_paths_work_as_with_openssh(tmp_path, monkeypatch):
+    """OpenSSH takes a relative IdentityFile or UserKnownHostsFile from the current
+    directory, not from the config's; qabox makes them absolute once, at start."""
+    from qabox.context import Context
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "deploy").write_bytes((LAB_DIR / "keys" / "deploy").read_bytes())
+    (tmp_path / "keys" / "deploy").chmod(0o600)
+    (tmp_path / "kh").write_text((LAB_DIR / "known_hosts").read_text())
+    (tmp_path / "conf" / "ssh_config").write_text(
+        "Host lab1\n" + lab_block(IdentityFile="keys/deploy", UserKnownHostsFile="kh"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QABOX_SSH_CONFIG", "conf/ssh_config")
+    target = Context.create().target("lab1")
+    assert target.config_file == str(tmp_path / "conf" / "ssh_config")
+    assert target.identity_files == (str(tmp_path / "keys" / "deploy"),)
+    assert target.known_hosts == (str(tmp_path / "kh"),)
+    result = qabox("status", "--host", "lab1", "--json")
+    assert result.code == 0 and json.loads(result.stdout)["hosts"][0]["reachable"], result
+    # what ssh itself does with the same file, from the same directory
+    ssh_run = subprocess.run(["ssh", "-F", "conf/ssh_config", "-o", "BatchMode=yes", "lab1", "true"],
+                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert ssh_run.returncode == 0, ssh_run.stderr

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import logging
 import os
+import shlex
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,15 +51,31 @@ class Target:
 
 
 def config_path(explicit: str | Path | None) -> Path | None:
-    """``--ssh-config``, else ``$QABOX_SSH_CONFIG``, else ``~/.ssh/config`` if present."""
+    """``--ssh-config``, else ``$QABOX_SSH_CONFIG``, else ``~/.ssh/config`` if present;
+    made absolute once, so that it means the same file in advice and child processes."""
     chosen = explicit or os.environ.get("QABOX_SSH_CONFIG")
     if chosen:
         path = Path(chosen).expanduser()
         if not path.is_file():
             raise ConfigError(f"ssh config {path} does not exist: check --ssh-config or QABOX_SSH_CONFIG")
-        return path
+        return absolute(path)
     default = Path("~/.ssh/config").expanduser()
     return default if default.is_file() else None
+
+
+def absolute(path: str | Path) -> Path:
+    """``~`` expanded and a relative path taken from the current directory, as
+    OpenSSH does with IdentityFile and UserKnownHostsFile (not from the config's)."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def ssh_command(target: Target) -> str:
+    """The ``ssh`` command that reaches the target as qabox does, for advice:
+    with ``-F`` when qabox's ssh_config is not the one ssh reads by itself."""
+    config = target.config_file
+    if config and Path(config) != absolute("~/.ssh/config"):
+        return f"ssh -F {shlex.quote(config)} {target.alias}"
+    return f"ssh {target.alias}"
 
 
 def resolve(alias: str, ssh_config: Path | None) -> Target:
@@ -85,9 +102,9 @@ def resolve(alias: str, ssh_config: Path | None) -> Target:
         hostname=found.get("hostname", host),
         port=port,
         user=user or found.get("user"),
-        identity_files=tuple(os.path.expanduser(p) for p in found.get("identityfile", [])),
+        identity_files=tuple(str(absolute(p)) for p in found.get("identityfile", [])),
         identities_only=found.get("identitiesonly", "no").lower() == "yes",
-        known_hosts=tuple(known.split()) if known else DEFAULT_KNOWN_HOSTS,
+        known_hosts=tuple(str(absolute(p)) for p in known.split()) if known else DEFAULT_KNOWN_HOSTS,
         proxy_jump=None if found.get("proxyjump", "none") == "none" else found["proxyjump"],
         proxy_command=None if found.get("proxycommand", "none") == "none" else found["proxycommand"],
         connect_timeout=timeout,
@@ -199,20 +216,20 @@ def connect(target: Target, accept_new_host_key: bool = False, _jumped: int = 0)
         client.close()
         raise ConnectError(
             f"SSH login to {where} ({target.alias}) was refused: check the user and key "
-            f"(User/IdentityFile in ssh_config, or `ssh-add`), and that `ssh {target.alias}` works",
+            f"(User/IdentityFile in ssh_config, or `ssh-add`), and that `{ssh_command(target)}` works",
             code="login_refused") from None
     except socket.gaierror:
         client.close()
         raise ConnectError(
             f"host {target.hostname!r} does not resolve: add `Host {target.alias}` with a HostName "
-            f"to your ssh_config, or use the host's address"
+            f"to {target.config_file or '~/.ssh/config'}, or use the host's address"
         ) from None
     except (OSError, paramiko.SSHException, EOFError) as e:
         client.close()
         reason = str(e) or type(e).__name__
         raise ConnectError(
             f"cannot connect to {where} ({target.alias}): {reason}; check the host is up and "
-            f"that `ssh {target.alias}` works"
+            f"that `{ssh_command(target)}` works"
         ) from None
     transport = client.get_transport()
     transport.set_keepalive(target.keepalive)
