@@ -304,3 +304,81 @@ def test_bad_tester_input():
     assert result.code == 2 and "is not allowed" in result.stderr
     result = qabox("testers", "add", "ok", "--key", "/nonexistent.pub", "--host", "lab1")
     assert result.code == 2 and "cannot read the tester's public key" in result.stderr
+
+
+def on_terminal(tester, *args, columns: int = 80) -> tuple[subprocess.Popen, int]:
+    """`qabox tunnel` on a terminal of its own (a pty): stdout and stderr both go to it,
+    as when a tester runs it."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qabox", "tunnel", "--user", tester["name"], "--host", "lab1",
+         "--env", tester["env"], *args], stdin=slave, stdout=slave, stderr=slave,
+        env=dict(os.environ, COLUMNS=str(columns), TERM="dumb", NO_COLOR="1"))
+    os.close(slave)
+    return proc, master
+
+
+def screen(master: int, until: str | None = None, timeout: float = 30) -> str:
+    """What the terminal showed, until `until` appears (or the program closes it);
+    "\\r\\n" as "\\n", and a lone "\\r" kept (it rewrites the line)."""
+    import select
+
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (until and until.encode() in seen):
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the program ended and closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen.decode().replace("\r\n", "\n")
+
+
+def test_on_a_terminal_the_header_comes_first_and_the_last_line_counts_every_request(tester):
+    proc, master = on_terminal(tester, "-i", tester["key"])
+    try:
+        shown = screen(master, until="requests served")
+        url = re.search(r"http://127\.0\.0\.1:\d+", shown).group(0)
+        assert shown == (f"{tester['name']}'s tunnel to lab1/{tester['env']}: {url}  (Ctrl-C to stop)\n"
+                         f"\rconnected, 0 requests served")
+        for _ in range(3):
+            assert get(url + "/health") == (200, "ok")
+        proc.send_signal(signal.SIGINT)  # at once: before the status line could catch up
+        assert proc.wait(timeout=10) == 0
+        shown += screen(master)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert shown.endswith("\rstopped, 3 requests served  \n"), shown  # padded over "connected"
+
+
+def test_off_a_terminal_a_line_per_state_and_the_true_count_last(tester):
+    proc, url = start_tunnel(tester)
+    for _ in range(2):
+        assert get(url + "/health") == (200, "ok")
+    _, err = stop(proc)
+    assert err == "connected, 0 requests served\nstopped, 2 requests served\n"
+
+
+def test_a_refused_key_prints_only_the_error(tester, tmp_path):
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    proc, master = on_terminal(tester, "-i", stranger)
+    try:
+        assert proc.wait(timeout=30) == 3
+        shown = screen(master)
+    finally:
+        os.close(master)
+    assert shown == ("qabox: error: SSH login to qalab1@198.18.1.2:22 (lab1) was refused: check the "
+                     "user and key (User/IdentityFile in ssh_config, or `ssh-add`), and that "
+                     f"`ssh -F {LAB_DIR / 'ssh_config'} lab1` works\n"), shown

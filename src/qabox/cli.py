@@ -469,26 +469,33 @@ def tunnel(
 
 
 def run_tunnel(context, tunnels, host, env, user, port, identity) -> None:
-    """Serve the tunnel in the foreground until Ctrl-C or SIGTERM, with a status line."""
+    """Serve the tunnel in the foreground until Ctrl-C or SIGTERM: a header once it
+    is up, then its status (one line rewritten in place on a terminal, else a line
+    per change of state); nothing of it when it cannot start, only the error."""
     import signal as signals
     import threading
 
     done = threading.Event()
     live = err.is_terminal
-    state = {}
+    shown = {"up": False, "state": None, "width": 0}
 
     def on_change(status) -> None:
         recorder(status)
-        line = f"{status.state}{' (' + status.reason + ')' if status.reason else ''}"
-        if live:
-            err.print(f"\r{line}, {status.requests} requests served", end="", markup=False,
-                      highlight=False, soft_wrap=True)
-        elif state.get("line") != line:
+        if not shown["up"]:
+            return
+        state = f"{status.state}{' (' + status.reason + ')' if status.reason else ''}"
+        line = f"{state}, {status.requests} requests served"
+        if live:  # not err.print, which drops "\r"; padded over the longer line it replaces
+            err.file.write("\r" + line.ljust(shown["width"]))
+            err.file.flush()
+            shown["width"] = len(line)
+        elif state != shown["state"]:
             err.print(line, markup=False, highlight=False)
-        state["line"] = line
+        shown["state"] = state
 
     def on_notice(text: str) -> None:
         err.print(("\n" if live else "") + text, markup=False, highlight=False)
+        shown["width"] = 0
 
     t = tunnels.Tunnel(context, host, env, user, port, identity, on_change=lambda s: on_change(s),
                        on_notice=on_notice)
@@ -497,6 +504,8 @@ def run_tunnel(context, tunnels, host, env, user, port, identity) -> None:
     try:
         with t:
             out.print(f"{user}'s tunnel to {host}/{env}: {t.url}  (Ctrl-C to stop)")
+            shown["up"] = True
+            on_change(t.status)
             while not done.wait(0.2):
                 t.refresh()
                 recorder(t.status)  # a count it skipped a moment ago
@@ -504,7 +513,7 @@ def run_tunnel(context, tunnels, host, env, user, port, identity) -> None:
         pass
     finally:
         recorder.remove()
-        if live:
+        if live and shown["up"]:
             err.print()
 
 

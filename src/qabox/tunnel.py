@@ -264,10 +264,12 @@ class Tunnel:
             attempt += 1
 
     def stop(self) -> None:
-        """Stop serving (open connections are reset) and close the link."""
+        """Stop serving (open connections are reset) and close the link; the last
+        status counts every request served, not just those refresh() saw."""
         self.stopping.set()
         if self.forward is not None:
             self.forward.stop()
+            self.status.requests = self.forward.requests
         if self.link is not None:
             self.link.close()
         self._set("stopped", None)
