@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import re
 import tarfile
 import threading
 import time
@@ -302,3 +304,89 @@ def test_a_missing_agent_is_pushed_even_if_its_command_ended_first(monkeypatch):
     finally:
         client.close()
         in_host("lab1", "rm", "-rf", "/home/qalab1/.qabox-agent-race")
+
+
+def test_deploy_summary_counts_bytes_in_decimal_units_like_the_progress_bar(make_build, env_name, port):
+    from rich.filesize import decimal
+
+    build = make_build({"wsgi.py": f"from flask import Flask\napp = Flask(__name__)  # {env_name}\n"})
+    result = deploy(build, env_name, port)
+    assert result.code == 0, result
+    first = result.stdout.splitlines()[0]
+    assert re.fullmatch(rf"✓ lab1/{env_name}: release \d{{8}}-\d{{6}} is live \({build.name}, "
+                        rf"\d+\.\d s, sent {re.escape(decimal(build.stat().st_size))}\)", first), first
+    assert decimal(build.stat().st_size).endswith((" kB", " MB"))
+
+
+def test_status_on_an_80_column_terminal(notes_build, env_name, port, tmp_path, monkeypatch):
+    """Nothing that names a row is cut; the other columns follow each row; the reason
+    a host is unreachable comes after the table, wrapped at words."""
+    import textwrap
+
+    from rich.console import Console
+
+    from conftest import LAB_DIR
+    from qabox import cli
+
+    config = tmp_path / "ssh_config"
+    config.write_text((LAB_DIR / "ssh_config").read_text()
+                      + "\nHost ghost\n  HostName 198.18.99.2\n  ConnectTimeout 2\n")
+    monkeypatch.setenv("QABOX_SSH_CONFIG", str(config))
+    assert deploy(notes_build, env_name, port).code == 0
+    assert qabox("stop", "--host", "lab1", "--env", env_name).code == 0
+    hosts = json.loads(qabox("status", "--host", "lab1", "--host", "ghost", "--env", env_name, "--json").stdout)
+    env, ghost = hosts["hosts"][0]["envs"][0], hosts["hosts"][1]
+    assert f"`ssh -F {config} ghost` works" in ghost["error"]
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=screen, width=80, force_terminal=True,
+                                            color_system=None, soft_wrap=True))
+    result = qabox("status", "--host", "lab1", "--host", "ghost", "--env", env_name)
+    assert result.code == 1
+    w = max(len(env_name), 3)
+    assert screen.getvalue() == (
+        f"HOST   {'ENV'.ljust(w)}  RELEASE          STATE        PORT\n"
+        f"lab1   {env_name.ljust(w)}  {env['release']}  stopped      {port}\n"
+        f"  restarts: {env['restarts']}  deployed: {env['deployed_at']} by {env['deployed_by']}\n"
+        f"ghost  {'-'.ljust(w)}  -                unreachable\n"
+        + "".join(line + "\n" for line in textwrap.wrap(f"ghost: {ghost['error']}", 80,
+                                                        subsequent_indent="  ", break_on_hyphens=False))
+    )
+
+
+def test_a_directory_is_not_a_build():
+    from conftest import REPO
+
+    project = REPO / "examples" / "notes"
+    result = qabox("deploy", project, "--host", "lab1")
+    assert result.code == 5 and result.stdout == ""
+    assert result.stderr == (f"qabox: error: {project} is a directory, not a build file: make a build "
+                             f"of it with `qabox build {project} -o build.tar.gz`, then deploy build.tar.gz\n")
+
+
+def test_status_and_logs_of_an_env_the_host_does_not_have(notes_build, env_name, port):
+    assert deploy(notes_build, env_name, port).code == 0
+    missing = env_name + "typo"
+    for command in ("status", "logs", "releases"):
+        result = qabox(command, "--host", "lab1", "--env", missing)
+        found = re.fullmatch(rf"qabox: error: lab1: there is no env {missing} on this host "
+                             rf"\(its envs: ([a-z0-9_, -]+)\)\n", result.stderr)
+        assert result.code == 6 and result.stdout == "" and found, (command, result)
+        assert env_name in found.group(1).split(", ")
+
+
+def test_status_of_a_missing_env_on_several_hosts_is_a_row_each(tmp_path, monkeypatch):
+    from conftest import LAB_DIR
+
+    config = tmp_path / "ssh_config"
+    config.write_text((LAB_DIR / "ssh_config").read_text().replace("Host lab1\n", "Host lab1 lab1b\n", 1))
+    monkeypatch.setenv("QABOX_SSH_CONFIG", str(config))
+    result = qabox("status", "--host", "lab1", "--host", "lab1b", "--env", "nosuchenv")
+    assert result.code == 1
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [
+        "HOST   ENV        RELEASE  STATE        PID  UPTIME  RESTARTS  PORT  HEALTH  DEPLOYED  TESTERS",
+        "lab1   nosuchenv  -        no such env",
+        "lab1b  nosuchenv  -        no such env"]
+    for host, line in zip(("lab1", "lab1b"), lines[3:]):
+        assert re.fullmatch(rf"{host}: there is no env nosuchenv on this host \(its envs: [a-z0-9_, -]+\)", line)

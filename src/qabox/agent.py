@@ -260,6 +260,16 @@ def all_envs(base: str) -> list:
     return sorted(n for n in names if ENV_NAME.match(n))
 
 
+def existing_env(base: str, name: str) -> Env:
+    """An env that must be on this host already; if it is not, say which are."""
+    env = Env(base, name)
+    if not os.path.isdir(env.dir):
+        envs = all_envs(base)
+        raise Fail("no_env", "there is no env %s on this host (%s)" % (
+            name, "its envs: " + ", ".join(envs) if envs else "nothing is deployed there yet"))
+    return env
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -312,9 +322,7 @@ def cmd_session(req, io) -> None:
     for SESSION_IDLE seconds), the running step is cancelled and cleaned up,
     this process exits, and the lock is free. It can never be left stale.
     """
-    env = Env(req["base"], req["env"])
-    if not req.get("create") and not os.path.isdir(env.dir):
-        raise Fail("no_env", "there is no env %s on this host: deploy to it first" % env.name)
+    env = Env(req["base"], req["env"]) if req.get("create") else existing_env(req["base"], req["env"])
     makedirs(env.dir)
     path = env.path("deploy.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -790,7 +798,7 @@ def boot(base: str) -> None:
 
 
 def cmd_releases(req, io) -> dict:
-    env = Env(req["base"], req["env"])
+    env = existing_env(req["base"], req["env"])
     current = env.current()
     return {"current": current,
             "releases": [dict(env.release_info(r), current=r == current) for r in env.releases()]}
@@ -798,7 +806,7 @@ def cmd_releases(req, io) -> dict:
 
 def cmd_logs(req, io) -> None:
     """The current release's log: the last lines, then (follow) new ones as written."""
-    env = Env(req["base"], req["env"])
+    env = existing_env(req["base"], req["env"])
     release = env.current()
     if release is None:
         raise Fail("no_release", "nothing is deployed to env %s" % env.name)
@@ -1092,7 +1100,7 @@ def cmd_status(req, io) -> dict:
     adopts the app if it still runs.
     """
     base = req["base"]
-    names = [req["env"]] if req.get("env") else all_envs(base)
+    names = [existing_env(base, req["env"]).name] if req.get("env") else all_envs(base)
     return {"envs": [env_status(Env(base, name)) for name in names]}
 
 

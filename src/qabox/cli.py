@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 import time
 import traceback
 from contextlib import contextmanager
@@ -16,9 +17,10 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.filesize import decimal
 from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
                            TransferSpeedColumn)
-from rich.table import Table
+from rich.text import Text
 
 from qabox import __version__, deploy as deploying, ops, ssh
 from qabox.context import Context, check_env
@@ -72,10 +74,10 @@ def print_version(value: bool) -> None:
 def main_options(
     ctx: typer.Context,
     ssh_config: Optional[Path] = typer.Option(
-        None, "--ssh-config", envvar="QABOX_SSH_CONFIG",
+        None, "--ssh-config", envvar="QABOX_SSH_CONFIG", metavar="FILE",
         help="ssh_config file to use instead of ~/.ssh/config."),
     hosts_dir: Optional[Path] = typer.Option(
-        None, "--hosts-dir", envvar="QABOX_HOSTS_DIR",
+        None, "--hosts-dir", envvar="QABOX_HOSTS_DIR", metavar="DIR",
         help="Directory of hosts/NAME.toml settings files (default: ./hosts)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks of errors."),
     version: bool = typer.Option(False, "--version", is_eager=True, callback=print_version,
@@ -95,15 +97,15 @@ def make_context(ctx: typer.Context, accept_new_host_key: bool = False) -> Conte
 @app.command()
 def deploy(
     ctx: typer.Context,
-    build: Path = typer.Argument(..., help="The build: a .tar, .tar.gz, .tar.bz2 or .tar.xz file."),
-    host: List[str] = typer.Option(..., "--host", "-H", help="Host name, as for `ssh NAME`, or a group from hosts/groups.toml; repeat for several."),
-    env: str = typer.Option("main", "--env", "-e", help="Env on the host (several can run side by side)."),
-    port: Optional[int] = typer.Option(None, "--port", help="App port on the host's loopback (default: hosts file, else 8080)."),
-    entry: Optional[str] = typer.Option(None, "--app", help="WSGI entry module:callable, overriding qabox.toml."),
-    lock_timeout: float = typer.Option(60, "--lock-timeout", help="Seconds to wait for another deploy to finish."),
+    build: Path = typer.Argument(..., metavar="BUILD", help="The build: a .tar, .tar.gz, .tar.bz2 or .tar.xz file."),
+    host: List[str] = typer.Option(..., "--host", "-H", metavar="HOST", help="Host name, as for `ssh NAME`, or a group from hosts/groups.toml; repeat for several."),
+    env: str = typer.Option("main", "--env", "-e", metavar="ENV", help="Env on the host (several can run side by side)."),
+    port: Optional[int] = typer.Option(None, "--port", metavar="N", help="App port on the host's loopback (default: hosts file, else 8080)."),
+    entry: Optional[str] = typer.Option(None, "--app", metavar="MOD:APP", help="WSGI entry module:callable, overriding qabox.toml."),
+    lock_timeout: float = typer.Option(60, "--lock-timeout", metavar="SECONDS", help="Seconds to wait for another deploy to finish."),
     on_boot: bool = typer.Option(False, "--on-boot", help="Also bring the host's envs back after it reboots (an @reboot crontab entry)."),
     accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key", help="Trust and record the host key if it is not known yet."),
-    parallel: int = typer.Option(8, "--parallel", help="With several hosts: how many at once."),
+    parallel: int = typer.Option(8, "--parallel", metavar="N", help="With several hosts: how many at once."),
     serial: bool = typer.Option(False, "--serial", help="With several hosts: one after another (a rolling deploy)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="With several hosts: start no more after a failure."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -132,7 +134,7 @@ def deploy(
                       f"nothing changed ({result.seconds:.1f} s)")
             return
         out.print(f"[green]✓[/] {where}: release [bold]{result.release}[/] is live "
-                  f"({result.file}, {result.seconds:.1f} s, sent {human_bytes(result.sent_bytes)})")
+                  f"({result.file}, {result.seconds:.1f} s, sent {decimal(result.sent_bytes)})")
         out.print(f"  serving on the host at {result.url} (previous release: {result.previous or 'none'})")
         out.print(f"  testers connect with: qabox tunnel --host {result.host} --env {result.env} --user NAME")
         if result.testers:
@@ -146,7 +148,7 @@ def deploy_fleet(context: Context, hosts: list, build: Path, parallel: int, fail
     from qabox.fleet import deploy_many
 
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                        DownloadColumn(), console=err, transient=True, disable=as_json)
+                        DownloadColumn(), console=err, transient=True, disable=as_json or not err.is_terminal)
     with progress:
         tasks = {h: progress.add_task(f"{h}: waiting", total=None) for h in hosts}
 
@@ -159,9 +161,14 @@ def deploy_fleet(context: Context, hosts: list, build: Path, parallel: int, fail
     if as_json:
         print(json.dumps({"hosts": rows}, indent=2))
     else:
-        print_table(("HOST", "RELEASE", "RESULT", "SECONDS"), [
-            (r["host"], r["release"] or "-", f"[{'green' if r['ok'] else 'red'}]{r['result']}[/]",
-             f"{r['seconds']:.1f}" if r["seconds"] else "-") for r in rows])
+        table, notes = [], []
+        for r in rows:
+            result, _, why = r["result"].partition(": ")  # "failed: why"
+            table.append((r["host"], r["release"] or "-", f"[{'green' if r['ok'] else 'red'}]{result}[/]",
+                          f"{r['seconds']:.1f}" if r["seconds"] else "-"))
+            notes += [f"{r['host']}: {why}"] if why else []
+        print_table(("HOST", "RELEASE", "RESULT", "SECONDS"), table, key=("HOST", "RELEASE", "RESULT"),
+                    notes=notes)
     if not all(r["ok"] for r in rows):
         raise typer.Exit(1)
 
@@ -171,7 +178,7 @@ def deploy_progress(enabled: bool):
     """A spinner for the deploy's steps and a progress bar for its upload."""
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                         DownloadColumn(), TransferSpeedColumn(), console=err, transient=True,
-                        disable=not enabled)
+                        disable=not (enabled and err.is_terminal))  # off one, it left a blank line
     with progress:
         step = progress.add_task("starting", total=None)
         upload_task = []
@@ -185,29 +192,72 @@ def deploy_progress(enabled: bool):
                               upload=on_upload)
 
 
-def print_table(columns: tuple, rows: list) -> None:
-    """A plain table; as wide as it needs when not on a terminal (for grep and logs)."""
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    Console(width=None if out.is_terminal else 200).print(table)
+def print_table(columns: tuple, rows: list, key: tuple = (), notes: list = ()) -> None:
+    """Rows under their headers, then free text (an unreachable host's reason) as
+    notes below, one each, never squeezed into a column.
+
+    On a terminal too narrow for every column, the ``key`` columns (what names a
+    row) stay whole and each row's other columns follow it as ``name: value``
+    lines; off a terminal, one line per row however wide, for grep and logs.
+    """
+    width = out.width if out.is_terminal else None
+    for line in table_lines(columns, rows, key, width):
+        out.print(line)
+    for note in notes:
+        for line in textwrap.wrap(note, width, subsequent_indent="  ", break_long_words=False,
+                                  break_on_hyphens=False) if width else [note]:
+            out.print(line, markup=False, highlight=False)
 
 
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+def table_lines(columns: tuple, rows: list, key: tuple = (), width: int | None = None) -> list[Text]:
+    """The lines print_table prints: every column if they fit in ``width`` (None:
+    no limit), else the key columns, with the others below each row."""
+    header = [Text(c, style="bold") for c in columns]
+    cells = [[Text.from_markup(c) for c in row] for row in rows]
+
+    def widths(keep: list) -> dict:
+        return {i: max(r[i].cell_len for r in [header, *cells]) for i in keep}
+
+    keep = list(range(len(columns)))
+    if width is not None and sum(widths(keep).values()) + 2 * (len(keep) - 1) > width:
+        keep = [i for i, c in enumerate(columns) if c in key]
+    sizes = widths(keep)
+
+    def line(row: list) -> Text:
+        text = Text()
+        for n, i in enumerate(keep):
+            text.append("  " if n else "").append_text(row[i]).append(" " * (sizes[i] - row[i].cell_len))
+        text.rstrip()
+        return text
+
+    lines = [line(header)]
+    for row in cells:
+        lines.append(line(row))
+        if len(keep) < len(columns):
+            lines += detail_lines([(columns[i].lower(), row[i]) for i in range(len(columns))
+                                   if i not in keep and row[i].plain not in ("", "-")], width)
+    return lines
+
+
+def detail_lines(items: list, width: int) -> list[Text]:
+    """``name: value`` items, indented, as many to a line as fit in width."""
+    lines, current = [], Text("  ")
+    for name, value in items:
+        item = Text(f"{name}: ", style="dim").append_text(value)
+        if current.plain.strip() and current.cell_len + 2 + item.cell_len > width:
+            lines.append(current)
+            current = Text("  ")
+        current.append("  " if current.plain.strip() else "").append_text(item)
+    if current.plain.strip():
+        lines.append(current)
+    return lines
 
 
 @app.command()
 def status(
     ctx: typer.Context,
-    host: Optional[List[str]] = typer.Option(None, "--host", "-H", help="Host(s) to ask (default: every host deployed to from here)."),
-    env: Optional[str] = typer.Option(None, "--env", "-e", help="Only this env."),
+    host: Optional[List[str]] = typer.Option(None, "--host", "-H", metavar="HOST", help="Host(s) to ask (default: every host deployed to from here)."),
+    env: Optional[str] = typer.Option(None, "--env", "-e", metavar="ENV", help="Only this env."),
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
 ):
     """Show what is deployed where, and whether it is up.
@@ -226,17 +276,21 @@ def status(
             print(json.dumps({"hosts": hosts}, indent=2))
         else:
             print_status(hosts)
-        if any(not h["reachable"] for h in hosts):
+        if any(h["error"] for h in hosts):
             raise typer.Exit(1)
 
 
 def print_status(hosts: list[dict]) -> None:
-    rows = []
+    rows, notes = [], []
     for host in hosts:
         if not host["reachable"]:
-            rows.append((host["host"], "-", "-", "[red]unreachable[/]", "", "", "", "", "", host["error"], ""))
+            rows.append((host["host"], "-", "-", "[red]unreachable[/]") + ("",) * 7)
+            notes.append(f"{host['host']}: {host['error']}")
+        elif host["error"]:  # the env asked for is not there
+            rows.append((host["host"], host["env"], "-", "[red]no such env[/]") + ("",) * 7)
+            notes.append(host["error"])
         elif not host["envs"]:
-            rows.append((host["host"], "-", "nothing deployed", "", "", "", "", "", "", "", ""))
+            rows.append((host["host"], "-", "nothing deployed") + ("",) * 8)
         for e in host["envs"]:
             style = {"running": "green", "starting": "yellow"}.get(e["state"], "red")
             health = e.get("health") or {}
@@ -248,7 +302,7 @@ def print_status(hosts: list[dict]) -> None:
                 ", ".join(f"{t['name']} ({t['requests']} req)" for t in e.get("testers", [])) or "-",
             ))
     print_table(("HOST", "ENV", "RELEASE", "STATE", "PID", "UPTIME", "RESTARTS", "PORT", "HEALTH",
-                 "DEPLOYED", "TESTERS"), rows)
+                 "DEPLOYED", "TESTERS"), rows, key=("HOST", "ENV", "RELEASE", "STATE", "PORT"), notes=notes)
 
 
 def human_seconds(seconds: float | None) -> str:
@@ -264,10 +318,10 @@ def human_seconds(seconds: float | None) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-HOST = typer.Option(..., "--host", "-H", help="Host name, as for `ssh NAME`.")
-HOSTS = typer.Option(..., "--host", "-H", help="Host name, as for `ssh NAME`, or a group; repeat for several.")
-ENV = typer.Option("main", "--env", "-e", help="Env on the host.")
-LOCK_TIMEOUT = typer.Option(60, "--lock-timeout", help="Seconds to wait for a deploy in progress.")
+HOST = typer.Option(..., "--host", "-H", metavar="HOST", help="Host name, as for `ssh NAME`.")
+HOSTS = typer.Option(..., "--host", "-H", metavar="HOST", help="Host name, as for `ssh NAME`, or a group; repeat for several.")
+ENV = typer.Option("main", "--env", "-e", metavar="ENV", help="Env on the host.")
+LOCK_TIMEOUT = typer.Option(60, "--lock-timeout", metavar="SECONDS", help="Seconds to wait for a deploy in progress.")
 
 
 def change_env(ctx: typer.Context, cmd: str, hosts: list, env: str, lock_timeout: float,
@@ -345,7 +399,7 @@ def restart(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV, lock_ti
 
 @app.command()
 def rollback(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV,
-             to: Optional[str] = typer.Option(None, "--to", help="Release id to go back to (default: the previous one)."),
+             to: Optional[str] = typer.Option(None, "--to", metavar="RELEASE", help="Release id to go back to (default: the previous one)."),
              lock_timeout: float = LOCK_TIMEOUT,
              as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
     """Go back to the previous (or a named) release, health-checked, with no failed requests.
@@ -373,12 +427,12 @@ def releases(ctx: typer.Context, host: str = HOST, env: str = ENV,
         print_table(("", "RELEASE", "DEPLOYED AT", "BY", "FILE", "SHA256"), [
             ("*" if r["current"] else "", r["release"], r.get("deployed_at") or "-",
              r.get("deployed_by") or "-", r.get("file") or "-", (r.get("sha256") or "")[:12])
-            for r in data["releases"]])
+            for r in data["releases"]], key=("", "RELEASE"))
 
 
 @app.command()
 def logs(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV,
-         lines: int = typer.Option(50, "-n", "--lines", help="How many of the last lines to show."),
+         lines: int = typer.Option(50, "-n", "--lines", metavar="N", help="How many of the last lines to show."),
          follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines until Ctrl-C.")):
     """Show the app's output and access log from the host (or several, each line prefixed).
 
@@ -423,12 +477,12 @@ def logs(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV,
 @app.command()
 def tunnel(
     ctx: typer.Context,
-    user: Optional[str] = typer.Option(None, "--user", "-u", help="Tester name (as in `qabox testers add`)."),
-    host: Optional[str] = typer.Option(None, "--host", "-H", help="Host name, as for `ssh NAME` "
+    user: Optional[str] = typer.Option(None, "--user", "-u", metavar="NAME", help="Tester name (as in `qabox testers add`)."),
+    host: Optional[str] = typer.Option(None, "--host", "-H", metavar="HOST", help="Host name, as for `ssh NAME` "
                                        "(default: the tester's earlier tunnels' host, or the one host known)."),
     env: str = ENV,
-    port: Optional[int] = typer.Option(None, "--port", help="Local port (default: the tester's own, stable)."),
-    identity: Optional[str] = typer.Option(None, "-i", "--identity", help="The tester's private key file."),
+    port: Optional[int] = typer.Option(None, "--port", metavar="N", help="Local port (default: the tester's own, stable)."),
+    identity: Optional[str] = typer.Option(None, "-i", "--identity", metavar="KEYFILE", help="The tester's private key file."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background."),
     stop_: bool = typer.Option(False, "--stop", help="Stop the tester's background tunnel(s)."),
     all_: bool = typer.Option(False, "--all", help="With --stop: stop every tunnel on this machine."),
@@ -531,15 +585,16 @@ def tunnels_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
             print(json.dumps({"tunnels": records}, indent=2))
             return
         print_table(("TESTER", "HOST", "ENV", "URL", "STATE", "SINCE", "REQUESTS", "PID"), [
-            (r["user"], r["host"], r["env"], r["url"],
-             r["state"] + (f" ({r['reason']})" if r.get("reason") else ""),
+            (r["user"], r["host"], r["env"], r["url"], r["state"],
              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"])), str(r["requests"]), str(r["pid"]))
-            for r in records])
+            for r in records], key=("TESTER", "HOST", "ENV", "URL", "STATE"),
+            notes=[f"{r['user']}'s tunnel to {r['host']}/{r['env']}: {r['state']} ({r['reason']})"
+                   for r in records if r.get("reason")])
 
 
 @testers_app.command("add")
-def testers_add(ctx: typer.Context, name: str = typer.Argument(..., help="Tester name (a-z, 0-9, -, _)."),
-                key: Path = typer.Option(..., "--key", help="The tester's public key file (.pub)."),
+def testers_add(ctx: typer.Context, name: str = typer.Argument(..., metavar="NAME", help="Tester name (a-z, 0-9, -, _)."),
+                key: Path = typer.Option(..., "--key", metavar="FILE", help="The tester's public key file (.pub)."),
                 host: str = HOST, as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
     """Let a tester's key reach the app's ports on a host, and nothing else.
 
@@ -557,7 +612,7 @@ def testers_add(ctx: typer.Context, name: str = typer.Argument(..., help="Tester
 
 
 @testers_app.command("remove")
-def testers_remove(ctx: typer.Context, name: str = typer.Argument(..., help="Tester name."), host: str = HOST):
+def testers_remove(ctx: typer.Context, name: str = typer.Argument(..., metavar="NAME", help="Tester name."), host: str = HOST):
     """Take a tester's key off a host.
 
     Example: qabox testers remove tester2 --host oldbox
@@ -583,16 +638,16 @@ def testers_list(ctx: typer.Context, host: str = HOST,
         print_table(("TESTER", "FINGERPRINT", "ENVS (PORT)", "CONNECTED"), [
             (t["name"], t["fingerprint"], ", ".join(f"{e} ({p})" for e, p in sorted(t["ports"].items())) or "-",
              ", ".join(f"from {c['from']} since {c['since']}" for c in t["connected"]) or "-")
-            for t in data["testers"]])
+            for t in data["testers"]], key=("TESTER", "ENVS (PORT)"))
 
 
 @app.command("build")
 def build_cmd(
     ctx: typer.Context,
-    src: Path = typer.Argument(Path("."), help="The project directory (default: here)."),
-    output: Path = typer.Option(Path("build.tar.gz"), "-o", "--output", help="The build file to write."),
-    python_version: Optional[str] = typer.Option(None, "--python-version", help="The host's Python, e.g. 3.11 (see `qabox hosts check`)."),
-    platform: Optional[str] = typer.Option(None, "--platform", help="The host's platform tag, e.g. manylinux2014_x86_64."),
+    src: Path = typer.Argument(Path("."), metavar="DIR", help="The project directory (default: here)."),
+    output: Path = typer.Option(Path("build.tar.gz"), "-o", "--output", metavar="FILE", help="The build file to write."),
+    python_version: Optional[str] = typer.Option(None, "--python-version", metavar="X.Y", help="The host's Python, e.g. 3.11 (see `qabox hosts check`)."),
+    platform: Optional[str] = typer.Option(None, "--platform", metavar="TAG", help="The host's platform tag, e.g. manylinux2014_x86_64."),
 ):
     """Pack a project into a build: its files and a wheelhouse of its requirements.
 
@@ -603,7 +658,7 @@ def build_cmd(
     with reporting(ctx.obj["verbose"]):
         report = bundle.make(src, output, python_version, platform)
         out.print(f"{report.path}: {report.files} files, {report.wheels} wheels, "
-                  f"{human_bytes(report.size)}, entry {report.entry}", markup=False, highlight=False)
+                  f"{decimal(report.size)}, entry {report.entry}", markup=False, highlight=False)
         for secret in report.secrets:
             err.print(f"qabox: warning: {secret} looks like a secret and is in the build: "
                       f"add it to .gitignore or [build] exclude in qabox.toml", markup=False, highlight=False)
@@ -624,11 +679,11 @@ def hosts_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json",
             return
         print_table(("HOST", "ADDRESS", "USER", "PORT", "ENVS", "SETTINGS"), [
             (r["host"], r["address"], r["user"] or "-", str(r["port"]), ", ".join(r["envs"]) or "-",
-             r["settings"] or "-") for r in rows])
+             r["settings"] or "-") for r in rows], key=("HOST", "ADDRESS", "USER", "PORT"))
 
 
 @hosts_app.command("check")
-def hosts_check(ctx: typer.Context, name: str = typer.Argument(..., help="Host name, as for `ssh NAME`."),
+def hosts_check(ctx: typer.Context, name: str = typer.Argument(..., metavar="NAME", help="Host name, as for `ssh NAME`."),
                 as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")):
     """Check that a host is ready for qabox: each check passes or says the fix.
 
@@ -653,7 +708,7 @@ def hosts_check(ctx: typer.Context, name: str = typer.Argument(..., help="Host n
 @hosts_app.command("trust")
 def hosts_trust(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="Host name, as for `ssh NAME`."),
+    name: str = typer.Argument(..., metavar="NAME", help="Host name, as for `ssh NAME`."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Trust without asking."),
 ):
     """Show a host's key fingerprint and add it to known_hosts after you confirm.

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Callable
 
 import paramiko
+from rich.filesize import decimal
 
 from qabox import build as builds
 from qabox.context import Context, check_env, whoami
-from qabox.errors import ConfigError, ConnectError, RemoteError
+from qabox.errors import BuildError, ConfigError, ConnectError, RemoteError
 from qabox.remote import Remote
 
 CHUNK = 1 << 20
@@ -67,6 +68,9 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     if port is not None and not 1 <= port <= 65535:
         raise ConfigError(f"--port {port} is out of range: use 1-65535")
     hooks.step("checking build")
+    if path.is_dir():  # a project, not yet a build
+        raise BuildError(f"{path} is a directory, not a build file: make a build of it with "
+                         f"`qabox build {path} -o build.tar.gz`, then deploy build.tar.gz")
     settings = ctx.settings(host)
     build = builds.inspect(path, entry, settings.max_build_mb * 2**20)
     hooks.step("connecting")
@@ -140,8 +144,8 @@ class UploadFailed(ConnectError):
 def check_space(remote: Remote, needed: int, free: int) -> None:
     if free < needed + (1 << 20):
         raise RemoteError(
-            f"{remote.name}: the host's disk is full: {free // 2**20} MB free for "
-            f"{remote.settings.dir}, the build needs {needed // 2**20} MB more (and room to "
+            f"{remote.name}: the host's disk is full: {decimal(free)} free for "
+            f"{remote.settings.dir}, the build needs {decimal(needed)} more (and room to "
             f"extract it): free some space there and deploy again", code="disk_full")
 
 
