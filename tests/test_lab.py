@@ -162,3 +162,32 @@ def test_pick_slot_keeps_the_recorded_slot_and_checks_the_asked_one(monkeypatch)
     monkeypatch.setenv("QABOX_LAB_SLOT", "31")
     with pytest.raises(lab_module.LabError, match="from 0 to 30"):
         lab_module.pick_slot(None)
+
+
+@needs_root
+def test_a_second_lab_takes_a_free_slot_and_down_leaves_the_first_alone(lab_up, tmp_path):
+    env = {**os.environ, "QABOX_LAB_DIR": str(tmp_path / "lab")}
+    env.pop("QABOX_LAB_SLOT", None)
+
+    def second(*args):
+        return subprocess.run([str(LAB_SCRIPT), *args], capture_output=True, text=True,
+                              timeout=120, env=env)
+
+    before = status()
+    up = second("up")
+    try:
+        assert up.returncode == 0, up.stderr
+        slot = json.loads((tmp_path / "lab" / "state.json").read_text())["slot"]
+        assert slot > 0  # the suite's lab holds slot 0
+        n = slot * 8 + 1
+        assert f"lab1: started at qalab{n}@198.18.{n}.2:22" in up.stderr
+        login = subprocess.run(
+            ["ssh", "-F", str(tmp_path / "lab" / "ssh_config"), "-o", "BatchMode=yes", "lab1", "id -un"],
+            capture_output=True, text=True, timeout=30)
+        assert login.stdout.strip() == f"qalab{n}", login.stderr
+    finally:
+        down = second("down")
+    assert down.returncode == 0, down.stderr
+    assert subprocess.run(["ip", "link", "show", f"qlab{n}"], capture_output=True).returncode != 0
+    assert [row for row in status() if row["name"] == "lab1"] == [
+        row for row in before if row["name"] == "lab1"]  # the suite's lab1 is untouched
