@@ -187,6 +187,32 @@ def test_redeploy_under_load_fails_no_request(app_build, env_name, port):
     assert stats["ok"] >= 200 and {"v1", "v2"} <= set(stats["bodies"])
 
 
+
+def test_agent_upgrade_under_load_fails_no_request(app_build, env_name, port, monkeypatch):
+    """A supervisor of another agent build hands over to the new one (which adopts
+    the running app) instead of stopping the app: both ways, no request fails."""
+    from qabox import remote
+
+    original = (remote.AGENT_SOURCE, remote.AGENT_HASH)
+    other = remote.AGENT_SOURCE + b"\n# another agent build\n"
+    builds = [(other, remote.hashlib.sha256(other).hexdigest()[:16]), original]
+    deploy(app_build("v1"), env_name, port)
+    load = subprocess.Popen([sys.executable, str(LAB), "exec", "lab1", "--", "/usr/bin/python3", "-c",
+                             LOAD, str(port), "8"], stdout=subprocess.PIPE, text=True)
+    time.sleep(1)
+    supervisors = [status(env_name)["supervisor_pid"]]
+    for source, digest in builds:
+        monkeypatch.setattr(remote, "AGENT_SOURCE", source)
+        monkeypatch.setattr(remote, "AGENT_HASH", digest)
+        assert qabox("restart", "--host", "lab1", "--env", env_name).code == 0
+        supervisors.append(status(env_name)["supervisor_pid"])
+    out, _ = load.communicate(timeout=60)
+    stats = json.loads(out)
+    assert stats["failed"] == 0, stats
+    assert stats["ok"] >= 100
+    assert len(set(supervisors)) == 3  # each agent build ran a supervisor of its own
+
+
 # 4 clients send requests for N seconds at up to 50/s each; counts failures.
 LOAD = """
 import json, sys, threading, time, urllib.request

@@ -1216,14 +1216,23 @@ def ensure_supervisor(env: Env) -> None:
     pong = supervisor_ping(env)
     if pong and pong.get("port") == port and pong.get("agent") == os.path.basename(__file__):
         return
-    if pong:  # the env moved to another port, or its supervisor runs an older agent
+    if pong and pong.get("port") == port:
+        # A supervisor of an older agent hands over: on SIGTERM it leaves and
+        # its app keeps serving, for the new supervisor to adopt below.
+        try:
+            os.kill(pong["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not wait_for(lambda: not pid_alive(pong["pid"]), 5.0):
+            os.kill(pong["pid"], signal.SIGKILL)
+    elif pong:  # the env moved to another port: the old port's app stops with it
         try:
             supervisor_call(env, {"cmd": "stop"}, timeout=STOP_TIMEOUT + 10)
         except (Fail, OSError):
             pass
         if not wait_for(lambda: supervisor_ping(env) is None, 5.0):
             os.kill(pong["pid"], signal.SIGKILL)  # one too old to know "stop"
-        wait_for(lambda: not pid_alive(pong["pid"]), 5.0)  # its sockets close with it
+    wait_for(lambda: not (pong and pid_alive(pong["pid"])), 5.0)  # its sockets close with it
     state = read_json(env.path("state.json"), {}) or {}
     orphan = state.get("pid") if pid_alive(state.get("pid")) else None
     listener = None
