@@ -8,9 +8,11 @@ deploy use an env name and port of their own on the shared lab host.
 from __future__ import annotations
 
 import io
+import json
 import itertools
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -69,6 +71,34 @@ def remove_env(host: str, env: str, user: str = "qalab1") -> None:
 @pytest.fixture
 def port() -> int:
     return next(_ports)
+
+
+@pytest.fixture
+def tester(tmp_path, env_name, port, notes_build):
+    """An env with the notes app, and a tester whose key may reach it."""
+    assert qabox("deploy", notes_build, "--host", "lab1", "--env", env_name, "--port", port).code == 0
+    key = tmp_path / "tester"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    name = "t" + env_name.replace("x", "")
+    result = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
+    assert result.code == 0, result
+    yield {"name": name, "key": str(key), "env": env_name, "ports": json.loads(result.stdout)["ports"]}
+    qabox("tunnel", "--stop", "--user", name)
+    qabox("testers", "remove", name, "--host", "lab1")
+
+
+def ssh_as_tester(tester: dict, tmp_path: Path) -> list[str]:
+    """Plain OpenSSH `ssh` as the tester would run it, with their key only."""
+    config = tmp_path / "tester_ssh_config"
+    config.write_text(f"Host lab1\n  HostName 198.18.1.2\n  User qalab1\n  IdentityFile {tester['key']}\n"
+                      f"  IdentitiesOnly yes\n  UserKnownHostsFile {LAB_DIR / 'known_hosts'}\n")
+    return ["ssh", "-F", str(config), "-o", "BatchMode=yes"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Result:

@@ -13,23 +13,9 @@ import urllib.request
 
 import pytest
 
-from conftest import LAB, LAB_DIR, http_get, in_host, qabox
+from conftest import LAB, free_port, http_get, in_host, qabox, ssh_as_tester
 
 pytestmark = pytest.mark.usefixtures("lab")
-
-
-@pytest.fixture
-def tester(tmp_path, env_name, port, notes_build):
-    """An env with the notes app, and a tester whose key may reach it."""
-    assert qabox("deploy", notes_build, "--host", "lab1", "--env", env_name, "--port", port).code == 0
-    key = tmp_path / "tester"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    name = "t" + env_name.replace("x", "")
-    result = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
-    assert result.code == 0, result
-    yield {"name": name, "key": str(key), "env": env_name, "ports": json.loads(result.stdout)["ports"]}
-    qabox("tunnel", "--stop", "--user", name)
-    qabox("testers", "remove", name, "--host", "lab1")
 
 
 def start_tunnel(tester, *extra) -> tuple[subprocess.Popen, str]:
@@ -84,10 +70,7 @@ def test_local_port_is_stable_per_tester(tester):
 
 
 def test_tester_key_reaches_its_port_and_nothing_else(tester, port, tmp_path):
-    config = tmp_path / "tester_ssh_config"
-    config.write_text(f"Host lab1\n  HostName 198.18.1.2\n  User qalab1\n  IdentityFile {tester['key']}\n"
-                      f"  IdentitiesOnly yes\n  UserKnownHostsFile {LAB_DIR / 'known_hosts'}\n")
-    ssh = ["ssh", "-F", str(config), "-o", "BatchMode=yes"]
+    ssh = ssh_as_tester(tester, tmp_path)
     # a command is replaced by the tester session (which answers in JSON)
     out = subprocess.run(ssh + ["lab1", "cat /etc/passwd; id"], capture_output=True, text=True,
                          timeout=20, stdin=subprocess.DEVNULL).stdout
@@ -162,14 +145,6 @@ def test_a_dead_background_thread_is_raised_not_hidden(tester, monkeypatch):
         with pytest.raises(tunnel.TunnelBroken, match="RuntimeError: boom"):
             t.refresh()
     assert tunnel.port_free(port)  # the with block closed it
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_detach_tunnels_and_stop(tester):

@@ -40,14 +40,18 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
 import time
 
 PROTOCOL = 1
-ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Names and ids become paths and key lines on the host: always matched whole
+# (fullmatch: "$" alone would accept a trailing newline).
+ENV_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+RELEASE_ID = re.compile(r"\d{8}-\d{6}(-\d+)?")
 DEFAULT_MAX_BYTES = 2 * 1024**3
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -212,7 +216,7 @@ class Env:
     """Paths of one env under the base directory."""
 
     def __init__(self, base: str, name: str):
-        if not ENV_NAME.match(name or ""):
+        if not ENV_NAME.fullmatch(name or ""):
             raise Fail("bad_env", "env name %r is not allowed: use a-z, 0-9, - and _" % name)
         self.base = os.path.abspath(os.path.expanduser(base))
         self.name = name
@@ -257,7 +261,7 @@ def all_envs(base: str) -> list:
         names = os.listdir(os.path.join(os.path.expanduser(base), "envs"))
     except OSError:
         return []
-    return sorted(n for n in names if ENV_NAME.match(n))
+    return sorted(n for n in names if ENV_NAME.fullmatch(n))
 
 
 def existing_env(base: str, name: str) -> Env:
@@ -359,7 +363,7 @@ def cmd_session(req, io) -> None:
 def cmd_upload_state(req, io) -> dict:
     """What the host has of a build: all of it, part of it (resume), or none."""
     sha = req["sha256"]
-    if not SHA256.match(sha):
+    if not SHA256.fullmatch(sha):
         raise Fail("bad_request", "not a sha256: %r" % sha)
     builds = makedirs(os.path.join(os.path.abspath(os.path.expanduser(req["base"])), "builds"))
     if os.path.islink(builds):
@@ -540,16 +544,12 @@ def cmd_deploy(req, io) -> dict:
     env = locked(req, io)
     env.ensure()
     sha = req["sha256"]
-    if not SHA256.match(sha):
+    if not SHA256.fullmatch(sha):
         raise Fail("bad_request", "not a sha256: %r" % sha)
     started = time.monotonic()
     current = env.current()
     settings = env_settings(env, req)
-    with TestersLock(env.base):
-        testers = load_testers(env.base)
-        if allocate_tester_ports(env.base, testers):
-            write_json(testers_file(env.base), testers)
-            write_authorized_keys(env.base, testers)
+    give_testers_ports(env.base)
     if current and env.release_info(current).get("sha256") == sha:
         pong = supervisor_ping(env)
         if pong and pong.get("state") == "running" and pong.get("port") == settings["port"]:
@@ -643,6 +643,10 @@ def free_port(start: int, taken: set) -> int:
 
 def switch_to(env: Env, release: str, settings: dict) -> dict:
     """Have the env's supervisor serve ``release``, live only once it is healthy."""
+    held = foreign_listeners(env)
+    if held:
+        raise Fail("port_taken", held[0] + ": stop that process (or remove the tester "
+                   "whose key made it), then try again; nothing was changed")
     set_stopped(env, False)
     ensure_supervisor(env)
     timeout = float(settings.get("start_timeout") or START_TIMEOUT)
@@ -850,17 +854,36 @@ def cmd_logs(req, io) -> None:
 # supervisor listens on those ports too, so the access log can name the tester.
 
 TESTER_MARK = " qabox-tester:"
-PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh\.com|"
-                    r"sk-ecdsa-sha2-nistp256@openssh\.com) ([A-Za-z0-9+/]+={0,3})(?: [^\r\n]*)?$")
+PUBKEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh\.com|"
+                    r"sk-ecdsa-sha2-nistp256@openssh\.com) ([A-Za-z0-9+/]+={0,3})(?: [^\r\n]*)?")
 FIRST_TESTER_PORT = 18080
+MAX_SESSIONS = 8  # open tunnels per tester: a few machines each, not a flood
 
 
 def testers_file(base: str) -> str:
     return os.path.join(os.path.abspath(os.path.expanduser(base)), "testers.json")
 
 
+def read_testers(base: str) -> dict:
+    """The tester store: ``{"testers": {name: tester}, "retired_ports": [...]}``,
+    kept in testers.json and retired-ports.json (older agents read the first).
+
+    A store that exists but cannot be read is an error, never "no testers":
+    rewriting authorized_keys from it would drop every tester's key.
+    """
+    path = testers_file(base)
+    testers = read_json(path) if os.path.lexists(path) else {}
+    retired = read_json(path.replace("testers.json", "retired-ports.json"), [])
+    if not (isinstance(testers, dict) and isinstance(retired, list)
+            and all(isinstance(t, dict) and isinstance(t.get("key"), str) for t in testers.values())):
+        raise Fail("bad_state", "%s is not a readable tester list: restore it from a backup, or "
+                   "move it away and add the testers again (their keys stay in authorized_keys "
+                   "until then)" % path)
+    return {"testers": testers, "retired_ports": retired}
+
+
 def load_testers(base: str) -> dict:
-    return read_json(testers_file(base), {}) or {}
+    return read_testers(base)["testers"]
 
 
 def tester_ports(env: Env) -> dict:
@@ -884,10 +907,16 @@ class TestersLock:
         os.close(self.fd)
 
 
-def allocate_tester_ports(base: str, testers: dict) -> bool:
-    """Give every tester a port of their own in every env. True if any was added."""
+def allocate_tester_ports(base: str, store: dict) -> bool:
+    """Give every tester a port of their own in every env. True if any was added.
+
+    A port once given is never given again (``retired_ports``): a removed
+    tester's open connection must not reach whoever would get it next.
+    """
     base = os.path.abspath(os.path.expanduser(base))
+    testers = store["testers"]
     taken = {(read_json(Env(base, e).path("env.json"), {}) or {}).get("port") for e in all_envs(base)}
+    taken.update(store["retired_ports"])
     for t in testers.values():
         taken.update(t.get("ports", {}).values())
     changed = False
@@ -895,7 +924,7 @@ def allocate_tester_ports(base: str, testers: dict) -> bool:
     for name in sorted(testers):
         ports = testers[name].setdefault("ports", {})
         for gone in [env for env in ports if env not in envs]:  # envs deleted since
-            del ports[gone]
+            store["retired_ports"].append(ports.pop(gone))
             changed = True
         for env in sorted(envs):
             if env not in ports:
@@ -905,20 +934,43 @@ def allocate_tester_ports(base: str, testers: dict) -> bool:
     return changed
 
 
+def give_testers_ports(base: str) -> None:
+    """Ports for every tester in a new env (a deploy calls this)."""
+    with TestersLock(base):
+        store = read_testers(base)
+        if allocate_tester_ports(base, store):
+            store_testers(base, store)  # the new env's supervisor binds them as it starts
+
+
+SAFE_PATH = re.compile(r"[A-Za-z0-9._/+-]+")
+LINE_BASE = re.compile(r'tester-session (\S+) [^ "]+"')
+
+
 def authorized_line(base: str, name: str, tester: dict) -> str:
+    """The tester's key line: a tunnel to their own ports and nothing else.
+
+    ``restrict`` takes everything away; ``port-forwarding`` gives back local
+    *and* remote forwarding, so ``permitlisten`` names a port the account can
+    never bind, and ``permitopen`` the tester's own ports. (Unix-socket
+    forwards cannot be refused per key: see ``peer_pid`` for why that is safe.)
+    """
     options = ["restrict"]
     ports = sorted(tester.get("ports", {}).values())
     if ports:
-        options.append("port-forwarding")
+        options += ["port-forwarding", 'permitlisten="127.0.0.1:1"']
         options += ['permitopen="127.0.0.1:%d"' % port for port in ports]
-    command = "%s %s tester-session %s %s" % (sys.executable, os.path.abspath(__file__),
-                                              os.path.abspath(os.path.expanduser(base)), name)
-    options.append('command="%s"' % command)
+    words = [sys.executable, os.path.abspath(__file__), os.path.abspath(os.path.expanduser(base))]
+    for word in words:
+        if not SAFE_PATH.fullmatch(word):
+            raise Fail("bad_path", "%r cannot go into a forced command: use a directory and a "
+                       "python whose paths have only letters, digits and . _ / + -" % word)
+    options.append('command="%s %s tester-session %s %s"' % (words[0], words[1], words[2], name))
     return "%s %s%s%s" % (",".join(options), tester["key"], TESTER_MARK, name)
 
 
 def write_authorized_keys(base: str, testers: dict) -> None:
-    """Rewrite qabox's tester lines atomically, leaving every other line as it was."""
+    """Rewrite this base's tester lines atomically, leaving every other line
+    (the deploy account's own keys, testers of another base) as it was."""
     ssh_dir = makedirs(os.path.expanduser("~/.ssh"))
     path = os.path.join(ssh_dir, "authorized_keys")
     try:
@@ -926,18 +978,30 @@ def write_authorized_keys(base: str, testers: dict) -> None:
             lines = f.read().splitlines()
     except FileNotFoundError:
         lines = []
-    kept = [line for line in lines if TESTER_MARK not in line]
-    ours = [authorized_line(base, name, testers[name]) for name in sorted(testers)]
+    here = os.path.abspath(os.path.expanduser(base))
+
+    def ours(line: str) -> bool:
+        found = LINE_BASE.search(line) if TESTER_MARK in line else None
+        return bool(found) and found.group(1) == here
+
+    kept = [line for line in lines if not ours(line)]
+    mine = [authorized_line(base, name, testers[name]) for name in sorted(testers)]
     tmp = "%s.%d.tmp" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write("\n".join(kept + ours) + "\n")
+        f.write("\n".join(kept + mine) + "\n")
     os.replace(tmp, path)
 
 
-def save_testers(base: str, testers: dict) -> None:
-    write_json(testers_file(base), testers)
-    write_authorized_keys(base, testers)
+def store_testers(base: str, store: dict) -> None:
+    write_json(testers_file(base).replace("testers.json", "retired-ports.json"), store["retired_ports"])
+    write_json(testers_file(base), store["testers"])
+    write_authorized_keys(base, store["testers"])
+
+
+def save_testers(base: str, store: dict) -> None:
+    """Store the testers and have every running app serve their ports."""
+    store_testers(base, store)
     for env in all_envs(base):  # hand the new ports to running apps
         env = Env(base, env)
         try:
@@ -955,12 +1019,30 @@ def key_fingerprint(key: str) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
+def check_sshd(banner: str) -> None:
+    """Refuse tester keys on an sshd that would let them listen on the host.
+
+    ``permitlisten`` came in OpenSSH 7.8, and an sshd that does not know a key
+    option rejects the whole line: below 7.8 no safe tester line exists.
+    """
+    found = re.search(r"OpenSSH_(\d+)\.(\d+)", banner or "")
+    if not found:
+        raise Fail("sshd_unsupported", "the host's SSH server (%s) is not OpenSSH: tester keys need "
+                   "OpenSSH 7.8 or newer there" % (banner or "unknown"))
+    if (int(found.group(1)), int(found.group(2))) < (7, 8):
+        raise Fail("sshd_too_old", "the host runs OpenSSH %s.%s, which cannot stop a key from opening "
+                   "listeners on the host (permitlisten came in 7.8), so a tester could take over "
+                   "other testers' ports: no tester key was added; have the host's admin upgrade "
+                   "openssh-server to 7.8 or newer" % found.groups())
+
+
 def cmd_tester_add(req, io) -> dict:
     name, key = req["name"], " ".join(req["key"].split()[:2])
-    if not ENV_NAME.match(name or ""):
+    if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
         raise Fail("bad_name", "tester name %r is not allowed: use a-z, 0-9, - and _" % name)
-    if not PUBKEY.match(req["key"].strip()):
+    if not PUBKEY.fullmatch(req["key"].strip()):
         raise Fail("bad_key", "that is not an OpenSSH public key line (type, base64 key, comment)")
+    check_sshd(req.get("sshd"))
     with TestersLock(req["base"]):
         try:
             with open(os.path.expanduser("~/.ssh/authorized_keys")) as f:
@@ -970,29 +1052,33 @@ def cmd_tester_add(req, io) -> dict:
         if unrestricted:
             raise Fail("key_in_use", "this key already logs in to the deploy account without "
                        "restrictions: give the tester a key of their own")
-        testers = load_testers(req["base"])
+        store = read_testers(req["base"])
+        testers = store["testers"]
         for other, t in testers.items():
             if t["key"] == key and other != name:
                 raise Fail("key_in_use", "this key is tester %s's already" % other)
         old = testers.get(name, {})
         if old.get("key") == key:
-            save_testers(req["base"], testers)  # unchanged, but make sure every app listens
+            save_testers(req["base"], store)  # unchanged, but make sure every app listens
             return {"name": name, "fingerprint": old["fingerprint"], "ports": old["ports"], "changed": False}
         testers[name] = {"key": key, "fingerprint": key_fingerprint(key), "added_at": iso(now()),
                          "added_by": req.get("by"), "ports": old.get("ports", {})}
-        allocate_tester_ports(req["base"], testers)
-        save_testers(req["base"], testers)
+        allocate_tester_ports(req["base"], store)
+        save_testers(req["base"], store)
     return {"name": name, "fingerprint": testers[name]["fingerprint"], "ports": testers[name]["ports"],
             "changed": True}
 
 
 def cmd_tester_remove(req, io) -> dict:
+    """Take a tester's key out, close their ports (never given again) and end
+    their open sessions: an open SSH connection outlives its key."""
     with TestersLock(req["base"]):
-        testers = load_testers(req["base"])
-        if req["name"] not in testers:
+        store = read_testers(req["base"])
+        gone = store["testers"].pop(req["name"], None)
+        if gone is None:
             raise Fail("no_tester", "there is no tester %r on this host" % req["name"])
-        del testers[req["name"]]
-        save_testers(req["base"], testers)
+        store["retired_ports"] += sorted(gone.get("ports", {}).values())
+        save_testers(req["base"], store)
     ended = 0
     for record in connected(req["base"]):
         if record["name"] == req["name"]:
@@ -1010,14 +1096,85 @@ def cmd_tester_list(req, io) -> dict:
         for name, t in sorted(load_testers(base).items())]}
 
 
+def tcp_sockets() -> list:
+    """(local port, state, inode) of every TCP socket in this network namespace,
+    whoever owns it (/proc/net/tcp{,6}); state "0A" is listening, "01" open."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            found.append((int(fields[1].rsplit(":", 1)[1], 16), fields[3], int(fields[9])))
+    return found
+
+
+def socket_inodes(pid) -> set:
+    """The inodes of the sockets a process of ours holds open."""
+    inodes = set()
+    try:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(int(link[8:-1]))
+    except (OSError, TypeError):
+        pass
+    return inodes
+
+
+def holder(inode: int) -> str:
+    """Which process holds a socket, as far as this account can see."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if inode in socket_inodes(int(pid)):
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    command = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+            except OSError:
+                command = "?"
+            return "pid %s (%s)" % (pid, command[:80])
+    return "a process qabox cannot inspect (an SSH session's forward?)"
+
+
+def foreign_listeners(env: Env) -> list:
+    """Listeners on the env's ports (its own, its testers') that are not its
+    supervisor's or app's: another program, or a tester's ``ssh -R``. Such a
+    port would serve someone else's page to whoever connects."""
+    state = read_json(env.path("state.json"), {}) or {}
+    ports = {(read_json(env.path("env.json"), {}) or {}).get("port", 8080): "the env's port"}
+    try:
+        ports.update({port: "tester %s's port" % name for name, port in tester_ports(env).items()})
+    except Fail:
+        pass  # a broken tester list is reported where testers are read
+    ours = set()
+    for pid, role in ((state.get("supervisor_pid"), ["supervise", env.base, env.name]),
+                      (state.get("pid"), ["serve"])):
+        if isinstance(pid, int) and (agent_args(pid) or [None])[:len(role)] == role:
+            ours |= socket_inodes(pid)
+    return ["%s %d is held by %s" % (ports[port], port, holder(inode))
+            for port, kind, inode in tcp_sockets()
+            if kind == "0A" and port in ports and inode not in ours]
+
+
 def connected(base: str) -> list:
-    """Testers whose tunnel's session is open now."""
+    """Testers connected now: those whose tunnel's session is open, and those
+    with a connection open to one of their ports (``ssh -N`` opens no session)."""
     folder = os.path.join(os.path.abspath(os.path.expanduser(base)), "connected")
     result = []
     for name in sorted(glob.glob(os.path.join(folder, "*.json"))):
         record = read_json(name)
         if record and pid_alive(record.get("pid")):
             result.append(record)
+    in_use = {port for port, kind, _ in tcp_sockets() if kind == "01"}
+    seen = {r["name"] for r in result}
+    for name, tester in sorted(load_testers(base).items()):
+        if name not in seen and in_use & set(tester.get("ports", {}).values()):
+            result.append({"name": name, "from": "a forward without a session", "since": None})
     return result
 
 
@@ -1065,6 +1222,11 @@ def tester_session(base: str, name: str, io: Stream) -> int:
     testers = load_testers(base)
     if name not in testers:
         io.emit({"ok": False, "error": {"code": "no_tester", "message": "tester %s was removed" % name}})
+        return 1
+    open_now = [c for c in connected(base) if c["name"] == name]
+    if len(open_now) >= MAX_SESSIONS:
+        io.emit({"ok": False, "error": {"code": "too_many_sessions", "message":
+                 "tester %s has %d tunnels open already: close one first" % (name, len(open_now))}})
         return 1
     folder = makedirs(os.path.join(os.path.abspath(os.path.expanduser(base)), "connected"))
     record_path = os.path.join(folder, "%s-%d.json" % (name, os.getpid()))
@@ -1130,6 +1292,13 @@ def env_status(env: Env) -> dict:
     port = settings.get("port", 8080)
     pong = supervisor_ping(env)
     status = pong.get("state", "stopped") if pong else ("crashed" if state.get("state") == "crashed" else "stopped")
+    problems = foreign_listeners(env)
+    try:
+        testers = [dict(c, requests=tester_requests(env, c["name"])) for c in connected_testers(env)]
+        requests = {name: tester_requests(env, name) for name in tester_ports(env)}
+    except Fail as e:
+        testers, requests = [], {}
+        problems.append(e.message)
     started = state.get("started_at")
     return {
         "env": env.name,
@@ -1148,9 +1317,11 @@ def env_status(env: Env) -> dict:
         "port": port,
         "supervisor_pid": pong.get("pid") if pong else None,
         "supervisor_revived": revived,
-        "testers": [dict(c, requests=tester_requests(env, c["name"])) for c in connected_testers(env)],
-        "requests": {name: tester_requests(env, name) for name in tester_ports(env)},
-        "health": http_probe(port, info.get("health", "/")) if current and status != "stopped" else None,
+        "testers": testers,
+        "requests": requests,
+        "problems": problems,  # a port that serves someone else's page is not healthy
+        "health": {"error": problems[0]} if problems else
+                  http_probe(port, info.get("health", "/")) if current and status != "stopped" else None,
     }
 
 
@@ -1177,12 +1348,63 @@ COMMANDS = {
 # ---------------------------------------------------------------- supervisor
 
 
+def peer_pid(sock: socket.socket) -> int:
+    """The pid at the other end of a unix socket, as the kernel saw it
+    (SO_PEERCRED); 0 when it runs as another user.
+
+    Why: a tester's key cannot be kept from ``ssh -R /path/ctl.sock:...``
+    (unix-socket forwards can only be switched off in sshd_config), so the
+    socket at a path may be sshd's, not ours: each end checks who the other is.
+    """
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                       struct.calcsize("3i")))
+    return pid if uid == os.getuid() else 0
+
+
+def agent_args(pid: int):
+    """A process's arguments after the agent file (``["supervise", base, env]``),
+    or None when it is not an agent of this host's agent directory."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            argv = f.read().decode("utf-8", "replace").split("\0")
+        if len(argv) < 2:
+            return None
+        path = os.path.join(os.readlink("/proc/%d/cwd" % pid), argv[1])  # qabox runs it by a relative path
+    except (OSError, ValueError):
+        return None
+    if os.path.dirname(os.path.normpath(path)) != os.path.dirname(os.path.abspath(__file__)):
+        return None
+    return [a for a in argv[2:] if a]
+
+
+def foreign_peer(sock: socket.socket, pid: int = 0, role: list = ()):
+    """None when the peer is the process qabox started (``pid`` exactly, or
+    else an agent whose arguments start with ``role``); otherwise what it is."""
+    peer = peer_pid(sock)
+    if pid:
+        ok = peer == pid
+    else:
+        args = agent_args(peer) if peer else None
+        ok = args is not None and args[:len(role)] == list(role)
+    return None if ok else ("pid %d" % peer if peer else "a process of another user")
+
+
+def expect_peer(sock: socket.socket, what: str, pid: int = 0, role: list = ()) -> None:
+    """Connected to ``what``: talk on only if qabox started the other end."""
+    foreign = foreign_peer(sock, pid, role)
+    if foreign:
+        raise Fail("foreign_socket", "%s is held by %s, which qabox did not start: refused; "
+                   "`qabox hosts check` says how to stop testers from making such sockets"
+                   % (what, foreign))
+
+
 def supervisor_call(env: Env, request: dict, timeout: float = 5.0) -> dict:
     """Send one request to the env's supervisor and wait for its answer."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(env.path("ctl.sock"))
+        expect_peer(sock, "env %s's control socket" % env.name, role=["supervise", env.base, env.name])
         sock.sendall(json.dumps(request).encode() + b"\n")
         data = recv_line(sock)
     finally:
@@ -1328,6 +1550,7 @@ def app_request(env: Env, pid: int, fds: dict, **message) -> tuple:
     sock.settimeout(5)
     try:
         sock.connect(app_ctl_path(env, pid))
+        expect_peer(sock, "the app's control socket", pid=pid)
         try:
             send_fds(sock, fds, **message)
         except BrokenPipeError:
@@ -1367,6 +1590,8 @@ class AppProcess:
             "probe_fd": probe.fileno(),
             "live": live,
             "ctl_dir": env.path("run"),
+            "base": env.base,
+            "env": env.name,
         }
         python = env.path("venvs", info["venv"], "bin", "python")
         child_env = dict(os.environ)
@@ -1483,6 +1708,8 @@ class Supervisor:
         self.failed_probes = 0
         self.next_probe = 0.0
         self.next_rotate = 0.0
+        self.next_testers = 0.0
+        self.missing_testers = False  # a tester port could not be bound: tick() retries
 
     @property
     def settings(self) -> dict:
@@ -1525,6 +1752,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda *_: self.exit())
         if self.listen_fd == "adopt":
             self.adopt()
+            self.update_testers()  # testers added while no supervisor ran
         else:
             self.sockets[""] = int(self.listen_fd)
             self.port = socket.socket(fileno=os.dup(self.sockets[""])).getsockname()[1]
@@ -1538,6 +1766,11 @@ class Supervisor:
             ready, _, _ = select.select([ctl], [], [], 0.1)
             if ready:
                 conn, _ = ctl.accept()
+                foreign = foreign_peer(conn)
+                if foreign:
+                    self.log("refused a control connection from %s: not a qabox agent" % foreign)
+                    conn.close()
+                    continue
                 self.handle(conn)
             self.tick()
 
@@ -1582,14 +1815,27 @@ class Supervisor:
             self.stop_app()
             return {"ok": True}
         if cmd == "testers":
-            if self.bind_testers() and self.app is not None and not self.app.hand_over(self.sockets):
-                return self.switch(self.app.release, START_TIMEOUT)  # a new process gets them
-            return {"ok": True}
+            return self.update_testers()
         raise Fail("bad_request", "unknown supervisor command %r" % cmd)
 
+    def update_testers(self) -> dict:
+        """Serve exactly the testers' ports of now, in the running app too."""
+        if self.bind_testers() and self.app is not None and not self.app.hand_over(self.sockets):
+            return self.switch(self.app.release, START_TIMEOUT)  # a new process gets them
+        return {"ok": True}
+
     def bind_testers(self) -> bool:
-        """Listen on each tester's own port for this env. True if anything changed."""
-        wanted = tester_ports(self.env)
+        """Listen on each tester's own port for this env. True if anything changed.
+
+        A port it cannot get (held by another process) is tried again from
+        tick(); an unreadable tester list changes nothing.
+        """
+        try:
+            wanted = tester_ports(self.env)
+        except Fail as e:
+            self.log(e.message)
+            return False
+        self.missing_testers = False
         changed = False
         for name in [n for n in self.sockets if n and n not in wanted]:
             os.close(self.sockets.pop(name))
@@ -1600,7 +1846,9 @@ class Supervisor:
                     self.sockets[name] = bind_listener(port).detach()  # the fd, kept open
                     changed = True
                 except (Fail, OSError) as e:
-                    self.log("cannot listen on tester %s's port %d: %s" % (name, port, e))
+                    if not self.missing_testers:
+                        self.log("cannot listen on tester %s's port %d (retrying): %s" % (name, port, e))
+                    self.missing_testers = True
         return changed
 
     def start(self, release: str) -> None:
@@ -1647,8 +1895,12 @@ class Supervisor:
         return {"ok": True, "pid": new.pid, "health": result}
 
     def tick(self) -> None:
-        """Restart an app that died or hangs; mark one that became healthy; rotate logs."""
+        """Restart an app that died or hangs; mark one that became healthy; rotate
+        logs; try again for tester ports it could not listen on."""
         clock = time.monotonic()
+        if self.missing_testers and clock >= self.next_testers:
+            self.next_testers = clock + 2.0
+            self.update_testers()
         app = self.app
         if app is None:
             if self.restart_at is not None and clock >= self.restart_at:
@@ -1776,23 +2028,29 @@ def serve(spec: dict) -> None:
 
     active = [0]
     active_lock = threading.Lock()
+    open_by = {}  # tester name -> their connections open now (closed when they are removed)
 
     class Handler(WSGIRequestHandler):
         # One request per connection: nothing idles in a keep-alive that a
         # release switch would cut, and each tunnel request is its own channel.
         protocol_version = "HTTP/1.0"
+        tester = ""
 
         def handle(self):
             with active_lock:
                 active[0] += 1
+                open_by.setdefault(self.tester, set()).add(self.connection)
             try:
                 super().handle()
             finally:
                 with active_lock:
                     active[0] -= 1
+                    open_by.get(self.tester, set()).discard(self.connection)
 
     def tester_handler(name: str):
         class TesterHandler(Handler):
+            tester = name
+
             def address_string(self):
                 return name  # the access log names the tester, not 127.0.0.1
 
@@ -1826,6 +2084,12 @@ def serve(spec: dict) -> None:
                 server.shutdown()
                 server.server_close()
             os.close(sockets.pop(name))
+            with active_lock:  # a removed tester keeps no connection they opened before
+                for conn in open_by.pop(name, ()):
+                    try:
+                        conn.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
         for name, fd in fds.items():
             if name in sockets:
                 os.close(fd)  # the same socket, already served
@@ -1846,6 +2110,9 @@ def serve(spec: dict) -> None:
             with conn:
                 conn.settimeout(5)
                 try:
+                    foreign = foreign_peer(conn, role=["supervise", spec["base"], spec["env"]])
+                    if foreign:
+                        raise OSError("refused a connection from %s: not this env's supervisor" % foreign)
                     message, fds = recv_fds(conn)
                     with lock:
                         if message.get("cmd") == "serve":
@@ -1890,11 +2157,14 @@ class Stream:
     even in the middle of a long step, which then stops at its next check().
     """
 
-    def __init__(self, stdout, stdin=None):
+    MAX_LINE = 1 << 20  # a request is a small JSON line; builds go by SFTP
+
+    def __init__(self, stdout, stdin=None, max_requests=None):
         import queue
         import threading
 
         self.stdout = stdout
+        self.requests_left = max_requests  # None: any number
         self.gone = threading.Event()
         self.inbox = queue.Queue()
         self.locked_env = None  # set by a session holding that env's deploy lock
@@ -1915,7 +2185,11 @@ class Stream:
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
                     if line.strip() and line.strip() != b"{}":  # {} is a heartbeat
+                        if self.requests_left is not None:
+                            self.requests_left -= 1
                         self.inbox.put(line.decode("utf-8", "replace"))
+                if len(buffer) > self.MAX_LINE or (self.requests_left or 0) < 0:
+                    break  # a flood, not qabox: end the call rather than buffer it
             elif time.monotonic() - last > SESSION_IDLE:
                 break
         self.gone.set()
@@ -1975,7 +2249,8 @@ def main(argv: list) -> int:
         Supervisor(Env(argv[2], argv[3]), argv[4]).run()
         return 0
     if len(argv) > 1 and argv[1] == "tester-session":  # a tester key's forced command
-        return tester_session(argv[2], argv[3], Stream(sys.stdout, sys.stdin))
+        # qabox sends its one request line, then heartbeats only
+        return tester_session(argv[2], argv[3], Stream(sys.stdout, sys.stdin, max_requests=1))
     if len(argv) > 1 and argv[1] == "boot":
         boot(argv[2])
         return 0

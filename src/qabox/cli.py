@@ -7,7 +7,6 @@ traceback only with -v, and a non-zero exit code that says what kind.
 from __future__ import annotations
 
 import json
-import re
 import textwrap
 import time
 import traceback
@@ -22,7 +21,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, T
                            TransferSpeedColumn)
 from rich.text import Text
 
-from qabox import __version__, deploy as deploying, ops, ssh
+from qabox import __version__, agent, deploy as deploying, ops, ssh
 from qabox.context import Context, check_env
 from qabox.errors import ConfigError, QaboxError
 from qabox.hosts import expand
@@ -406,7 +405,7 @@ def rollback(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV,
 
     Example: qabox rollback --host oldbox --to 20261124-104000
     """
-    if to is not None and not re.match(r"^\d{8}-\d{6}(-\d+)?$", to):
+    if to is not None and not agent.RELEASE_ID.fullmatch(to):
         with reporting(ctx.obj["verbose"], as_json):
             raise ConfigError(f"--to {to!r} is not a release id (like 20261124-104000): see `qabox releases`")
     change_env(ctx, "rollback", host, env, lock_timeout, as_json, to=to)
@@ -698,8 +697,8 @@ def hosts_check(ctx: typer.Context, name: str = typer.Argument(..., metavar="NAM
                               "checks": [c.__dict__ for c in checks]}, indent=2))
         else:
             for c in checks:
-                mark = "[green]pass[/]" if c.ok else "[red]FAIL[/]"
-                fix = "" if c.ok else f"  → {c.fix}"
+                mark = "[red]FAIL[/]" if not c.ok else "[yellow]warn[/]" if c.warning else "[green]pass[/]"
+                fix = f"  → {c.fix}" if not c.ok or c.warning else ""
                 out.print(f"{mark}  {c.name}: {c.detail}{fix}", highlight=False)
         if not all(c.ok for c in checks):
             raise typer.Exit(1)

@@ -5,19 +5,16 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import re
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-
 import platformdirs
 from filelock import FileLock
 
-from qabox import hosts, ssh
+from qabox import agent, hosts, ssh
 from qabox.errors import ConfigError
 from qabox.remote import Remote
 
@@ -88,7 +85,7 @@ class Context:
 
 def check_env(env: str) -> str:
     """Env names become paths on the host: refuse anything but a plain name."""
-    if not ENV_NAME.match(env or ""):
+    if not isinstance(env, str) or not agent.ENV_NAME.fullmatch(env):
         raise ConfigError(f"env name {env!r} is not allowed: use up to 32 of a-z, 0-9, - and _")
     return env
 

@@ -16,9 +16,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from qabox import agent
 from qabox.errors import ConfigError
 
-HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,253}$")
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,253}")  # fullmatch
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ TABLE_KEYS = {
 
 
 def check_host_name(name: str) -> str:
-    if not HOST_NAME.match(name or ""):
+    if not HOST_NAME.fullmatch(name or ""):
         raise ConfigError(f"host name {name!r} is not valid: use letters, digits, '.', '-' and '_'")
     return name
 
@@ -92,7 +93,7 @@ def load_settings(name: str, hosts_dir: Path) -> HostSettings:
     for kind, known in TABLE_KEYS.items():
         for entry, table in values.get(kind, {}).items():
             where = f"{path}:{line_of(text, entry, table=kind)}"
-            if not re.match(r"^[a-z0-9][a-z0-9_-]{0,31}$", entry) or not isinstance(table, dict):
+            if not agent.ENV_NAME.fullmatch(entry) or not isinstance(table, dict):
                 raise ConfigError(f"{where}: [{kind}.{entry}] must be a table with a name of a-z, 0-9, - and _")
             for key, value in table.items():
                 if key not in known:

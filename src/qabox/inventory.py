@@ -3,6 +3,7 @@ whether each is ready for qabox, every check with its fix."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    warning: bool = False  # passes, but says what an admin may want to change
 
 
 def list_hosts(ctx: Context) -> list[dict]:
@@ -30,7 +32,7 @@ def list_hosts(ctx: Context) -> list[dict]:
     names = set(ctx.host_files())
     if ctx.ssh_config:
         config = paramiko.SSHConfig.from_path(str(ctx.ssh_config))
-        names |= {h for h in config.get_hostnames() if HOST_NAME.match(h)}
+        names |= {h for h in config.get_hostnames() if HOST_NAME.fullmatch(h)}
     rows = []
     for name in sorted(names):
         target = ctx.target(name)
@@ -39,6 +41,39 @@ def list_hosts(ctx: Context) -> list[dict]:
                      "envs": sorted(settings.envs) or (["main"] if settings.source else []),
                      "settings": str(settings.source) if settings.source else None})
     return rows
+
+
+def tester_checks(remote, user: str | None) -> list[Check]:
+    """What tester keys can do on this host's sshd.
+
+    A key can be kept from listening on TCP ports (``permitlisten``, OpenSSH
+    7.8+), but not from unix-socket forwards, which only sshd_config can turn
+    off. qabox checks every socket's peer, so such a socket cannot fool it;
+    an admin can still take the possibility away. As the deploy account we
+    cannot read sshd_config, so we ask for such a forward and see.
+    """
+    banner = remote.sshd_version
+    try:
+        agent.check_sshd(banner)
+        version = Check("sshd fits tester keys", True, banner)
+    except agent.Fail as e:
+        version = Check("sshd fits tester keys", False, banner, e.message)
+    transport = remote.client.get_transport()
+    path = f"/tmp/qabox-probe-{secrets.token_hex(8)}.sock"
+    allowed = transport.global_request("streamlocal-forward@openssh.com", (path,), wait=True) is not None
+    if allowed:
+        transport.global_request("cancel-streamlocal-forward@openssh.com", (path,), wait=True)
+        try:
+            remote.sftp.remove(path)
+        except OSError:
+            pass
+    account = user or "DEPLOY_USER"
+    forwards = Check("unix-socket forwards", True,
+                     "possible for tester keys (qabox checks every socket's peer, so they cannot fool it)"
+                     if allowed else "off", warning=allowed,
+                     fix=f"to turn them off, an admin adds to sshd_config: "
+                         f"`Match User {account}` / `    AllowStreamLocalForwarding no`, then reloads sshd")
+    return [version, forwards]
 
 
 def check_host(ctx: Context, name: str) -> list[Check]:
@@ -52,6 +87,7 @@ def check_host(ctx: Context, name: str) -> list[Check]:
             asked = time.time()
             facts = remote.call("hello", port=settings.env_port("main"))
             answered = time.time()
+            checks += tester_checks(remote, target.user)
     except HostKeyError as e:
         return [Check("host key known", False, e.message, f"qabox hosts trust {name}")]
     except ConnectError as e:

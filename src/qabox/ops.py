@@ -44,7 +44,8 @@ def tester_add(ctx: Context, host: str, name: str, key_file: Path) -> dict:
     if key_file.suffix != ".pub" and "PRIVATE KEY" in key:
         raise ConfigError(f"{key_file} is a private key: pass the public one ({key_file}.pub)")
     with ctx.remote(host) as remote:
-        return remote.call("tester-add", name=name, key=key, by=whoami(), timeout=120)
+        return remote.call("tester-add", name=name, key=key, by=whoami(), sshd=remote.sshd_version,
+                           timeout=120)
 
 
 def tester_remove(ctx: Context, host: str, name: str) -> dict:

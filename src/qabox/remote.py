@@ -48,6 +48,11 @@ class Remote:
         self.base = settings.dir[2:] if settings.dir.startswith("~/") else settings.dir
         self.agent_path = posixpath.join(self.base, "agent", f"agent-{AGENT_HASH}.py")
 
+    @property
+    def sshd_version(self) -> str:
+        """The host's SSH banner, e.g. ``SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u6``."""
+        return self.client.get_transport().remote_version
+
     @cached_property
     def sftp(self) -> paramiko.SFTPClient:
         return self.client.open_sftp()
