@@ -68,52 +68,160 @@ class Fail(Exception):
 # ---------------------------------------------------------------- build rules
 # qabox checks a build with these same functions before sending it, and the
 # host checks it again before extracting: one set of rules on both sides.
+# This section and the extractor below run on python 3.6 too (no walrus, no
+# `X | None` evaluated at run time).
+
+DEFAULT_MAX_MEMBERS = 50000
+HEADER_BYTES = 512  # each member's tar header, counted so that empty members are not free
+NAME_MAX = 255  # bytes in one name of a path: Linux's limit
+PATH_MAX = 3072  # bytes in a member's path or link: Linux's 4096 less room for the release's own path
+LINK_HOPS = 40  # links one lookup may go through, as Linux's ELOOP limit
+DIR, FILE = 0, 1  # kinds in the tree check_members builds; a link's entry is its target (a str)
 
 
-def member_problem(member: tarfile.TarInfo) -> str | None:
-    """Why this tar member may not be extracted into a release, or None."""
+def name_parts(name: str) -> list:
+    """A member's path as its names: ``./a//b/`` is ``["a", "b"]``."""
+    return [p for p in name.split("/") if p not in ("", ".")]
+
+
+def shown(name: str) -> str:
+    """A member's name for a one-line message: escaped, at most 100 characters."""
+    text = name if name.isprintable() else repr(name)[1:-1]
+    return text if len(text) <= 100 else text[:60] + "..." + text[-37:]
+
+
+def too_long(path: str):
+    """Why a path is longer than the host can create, or None."""
+    raw = path.encode("utf-8", "surrogatepass")
+    if len(raw) > PATH_MAX:
+        return "longer than %d bytes: shorten it" % PATH_MAX
+    if any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        return "a name in it is longer than %d bytes, the host's limit: shorten it" % NAME_MAX
+    return None
+
+
+def member_problem(member: tarfile.TarInfo):
+    """Why this tar member, taken alone, may not be extracted into a release, or None."""
     name = member.name
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    parts = name_parts(name)
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
         return "absolute path"
-    if ".." in parts:
+    if ".." in name_parts(name.replace("\\", "/")):
         return "path with '..'"
     if "\x00" in name:
         return "NUL in name"
     if not parts and not member.isdir():
         return "empty name"
+    if too_long(name):
+        return "path " + too_long(name)
+    if parts == ["release.json"]:
+        return "qabox writes each release's own release.json there: rename this member"
     if member.isdev() or member.isfifo():
         return "device or fifo"
     if member.issym() or member.islnk():
         target = member.linkname
         if target.startswith("/"):
             return "link to an absolute path"
-        base = parts[:-1] if member.issym() else []
-        depth = len(base)
-        for part in target.replace("\\", "/").split("/"):
-            if part in ("", "."):
-                continue
-            depth = depth - 1 if part == ".." else depth + 1
-            if depth < 0:
-                return "link pointing outside the build"
+        if not target or "\x00" in target:
+            return "link with an empty target or a NUL in it"
+        if too_long(target):
+            return "link target " + too_long(target)
     elif not (member.isfile() or member.isdir()):
         return "unsupported member type"
     return None
 
 
-def check_members(members, max_bytes: int = DEFAULT_MAX_BYTES) -> list:
+def place(tree: dict, member: tarfile.TarInfo):
+    """Add a member to the tree the build makes, or say why it cannot go there.
+
+    A member is judged by where it would land, not by its name alone: nothing
+    may be written through a link an earlier member made (``a/b -> ..`` then
+    ``a/b/f``), and nothing may replace an earlier member (tar allows the same
+    path twice; a link replacing a directory is the classic escape). A
+    directory named again is fine.
+    """
+    parts = tuple(name_parts(member.name))
+    for i in range(1, len(parts)):
+        node = tree.get(parts[:i])
+        if isinstance(node, str):
+            return "written through the link %s made by an earlier member" % shown("/".join(parts[:i]))
+        if node == FILE:
+            return "inside %s, which is a file of the build" % shown("/".join(parts[:i]))
+    if parts in tree and not (tree[parts] == DIR and member.isdir()):
+        return "an earlier member has the same path: keep only one"
+    if member.islnk() and tree.get(tuple(name_parts(member.linkname))) != FILE:
+        return "hardlink to %s, which is not a file earlier in the build" % shown(member.linkname)
+    for i in range(1, len(parts)):
+        tree.setdefault(parts[:i], DIR)
+    tree[parts] = member.linkname if member.issym() else DIR if member.isdir() else FILE
+    return None
+
+
+def resolve(tree: dict, base: tuple, target: str):
+    """The path a link in directory ``base`` leads to, following the build's
+    own links like the kernel would (names not in the build count as
+    directories), or a reason it leads nowhere safe."""
+    path = list(base)
+    todo = target.split("/")[::-1]
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not path:
+                return "leads outside the build"
+            path.pop()
+            continue
+        path.append(part)
+        node = tree.get(tuple(path))
+        if isinstance(node, str):
+            hops += 1
+            if hops > LINK_HOPS:
+                return "goes through more than %d links (a loop?)" % LINK_HOPS
+            path.pop()
+            todo.extend(node.split("/")[::-1])
+    return tuple(path)
+
+
+def read_members(tar: tarfile.TarFile, max_members: int = DEFAULT_MAX_MEMBERS) -> list:
+    """A tar's members, reading at most one past the limit (a small tar.gz
+    can hold millions of empty members)."""
+    members = []
+    for member in tar:
+        members.append(member)
+        if len(members) > max_members:
+            break
+    return members
+
+
+def check_members(members, max_bytes: int = DEFAULT_MAX_BYTES,
+                  max_members: int = DEFAULT_MAX_MEMBERS) -> list:
     """All problems of a build's members as ``"name: reason"`` strings."""
     problems = []
+    tree = {(): DIR}
+    links = []
     total = 0
     for member in members:
-        reason = member_problem(member)
+        reason = member_problem(member) or place(tree, member)
         if reason:
-            problems.append("%s: %s" % (member.name, reason))
-        total += max(member.size, 0)
+            problems.append("%s: %s" % (shown(member.name), reason))
+        elif member.issym():
+            links.append(member)
+        total += HEADER_BYTES + (max(member.size, 0) if member.isfile() else 0)
+    # Links are judged in the finished tree: a later member can change where one leads.
+    for member in links:
+        parts = tuple(name_parts(member.name))
+        where = resolve(tree, parts[:-1], member.linkname)
+        if isinstance(where, str):
+            problems.append("%s: link to %s %s" % (shown(member.name), shown(member.linkname), where))
+    if len(members) > max_members:
+        problems.append("more than %d members, the limit: ship fewer files or raise max_build_members"
+                        " in the host's hosts file" % max_members)
     if total > max_bytes:
         problems.append(
-            "extracted size %d MB exceeds the limit of %d MB"
-            % (total // 2**20, max_bytes // 2**20)
+            "extracted size %d MB exceeds the limit of %d MB: make the build smaller or raise"
+            " max_build_mb in the host's hosts file" % (total // 2**20, max_bytes // 2**20)
         )
     return problems
 
