@@ -68,7 +68,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
         raise ConfigError(f"--port {port} is out of range: use 1-65535")
     hooks.step("checking build")
     settings = ctx.settings(host)
-    build = builds.inspect(path, entry, settings.max_build_mb * 2**20)
+    build = builds.inspect(path, entry, settings.max_build_mb * 2**20, settings.max_build_members)
     hooks.step("connecting")
     with ctx.remote(host) as remote:
         hooks.step("waiting for the deploy lock")
@@ -91,6 +91,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
                 file=path.name, entry=build.entry, health=build.health,
                 port=port or settings.env_port(env), keep=settings.keep, by=whoami(),
                 start_timeout=settings.start_timeout, max_bytes=settings.max_build_mb * 2**20,
+                max_members=settings.max_build_members,
                 health_interval=settings.health_interval,
                 log_max_bytes=int(settings.log_max_mb * 2**20),
             )
