@@ -113,8 +113,9 @@ def member_problem(member: tarfile.TarInfo):
         return "NUL in name"
     if not parts and not member.isdir():
         return "empty name"
-    if too_long(name):
-        return "path " + too_long(name)
+    long_name = too_long(name)
+    if long_name:
+        return "path " + long_name
     if parts == ["release.json"]:
         return "qabox writes each release's own release.json there: rename this member"
     if member.isdev() or member.isfifo():
@@ -125,8 +126,9 @@ def member_problem(member: tarfile.TarInfo):
             return "link to an absolute path"
         if not target or "\x00" in target:
             return "link with an empty target or a NUL in it"
-        if too_long(target):
-            return "link target " + too_long(target)
+        long_target = too_long(target)
+        if long_target:
+            return "link target " + long_target
     elif not (member.isfile() or member.isdir()):
         return "unsupported member type"
     return None
