@@ -40,6 +40,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -72,52 +73,163 @@ class Fail(Exception):
 # ---------------------------------------------------------------- build rules
 # qabox checks a build with these same functions before sending it, and the
 # host checks it again before extracting: one set of rules on both sides.
+# This section and the extractor below keep to python 3.6 (no walrus, no
+# `X | None` evaluated at run time); the file's `from __future__ import
+# annotations` needs 3.7, so tests load it on 3.6 with its annotations dropped.
+
+DEFAULT_MAX_MEMBERS = 50000
+HEADER_BYTES = 512  # each member's tar header, counted so that empty members are not free
+NAME_MAX = 255  # bytes in one name of a path: Linux's limit
+PATH_MAX = 3072  # bytes in a member's path or link: Linux's 4096 less room for the release's own path
+LINK_HOPS = 40  # links one lookup may go through, as Linux's ELOOP limit
+DIR, FILE = 0, 1  # kinds in the tree check_members builds; a link's entry is its target (a str)
 
 
-def member_problem(member: tarfile.TarInfo) -> str | None:
-    """Why this tar member may not be extracted into a release, or None."""
+def name_parts(name: str) -> list:
+    """A member's path as its names: ``./a//b/`` is ``["a", "b"]``."""
+    return [p for p in name.split("/") if p not in ("", ".")]
+
+
+def shown(name: str) -> str:
+    """A member's name for a one-line message: escaped, at most 100 characters."""
+    text = name if name.isprintable() else repr(name)[1:-1]
+    return text if len(text) <= 100 else text[:60] + "..." + text[-37:]
+
+
+def too_long(path: str):
+    """Why a path is longer than the host can create, or None."""
+    raw = path.encode("utf-8", "surrogatepass")
+    if len(raw) > PATH_MAX:
+        return "longer than %d bytes: shorten it" % PATH_MAX
+    if any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        return "a name in it is longer than %d bytes, the host's limit: shorten it" % NAME_MAX
+    return None
+
+
+def member_problem(member: tarfile.TarInfo):
+    """Why this tar member, taken alone, may not be extracted into a release, or None."""
     name = member.name
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    parts = name_parts(name)
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
         return "absolute path"
-    if ".." in parts:
+    if ".." in name_parts(name.replace("\\", "/")):
         return "path with '..'"
     if "\x00" in name:
         return "NUL in name"
     if not parts and not member.isdir():
         return "empty name"
+    long_name = too_long(name)
+    if long_name:
+        return "path " + long_name
+    if parts == ["release.json"]:
+        return "qabox writes each release's own release.json there: rename this member"
     if member.isdev() or member.isfifo():
         return "device or fifo"
     if member.issym() or member.islnk():
         target = member.linkname
         if target.startswith("/"):
             return "link to an absolute path"
-        base = parts[:-1] if member.issym() else []
-        depth = len(base)
-        for part in target.replace("\\", "/").split("/"):
-            if part in ("", "."):
-                continue
-            depth = depth - 1 if part == ".." else depth + 1
-            if depth < 0:
-                return "link pointing outside the build"
+        if not target or "\x00" in target:
+            return "link with an empty target or a NUL in it"
+        long_target = too_long(target)
+        if long_target:
+            return "link target " + long_target
     elif not (member.isfile() or member.isdir()):
         return "unsupported member type"
     return None
 
 
-def check_members(members, max_bytes: int = DEFAULT_MAX_BYTES) -> list:
+def place(tree: dict, member: tarfile.TarInfo):
+    """Add a member to the tree the build makes, or say why it cannot go there.
+
+    A member is judged by where it would land, not by its name alone: nothing
+    may be written through a link an earlier member made (``a/b -> ..`` then
+    ``a/b/f``), and nothing may replace an earlier member (tar allows the same
+    path twice; a link replacing a directory is the classic escape). A
+    directory named again is fine.
+    """
+    parts = tuple(name_parts(member.name))
+    for i in range(1, len(parts)):
+        node = tree.get(parts[:i])
+        if isinstance(node, str):
+            return "written through the link %s made by an earlier member" % shown("/".join(parts[:i]))
+        if node == FILE:
+            return "inside %s, which is a file of the build" % shown("/".join(parts[:i]))
+    if parts in tree and not (tree[parts] == DIR and member.isdir()):
+        return "an earlier member has the same path: keep only one"
+    if member.islnk() and tree.get(tuple(name_parts(member.linkname))) != FILE:
+        return "hardlink to %s, which is not a file earlier in the build" % shown(member.linkname)
+    for i in range(1, len(parts)):
+        tree.setdefault(parts[:i], DIR)
+    tree[parts] = member.linkname if member.issym() else DIR if member.isdir() else FILE
+    return None
+
+
+def resolve(tree: dict, base: tuple, target: str):
+    """The path a link in directory ``base`` leads to, following the build's
+    own links like the kernel would (names not in the build count as
+    directories), or a reason it leads nowhere safe."""
+    path = list(base)
+    todo = target.split("/")[::-1]
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not path:
+                return "leads outside the build"
+            path.pop()
+            continue
+        path.append(part)
+        node = tree.get(tuple(path))
+        if isinstance(node, str):
+            hops += 1
+            if hops > LINK_HOPS:
+                return "goes through more than %d links (a loop?)" % LINK_HOPS
+            path.pop()
+            todo.extend(node.split("/")[::-1])
+    return tuple(path)
+
+
+def read_members(tar: tarfile.TarFile, max_members: int = DEFAULT_MAX_MEMBERS) -> list:
+    """A tar's members, reading at most one past the limit (a small tar.gz
+    can hold millions of empty members)."""
+    members = []
+    for member in tar:
+        members.append(member)
+        if len(members) > max_members:
+            break
+    return members
+
+
+def check_members(members, max_bytes: int = DEFAULT_MAX_BYTES,
+                  max_members: int = DEFAULT_MAX_MEMBERS) -> list:
     """All problems of a build's members as ``"name: reason"`` strings."""
     problems = []
+    tree = {(): DIR}
+    links = []
     total = 0
     for member in members:
-        reason = member_problem(member)
+        reason = member_problem(member) or place(tree, member)
         if reason:
-            problems.append("%s: %s" % (member.name, reason))
-        total += max(member.size, 0)
+            problems.append("%s: %s" % (shown(member.name), reason))
+        elif member.issym():
+            links.append(member)
+        total += HEADER_BYTES + (max(member.size, 0) if member.isfile() else 0)
+    # Links are judged in the finished tree: a later member can change where one leads.
+    for member in links:
+        parts = tuple(name_parts(member.name))
+        where = resolve(tree, parts[:-1], member.linkname)
+        if isinstance(where, str):
+            problems.append("%s: link to %s %s" % (shown(member.name), shown(member.linkname), where))
+    if len(members) > max_members:
+        problems.append("more than %d members, the limit: ship fewer files or raise max_build_members"
+                        " in the host's hosts file" % max_members)
     if total > max_bytes:
         problems.append(
-            "extracted size %d MB exceeds the limit of %d MB"
-            % (total // 2**20, max_bytes // 2**20)
+            "extracted size %d MB exceeds the limit of %d MB: make the build smaller or raise"
+            " max_build_mb in the host's hosts file" % (total // 2**20, max_bytes // 2**20)
         )
     return problems
 
@@ -430,33 +542,110 @@ def new_release_id(env: Env) -> str:
     return rid
 
 
-def extract(build: str, dest: str, max_bytes: int) -> None:
-    """Extract a checked build into a new directory, never outside it."""
+OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_dir(root: int, parts: list) -> int:
+    """A descriptor of directory ``root/parts``, made one level at a time if
+    missing, never through a link (``O_NOFOLLOW`` at every level)."""
+    fd = os.dup(root)
+    try:
+        for part in parts:
+            try:
+                os.mkdir(part, 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass
+            child = os.open(part, OPEN_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: int) -> None:
+    """Write one member under the directory ``root``, following no link.
+
+    Safe even for a member check_members would refuse: it fails instead of
+    writing outside. Modes are the deploy account's only: directories 0700,
+    files 0600, or 0700 when the build has them executable.
+    """
+    parts = name_parts(member.name)
+    if ".." in parts:
+        raise OSError(errno.EINVAL, "'..' in its path")
+    if not parts:
+        return  # the build's root: the release directory itself
+    parent = open_dir(root, parts[:-1])
+    name = parts[-1]
+    try:
+        if member.isdir():
+            os.close(open_dir(parent, [name]))
+        elif member.issym():
+            os.symlink(member.linkname, name, dir_fd=parent)
+        elif member.islnk():
+            source = name_parts(member.linkname)
+            if not source or ".." in source:
+                raise OSError(errno.EINVAL, "a hardlink to '..' or to no name")
+            where = open_dir(root, source[:-1])
+            try:
+                if not stat.S_ISREG(os.stat(source[-1], dir_fd=where, follow_symlinks=False).st_mode):
+                    raise OSError(errno.EINVAL, "a hardlink to something that is not a file")
+                os.link(source[-1], name, src_dir_fd=where, dst_dir_fd=parent, follow_symlinks=False)
+            finally:
+                os.close(where)
+        elif member.isfile():
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with os.fdopen(os.open(name, flags, 0o600, dir_fd=parent), "wb") as out:
+                shutil.copyfileobj(tar.extractfile(member), out, 1 << 20)
+                out.flush()
+                os.fchmod(out.fileno(), member.mode & 0o700 | 0o600)
+                try:  # the build's mtimes, as tar keeps them: static files' Last-Modified survives a deploy
+                    os.utime(out.fileno(), (member.mtime, member.mtime))
+                except (OSError, OverflowError, ValueError):
+                    pass
+        else:
+            raise OSError(errno.EINVAL, "not a file, directory or link")
+    finally:
+        os.close(parent)
+
+
+def extract(build: str, dest: str, max_bytes: int, max_members: int = DEFAULT_MAX_MEMBERS) -> None:
+    """Extract a checked build into a new directory, never outside it.
+
+    Not tarfile.extractall: pythons before 3.11.4 (Debian 12 has 3.11.2) have
+    no extraction filter, and extractall writes through links a build made.
+    """
     try:
         tar = tarfile.open(build)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise Fail("bad_build", "the build is not a readable tar file: %s" % e)
     with tar:
         try:
-            members = tar.getmembers()
+            members = read_members(tar, max_members)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise Fail("bad_build", "the build is truncated or corrupt: %s" % e)
-        problems = check_members(members, max_bytes)
+        problems = check_members(members, max_bytes, max_members)
         if problems:
-            raise Fail("bad_build", "the build has unsafe members: " + "; ".join(problems[:10]))
+            more = "; and %d more" % (len(problems) - 10) if len(problems) > 10 else ""
+            raise Fail("bad_build", "the build has unsafe members: %s%s: rebuild it without them"
+                       % ("; ".join(problems[:10]), more))
         os.mkdir(dest, 0o700)
-        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        root = os.open(dest, OPEN_DIR)
         try:
-            tar.extractall(dest, members=members, **kwargs)
-        except (tarfile.TarError, EOFError) as e:
-            raise Fail("bad_build", "the build is truncated or corrupt: %s" % e)
-    for root, dirs, files in os.walk(dest):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o700)
-        for name in files:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
-                os.chmod(path, os.stat(path).st_mode & 0o700 | 0o600)
+            for member in members:
+                try:
+                    extract_member(tar, member, root)
+                except (tarfile.TarError, EOFError) as e:
+                    raise Fail("bad_build", "the build is truncated or corrupt at %s (%s): make it again"
+                               % (shown(member.name), e))
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise Fail("bad_build", "%s could not be extracted: %s: change or remove it in the"
+                               " build and deploy again" % (shown(member.name), e.strerror or e))
+        finally:
+            os.close(root)
 
 
 def venv_key(release_dir: str, python: str) -> str:
@@ -562,7 +751,8 @@ def cmd_deploy(req, io) -> dict:
     try:
         io.emit({"progress": "extracting"})
         remove(tmp)
-        extract(build, tmp, int(req.get("max_bytes") or DEFAULT_MAX_BYTES))
+        extract(build, tmp, int(req.get("max_bytes") or DEFAULT_MAX_BYTES),
+                int(req.get("max_members") or DEFAULT_MAX_MEMBERS))
         io.check()
         key, python, created = prepare_venv(env, tmp, io)
         io.check()

@@ -41,14 +41,15 @@ def normalise(name: str) -> str:
     return name[2:] if name.startswith("./") else name
 
 
-def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT_MAX_BYTES) -> Build:
+def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT_MAX_BYTES,
+            max_members: int = agent.DEFAULT_MAX_MEMBERS) -> Build:
     """Open and check a build; raise BuildError naming every problem found."""
     if not path.is_file():
         raise BuildError(f"build file {path} does not exist: give the path to a .tar or .tar.gz build")
     try:
         with tarfile.open(path) as tar:
-            members = tar.getmembers()
-            problems = agent.check_members(members, max_bytes)
+            members = agent.read_members(tar, max_members)
+            problems = agent.check_members(members, max_bytes, max_members)
             if problems:
                 shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
                 raise BuildError(f"{path.name} is refused, unsafe members: {shown}")

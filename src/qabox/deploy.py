@@ -72,7 +72,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
         raise BuildError(f"{path} is a directory, not a build file: make a build of it with "
                          f"`qabox build {path} -o build.tar.gz`, then deploy build.tar.gz")
     settings = ctx.settings(host)
-    build = builds.inspect(path, entry, settings.max_build_mb * 2**20)
+    build = builds.inspect(path, entry, settings.max_build_mb * 2**20, settings.max_build_members)
     hooks.step("connecting")
     with ctx.remote(host) as remote:
         hooks.step("waiting for the deploy lock")
@@ -95,6 +95,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
                 file=path.name, entry=build.entry, health=build.health,
                 port=port or settings.env_port(env), keep=settings.keep, by=whoami(),
                 start_timeout=settings.start_timeout, max_bytes=settings.max_build_mb * 2**20,
+                max_members=settings.max_build_members,
                 health_interval=settings.health_interval,
                 log_max_bytes=int(settings.log_max_mb * 2**20),
             )

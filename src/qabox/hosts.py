@@ -33,6 +33,7 @@ class HostSettings:
     python: str = "python3"
     start_timeout: float = 30.0
     max_build_mb: int = 2048
+    max_build_members: int = 50_000
     health_interval: float = 10.0
     log_max_mb: float = 10.0
     envs: dict = field(default_factory=dict)
@@ -53,6 +54,7 @@ KEYS = {
     "python": (str, lambda v: bool(v.strip()) and "\x00" not in v, "a python command"),
     "start_timeout": ((int, float), lambda v: 1 <= v <= 600, "seconds from 1 to 600"),
     "max_build_mb": (int, lambda v: 1 <= v <= 1024 * 1024, "megabytes, at least 1"),
+    "max_build_members": (int, lambda v: 1 <= v <= 10_000_000, "a number of members from 1 to 10,000,000"),
     "health_interval": ((int, float), lambda v: 0.2 <= v <= 3600, "seconds from 0.2 to 3600"),
     "log_max_mb": ((int, float), lambda v: 0.001 <= v <= 10240, "megabytes, more than 0"),
     "envs": (dict, lambda v: True, "a table of envs"),

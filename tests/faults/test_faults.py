@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
 
-from conftest import LAB, LAB_DIR, REPO, http_get, in_host, qabox
+from conftest import LAB, LAB_DIR, REPO, http_get, in_host, qabox, raw_tar
+from qabox import agent
 
 pytestmark = pytest.mark.usefixtures("lab")
 HOME = "/home/qalab1"
@@ -166,6 +168,49 @@ def test_planted_symlinks_are_never_followed(tmp_path, env_name, port):
         assert in_host("lab1", "cat", victim).stdout == "untouched\n"
     finally:
         in_host("lab1", "rm", "-f", victim)
+
+
+def test_a_build_writing_through_its_own_links_is_refused_by_the_host(tmp_path, env_name, port, monkeypatch):
+    """Issue 11: a chain of links from a release up to the home directory, sent past the client's check.
+
+    The release is extracted 5 levels below home: a/b/c/d lands in the env's directory and
+    points 3 levels up, so a/b/c/d/FILE is ~/FILE, and e -> c/d is home, which the old chmod
+    walk followed. (FILE is a file of the test's own, not authorized_keys: were the host to
+    follow the chain, the shared lab's logins would survive it.)
+    """
+    assert qabox("deploy", example_build(tmp_path, "n.tar.gz"), "--host", "lab1", "--env", env_name,
+                 "--port", port).code == 0
+    before = served_release(port)
+    victim = f"victim-{env_name}.txt"
+    hostile = raw_tar(tmp_path / "chain.tar", [(tarfile.TarInfo("wsgi.py"), b"app = None\n")] + [
+        (link(name, target), None) for name, target in
+        (("a/b", ".."), ("a/b/c", "../.."), ("a/b/c/d", "../../.."), ("e", "c/d"))
+    ] + [(tarfile.TarInfo(f"a/b/c/d/{victim}"), b"pwned\n")])
+    in_host("lab1", "sh", "-c", f"echo untouched > {HOME}/{victim} && chown qalab1 {HOME}/{victim}")
+    # what this build could change (the shared lab's other tests edit authorized_keys, so not its content):
+    # modes, the victim, and the link a/b/c/d would leave in the env's directory
+    watch = (f"stat -c '%a %n' {HOME} {HOME}/.ssh {HOME}/.ssh/authorized_keys; cat {HOME}/{victim}; "
+             f"ls -A {HOME}/.qabox/envs/{env_name}/d 2>&1; grep -c pwned {HOME}/.ssh/authorized_keys")
+    home = in_host("lab1", "sh", "-c", watch).stdout
+    assert "untouched" in home and "No such file" in home
+    monkeypatch.setattr(agent, "check_members", lambda *a, **k: [])  # the client's check: the host is on its own
+    try:
+        result = qabox("deploy", hostile, "--host", "lab1", "--env", env_name, "--port", port)
+        assert in_host("lab1", "sh", "-c", watch).stdout == home
+        assert result.code == 6, result
+        assert "unsafe members: a/b/c: written through the link a/b made by an earlier member" in result.stderr
+        assert served_release(port) == before
+        left = in_host("lab1", "ls", "-A", f"{HOME}/.qabox/envs/{env_name}/releases").stdout.split()
+        assert len(left) == 1 and not left[0].startswith("."), left
+    finally:
+        mode = home.split()[0]  # put home back even if the host followed the chain
+        in_host("lab1", "sh", "-c", f"chmod {mode} {HOME}; rm -f {HOME}/{victim}")
+
+
+def link(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info
 
 
 def test_files_on_the_host_are_the_deploy_accounts_only(tmp_path, env_name, port):
