@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 import paramiko
+from rich.filesize import decimal
 
 from qabox import agent, ssh
 from qabox.context import Context
@@ -92,7 +93,7 @@ def check_host(ctx: Context, name: str) -> list[Check]:
         return [Check("host key known", False, e.message, f"qabox hosts trust {name}")]
     except ConnectError as e:
         return [Check("host key known", True, "not reached"),
-                Check("login works", False, e.message, f"check that `ssh {name}` works")]
+                Check("login works", False, e.message, f"check that `{ssh.ssh_command(target)}` works")]
     except QaboxError as e:
         return [Check("agent runs", False, e.message, f"set `python` in hosts/{name}.toml")]
     version = tuple(int(x) for x in facts["python"].split(".")[:2])
@@ -105,8 +106,8 @@ def check_host(ctx: Context, name: str) -> list[Check]:
               f"install Python 3.8+ on the host, or set `python` in hosts/{name}.toml"),
         Check("venv available", facts["venv"], "python -m venv" if facts["venv"] else "no venv/ensurepip module",
               "install the python3-venv package on the host"),
-        Check("disk free", facts["free_bytes"] >= MIN_FREE, f"{facts['free_bytes'] // 2**20} MB free at {facts['base']}",
-              "free at least 500 MB there, or set `dir` in the hosts file to a roomier place"),
+        Check("disk free", facts["free_bytes"] >= MIN_FREE, f"{decimal(facts['free_bytes'])} free at {facts['base']}",
+              f"free at least {decimal(MIN_FREE)} there, or set `dir` in the hosts file to a roomier place"),
         Check("app port free", port_ok, f"127.0.0.1:{port}" + (" (the main env's own)" if main.get("ours") else ""),
               "stop what listens there, or set `port` in the hosts file"),
         Check("clock skew", abs(skew) <= MAX_SKEW, f"{skew:+.1f} s", "sync the host's clock (NTP)"),
