@@ -15,7 +15,7 @@ from qabox.context import Context
 from qabox.errors import ConnectError, HostKeyError, QaboxError
 from qabox.hosts import HOST_NAME
 
-MIN_FREE = 500 * 2**20
+MIN_FREE = 500 * 10**6
 MAX_SKEW = 60.0
 
 
