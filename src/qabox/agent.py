@@ -43,11 +43,15 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 PROTOCOL = 1
 ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+RELEASE_ID = re.compile(r"^[0-9]{8}-[0-9]{6}(-[0-9]+)?$")
+HEALTH_PATH = re.compile(r"^/[\x21-\x7e]*\Z")  # printable, no spaces: pasted into a request line
+RELEASE_FILE = "release.json"  # qabox's record in each release: a build may not bring its own
 DEFAULT_MAX_BYTES = 2 * 1024**3
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from qabox import __version__, deploy as deploying, ops, ssh
 from qabox.context import Context, check_env
+from qabox.deploy import human_bytes
 from qabox.errors import ConfigError, QaboxError
 from qabox.hosts import expand
 from qabox.status import status as get_status
@@ -193,14 +194,6 @@ def print_table(columns: tuple, rows: list) -> None:
     for row in rows:
         table.add_row(*row)
     Console(width=None if out.is_terminal else 200).print(table)
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 @app.command()

@@ -138,11 +138,22 @@ class UploadFailed(ConnectError):
 
 
 def check_space(remote: Remote, needed: int, free: int) -> None:
-    if free < needed + (1 << 20):
+    """Refuse an upload that cannot fit (with 1 MB to spare), saying how much is missing."""
+    wanted = needed + (1 << 20)
+    if free < wanted:
         raise RemoteError(
-            f"{remote.name}: the host's disk is full: {free // 2**20} MB free for "
-            f"{remote.settings.dir}, the build needs {needed // 2**20} MB more (and room to "
-            f"extract it): free some space there and deploy again", code="disk_full")
+            f"{remote.name}: the host's disk is full: {human_bytes(free)} free for {remote.settings.dir}, "
+            f"the upload needs {human_bytes(wanted)} ({human_bytes(needed)} still to send and 1 MB to "
+            f"spare), and extracting it more: free at least {human_bytes(wanted - free)} there and "
+            f"deploy again", code="disk_full")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def upload(remote: Remote, build: builds.Build, part_path: str, offset: int, hooks: Hooks) -> int:
