@@ -37,6 +37,7 @@ import json
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -895,8 +896,13 @@ def stop_group(pid: int, timeout: float) -> None:
 def cmd_on_boot(req, io) -> dict:
     """Have cron bring this host's envs back after a reboot (no root needed)."""
     base = os.path.abspath(os.path.expanduser(req["base"]))
+    if re.search(r"[\x00-\x1f\x7f%]", base):  # cron reads a new line, or a %, as a line's end
+        raise Fail("bad_request", "the deploy directory %r has control characters or a %%: name a plain "
+                   "one" % base)
     tag = "# qabox %s" % base
-    line = "@reboot %s %s boot %s %s" % (sys.executable, os.path.abspath(__file__), base, tag)
+    # cron runs the line with sh: quoted, whatever the hosts file's dir (checked there too)
+    line = "@reboot %s %s" % (" ".join(shlex.quote(a) for a in (sys.executable, os.path.abspath(__file__),
+                                                                 "boot", base)), tag)
     if shutil.which("crontab") is None:
         raise Fail("no_cron", "crontab is not available on the host: install cron there, or "
                    "deploy without --on-boot")
