@@ -76,7 +76,16 @@ def test_hostile_members_are_all_named(tmp_path):
         assert name in e.value.message
 
 
-def test_bad_health_path(tmp_path):
-    path = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nhealth = "health"\n'})
-    with pytest.raises(BuildError, match="health must be a path"):
+@pytest.mark.parametrize("health", ["health", "/health\\r\\n", "/a b", "/\\u00e9"])
+def test_bad_health_path(tmp_path, health):
+    path = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nhealth = "%s"\n' % health})
+    with pytest.raises(BuildError, match="is not a URL path: use one like"):
         build.inspect(path)
+
+
+def test_a_build_may_not_bring_its_own_release_json(tmp_path):
+    for name in ("release.json", "./release.json", "release.json/x"):
+        path = tar_of(tmp_path, {"app.py": "", name: "{}"})
+        with pytest.raises(BuildError, match="has a release.json at its root"):
+            build.inspect(path)
+    assert build.inspect(tar_of(tmp_path, {"app.py": "", "static/release.json": "{}"}))

@@ -27,8 +27,20 @@ def test_defaults_without_a_file(tmp_path):
 
 
 def test_values(tmp_path):
-    s = load_settings("oldbox", write(tmp_path, 'dir = "/srv/qa"\nport = 9000\nkeep = 3\npython = "/usr/bin/python3.11"\n'))
-    assert (s.dir, s.port, s.keep, s.python) == ("/srv/qa", 9000, 3, "/usr/bin/python3.11")
+    s = load_settings("oldbox", write(tmp_path, 'dir = "~/srv/qa"\nport = 9000\nkeep = 3\npython = "/usr/bin/python3.11"\n'))
+    assert (s.dir, s.port, s.keep, s.python) == ("~/srv/qa", 9000, 3, "/usr/bin/python3.11")
+
+
+@pytest.mark.parametrize("value", [".qabox", "~/.qabox", "qa/box-1", "~/q_a/.b"])
+def test_plain_dirs(tmp_path, value):
+    assert load_settings("oldbox", write(tmp_path, f'dir = "{value}"\n')).dir == value
+
+
+@pytest.mark.parametrize("value", ["/srv/qa", "qa$(touch x)", "a b", "a;b", 'a\\"b', "../up", "a/../b",
+                                   "./a", "~", "~/", "a//b", "a/", "-rf", "~user/x", "a`b`", "q\\nx", ""])
+def test_dirs_that_a_shell_could_misread_are_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"oldbox.toml:2: dir = .* is not a plain directory path"):
+        load_settings("oldbox", write(tmp_path, f'port = 1\ndir = "{value}"\n'))
 
 
 @pytest.mark.parametrize("text, message", [

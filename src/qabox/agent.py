@@ -37,6 +37,7 @@ import json
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -45,6 +46,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 PROTOCOL = 1
@@ -53,6 +55,8 @@ PROTOCOL = 1
 ENV_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 RELEASE_ID = re.compile(r"\d{8}-\d{6}(-\d+)?")
+HEALTH_PATH = re.compile(r"/[\x21-\x7e]*")  # fullmatch; printable, no spaces: pasted into a request line
+RELEASE_FILE = "release.json"  # qabox's record in each release: a build may not bring its own
 DEFAULT_MAX_BYTES = 2 * 1024**3
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -263,12 +267,76 @@ def read_json(path: str, default=None):
 
 
 def write_json(path: str, data) -> None:
-    """Write atomically, readable by the deploy account only."""
+    """Write atomically, readable by the deploy account only; a failed write
+    (a full disk) leaves the old file and no temporary one."""
     tmp = "%s.%d.tmp" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_port(value) -> bool:
+    return is_int(value) and 1 <= value <= 65535
+
+
+def is_text(value) -> bool:
+    return isinstance(value, str)
+
+
+# What an env's own files may hold (each a JSON object; any key may be null),
+# and what to do about one that is damaged.
+RECORDS = {
+    "env.json": ({"port": is_port, "stopped": lambda v: isinstance(v, bool), "health_interval": is_number,
+                  "log_max_bytes": is_int, "start_timeout": is_number},
+                 "delete it, and the next deploy records the env's settings anew"),
+    "state.json": ({"state": is_text, "pid": is_int, "release": is_text, "probe_port": is_port, "port": is_port,
+                    "started_at": is_number, "restarts": is_int, "hangs": is_int, "last_exit": is_int,
+                    "last_log": lambda v: isinstance(v, list), "supervisor_pid": is_int,
+                    "updated_at": is_number},
+                   "delete it, and the env's supervisor writes it anew"),
+    RELEASE_FILE: ({"release": is_text, "sha256": is_text, "file": is_text, "entry": is_text,
+                    "health": is_text, "venv": is_text, "deployed_at": is_text, "deployed_by": is_text},
+                   "deploy again, or roll back to another release"),
+}
+
+
+def read_record(path: str, strict: bool = True) -> dict:
+    """One of an env's files (RECORDS), {} if there is none. A damaged one is a
+    Fail naming the file and what to do (or, not strict, read as {}), so that
+    it stops only what needs it, never another env or the whole host."""
+    fields, advice = RECORDS[os.path.basename(path)]
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        problem = None if isinstance(data, dict) else "not a JSON object"
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        data, problem = None, e.strerror
+    except ValueError:
+        data, problem = None, "not JSON"
+    if problem is None:
+        bad = sorted(key for key, valid in fields.items() if data.get(key) is not None and not valid(data[key]))
+        problem = "bad " + ", ".join(bad) if bad else None
+    if problem is None:
+        return data
+    if strict:
+        raise Fail("bad_file", "%s is damaged (%s): %s" % (path, problem, advice), file=path)
+    return {}
 
 
 def makedirs(path: str) -> str:
@@ -345,11 +413,22 @@ class Env:
         return self.path("releases", release)
 
     def current(self) -> str | None:
-        """The current release id, from the ``current`` symlink."""
+        """The current release id, from the ``current`` symlink. A deleted link
+        is put back from the release the supervisor last recorded as live."""
         try:
             return os.path.basename(os.readlink(self.path("current")))
+        except FileNotFoundError:
+            pass
         except OSError:
             return None
+        release = self.state().get("release")
+        if not (release and RELEASE_ID.fullmatch(release) and os.path.isdir(self.release_dir(release))):
+            return None
+        try:
+            link_current(self, release)
+        except OSError:
+            pass  # a full disk: still the release, and put back once there is room
+        return release
 
     def releases(self) -> list:
         try:
@@ -358,8 +437,30 @@ class Env:
             return []
         return sorted(n for n in names if not n.startswith("."))
 
-    def release_info(self, release: str) -> dict:
-        return read_json(os.path.join(self.release_dir(release), "release.json"), {}) or {}
+    def release_info(self, release: str, strict: bool = False) -> dict:
+        return read_record(os.path.join(self.release_dir(release), RELEASE_FILE), strict)
+
+    def settings(self, strict: bool = True) -> dict:
+        """env.json: the env's port, whether it was stopped on purpose, its timings."""
+        return read_record(self.path("env.json"), strict)
+
+    def state(self) -> dict:
+        """state.json, the supervisor's last record (a cache: never trusted with a pid)."""
+        return read_record(self.path("state.json"), strict=False)
+
+    def problems(self) -> list:
+        """What is damaged among the env's files, each naming the file and what to do."""
+        current = self.current()
+        paths = [self.path("env.json"), self.path("state.json")]
+        if current:
+            paths.append(os.path.join(self.release_dir(current), RELEASE_FILE))
+        found = []
+        for path in paths:
+            try:
+                read_record(path)
+            except Fail as e:
+                found.append(e.message)
+        return found
 
     def ensure(self) -> None:
         for sub in ("releases", "venvs", "data", "logs"):
@@ -400,7 +501,7 @@ def cmd_hello(req, io) -> dict:
     ports = {}
     for name in all_envs(base):
         env = Env(base, name)
-        port = (read_json(env.path("env.json"), {}) or {}).get("port")
+        port = env.settings(strict=False).get("port")
         if port:
             ports[name] = {"port": port, "ours": supervisor_ping(env) is not None,
                            "free": port_is_free(port)}
@@ -739,6 +840,10 @@ def cmd_deploy(req, io) -> dict:
     current = env.current()
     settings = env_settings(env, req)
     give_testers_ports(env.base)
+    health = req.get("health") or "/"
+    if not HEALTH_PATH.fullmatch(health):
+        raise Fail("bad_build", "the health path %r is not a URL path: use one like \"/health\" "
+                   "(printable characters, no spaces) in the build's qabox.toml" % health)
     if current and env.release_info(current).get("sha256") == sha:
         pong = supervisor_ping(env)
         if pong and pong.get("state") == "running" and pong.get("port") == settings["port"]:
@@ -761,29 +866,28 @@ def cmd_deploy(req, io) -> dict:
             "sha256": sha,
             "file": req.get("file"),
             "entry": req["entry"],
-            "health": req.get("health") or "/",
+            "health": health,
             "venv": key,
             "deployed_at": iso(now()),
             "deployed_by": req.get("by"),
         }
-        write_json(os.path.join(tmp, "release.json"), info)
+        write_json(os.path.join(tmp, RELEASE_FILE), info)
         os.rename(tmp, rdir)
         io.check()
         io.emit({"progress": "starting"})
         switch_to(env, release, settings)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(rdir, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            drop_build(env.base, sha)  # it cannot be extracted here anyway: give its space back
-            raise disk_full(env.base)
-        raise
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(rdir, ignore_errors=True)
-        if getattr(e, "code", None) == "disk_full":
-            drop_build(env.base, sha)
-        raise
+        if env.current() == release:
+            pass  # it failed after the switch: the release is live, and it stays
+        else:
+            shutil.rmtree(rdir, ignore_errors=True)
+            full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+            if full or getattr(e, "code", None) == "disk_full":
+                drop_build(env.base, sha)  # it cannot be extracted here anyway: give its space back
+            if full:
+                raise disk_full(env.base)
+            raise
     pruned = prune(env, int(req.get("keep") or 5))
     return {
         "release": release,
@@ -800,28 +904,40 @@ def cmd_deploy(req, io) -> dict:
 def env_settings(env: Env, req: dict) -> dict:
     """The env's recorded settings, updated with what this request asks.
 
-    The port is as asked, else as recorded, else the first free one from 8080
-    that no other env on the host has taken.
+    The port is as asked, else as recorded (or served), else the first free
+    one from 8080 that no other env on the host has taken. A new port is
+    recorded only once it is bound (see switch_to): a refused one changes
+    nothing, and it is refused here already, before any work is done.
     """
-    settings = read_json(env.path("env.json"), {}) or {}
-    others = {name: (read_json(Env(env.base, name).path("env.json"), {}) or {}).get("port")
+    settings = env.settings()
+    others = {name: Env(env.base, name).settings(strict=False).get("port")
               for name in all_envs(env.base) if name != env.name}
+    pong = supervisor_ping(env)
+    serving = pong.get("port") if pong else None
     port = req.get("port")
     if port:
-        port = int(port)
+        if not is_port(port):
+            raise Fail("bad_request", "port %r is not a port from 1 to 65535" % (port,))
         taken = [name for name, p in others.items() if p == port]
         if taken:
             raise Fail("port_in_use", "port %d is already the port of env %s on this host: "
                        "pick another with --port" % (port, taken[0]))
-        settings["port"] = port
-    if "port" not in settings:
-        settings["port"] = free_port(8080, set(others.values()))
-    for key in ("health_interval", "log_max_bytes", "start_timeout"):
-        if req.get(key):
-            settings[key] = req[key]
-    makedirs(env.dir)
-    write_json(env.path("env.json"), settings)
+        if port not in (serving, settings.get("port")):
+            bind_listener(port).close()
+    update_settings(env, **{key: req[key] for key in ("health_interval", "log_max_bytes", "start_timeout")
+                            if req.get(key)})
+    settings = env.settings()
+    settings["port"] = port or settings.get("port") or serving or free_port(8080, set(others.values()))
     return settings
+
+
+def update_settings(env: Env, **changes) -> None:
+    """Record settings in env.json (written only when something changed)."""
+    settings = env.settings()
+    if any(settings.get(key) != value for key, value in changes.items()):
+        settings.update(changes)
+        makedirs(env.dir)
+        write_json(env.path("env.json"), settings)
 
 
 def free_port(start: int, taken: set) -> int:
@@ -832,29 +948,39 @@ def free_port(start: int, taken: set) -> int:
 
 
 def switch_to(env: Env, release: str, settings: dict) -> dict:
-    """Have the env's supervisor serve ``release``, live only once it is healthy."""
+    """Have the env's supervisor serve ``release`` on the settings' port, live
+    only once it is healthy; the port is recorded once the switch is done.
+
+    A supervisor that dies during the switch is revived (it adopts what
+    serves and ends the rest), and the answer is whatever is live then.
+    """
     held = foreign_listeners(env)
     if held:
         raise Fail("port_taken", held[0] + ": stop that process (or remove the tester "
                    "whose key made it), then try again; nothing was changed")
-    set_stopped(env, False)
-    ensure_supervisor(env)
+    update_settings(env, stopped=False)
+    port = settings["port"]
+    ensure_supervisor(env, port)
     timeout = float(settings.get("start_timeout") or START_TIMEOUT)
-    result = supervisor_call(env, {"cmd": "switch", "release": release, "timeout": timeout},
-                             timeout=timeout + STOP_TIMEOUT + 10)
+    request = {"cmd": "switch", "release": release, "timeout": timeout, "port": port}
+    try:
+        result = supervisor_call(env, request, timeout=timeout + STOP_TIMEOUT + 10)
+    except (Fail, OSError) as e:  # no answer: it died (a Fail: it closed the socket) or hangs
+        revive(env)
+        live = env.current()
+        if live != release:
+            raise Fail("supervisor", "the supervisor of env %s %s while switching to release %s, and was "
+                       "restarted: %s; deploy again" % (
+                           env.name, "died" if isinstance(e, Fail) else "failed (%s)" % (e.strerror or e),
+                           release, "release %s keeps serving" % live if live else "nothing was deployed"))
+        pong = supervisor_ping(env) or {}
+        result = {"ok": True, "pid": (pong.get("record") or {}).get("pid")}
     if not result.get("ok"):
         err = result.get("error", {})
         raise Fail(err.get("code", "start_failed"), err.get("message", "the app did not start"),
                    log=err.get("log", []))
+    update_settings(env, port=port)
     return result
-
-
-def set_stopped(env: Env, stopped: bool) -> None:
-    """Record whether the env was stopped on purpose (so nothing revives it)."""
-    settings = read_json(env.path("env.json"), {}) or {}
-    if settings.get("stopped", False) != stopped:
-        settings["stopped"] = stopped
-        write_json(env.path("env.json"), settings)
 
 
 def prune(env: Env, keep: int) -> list:
@@ -940,12 +1066,13 @@ def cmd_restart(req, io) -> dict:
 def cmd_stop(req, io) -> dict:
     """Stop the env's app gracefully and its supervisor; nothing revives it."""
     env = locked(req, io)
-    set_stopped(env, True)
-    if supervisor_ping(env) is None:
-        state = read_json(env.path("state.json"), {}) or {}
-        if not pid_alive(state.get("pid")):
+    update_settings(env, stopped=True)
+    if supervisor_ping(env) is None:  # whatever apps of the env run, no supervisor runs them
+        apps = env_apps(env)
+        if not apps:
             return {"changed": False}
-        stop_group(state["pid"], STOP_TIMEOUT)
+        for app in apps:
+            stop_group(app["pid"], STOP_TIMEOUT)
     else:
         supervisor_call(env, {"cmd": "stop"}, timeout=STOP_TIMEOUT + 10)
     return {"changed": True}
@@ -967,8 +1094,13 @@ def stop_group(pid: int, timeout: float) -> None:
 def cmd_on_boot(req, io) -> dict:
     """Have cron bring this host's envs back after a reboot (no root needed)."""
     base = os.path.abspath(os.path.expanduser(req["base"]))
+    if re.search(r"[\x00-\x1f\x7f%]", base):  # cron reads a new line, or a %, as a line's end
+        raise Fail("bad_request", "the deploy directory %r has control characters or a %%: name a plain "
+                   "one" % base)
     tag = "# qabox %s" % base
-    line = "@reboot %s %s boot %s %s" % (sys.executable, os.path.abspath(__file__), base, tag)
+    # cron runs the line with sh: quoted, whatever the hosts file's dir (checked there too)
+    line = "@reboot %s %s" % (" ".join(shlex.quote(a) for a in (sys.executable, os.path.abspath(__file__),
+                                                                 "boot", base)), tag)
     if shutil.which("crontab") is None:
         raise Fail("no_cron", "crontab is not available on the host: install cron there, or "
                    "deploy without --on-boot")
@@ -995,7 +1127,7 @@ def cmd_releases(req, io) -> dict:
     env = existing_env(req["base"], req["env"])
     current = env.current()
     return {"current": current,
-            "releases": [dict(env.release_info(r), current=r == current) for r in env.releases()]}
+            "releases": [dict(env.release_info(r), release=r, current=r == current) for r in env.releases()]}
 
 
 def cmd_logs(req, io) -> None:
@@ -1105,7 +1237,7 @@ def allocate_tester_ports(base: str, store: dict) -> bool:
     """
     base = os.path.abspath(os.path.expanduser(base))
     testers = store["testers"]
-    taken = {(read_json(Env(base, e).path("env.json"), {}) or {}).get("port") for e in all_envs(base)}
+    taken = {Env(base, e).settings(strict=False).get("port") for e in all_envs(base)}
     taken.update(store["retired_ports"])
     for t in testers.values():
         taken.update(t.get("ports", {}).values())
@@ -1335,8 +1467,8 @@ def foreign_listeners(env: Env) -> list:
     """Listeners on the env's ports (its own, its testers') that are not its
     supervisor's or app's: another program, or a tester's ``ssh -R``. Such a
     port would serve someone else's page to whoever connects."""
-    state = read_json(env.path("state.json"), {}) or {}
-    ports = {(read_json(env.path("env.json"), {}) or {}).get("port", 8080): "the env's port"}
+    state = env.state()
+    ports = {env.settings(strict=False).get("port", 8080): "the env's port"}
     try:
         ports.update({port: "tester %s's port" % name for name, port in tester_ports(env).items()})
     except Fail:
@@ -1453,7 +1585,19 @@ def cmd_status(req, io) -> dict:
     """
     base = req["base"]
     names = [existing_env(base, req["env"]).name] if req.get("env") else all_envs(base)
-    return {"envs": [env_status(Env(base, name)) for name in names]}
+    return {"envs": [env_status_or_problem(Env(base, name)) for name in names]}
+
+
+def env_status_or_problem(env: Env) -> dict:
+    """An env's status; whatever goes wrong in one env is its problem, not the host's."""
+    try:
+        return env_status(env)
+    except (Fail, OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        keys = ("release", "sha256", "file", "deployed_at", "deployed_by", "pid", "uptime", "last_exit",
+                "last_log", "port", "supervisor_pid", "health")
+        return dict({key: None for key in keys}, env=env.name, state="unknown", restarts=0, hangs=0,
+                    supervisor_revived=False, testers=[], requests={},
+                    problems=["cannot tell the state of env %s: %s" % (env.name, getattr(e, "message", e))])
 
 
 def supervisor_state(env: Env):
@@ -1463,26 +1607,26 @@ def supervisor_state(env: Env):
 
 def revive(env: Env) -> bool:
     """Restart a dead supervisor of an env that should be up. True if it did."""
-    settings = read_json(env.path("env.json"), {}) or {}
-    if settings.get("stopped") or env.current() is None or supervisor_ping(env) is not None:
-        return False
     try:
+        if env.settings().get("stopped") or env.current() is None or supervisor_ping(env) is not None:
+            return False
         ensure_supervisor(env)
-    except Fail:
-        return False
+    except (Fail, OSError):
+        return False  # a damaged env.json (status names it), or no room to start one
     return True
 
 
 def env_status(env: Env) -> dict:
+    """One env's status. What a running supervisor says beats the files (a full
+    disk may keep it from writing them); a damaged file is named in problems."""
     revived = revive(env)
-    state = read_json(env.path("state.json"), {}) or {}
     current = env.current()
     info = env.release_info(current) if current else {}
-    settings = read_json(env.path("env.json"), {}) or {}
-    port = settings.get("port", 8080)
     pong = supervisor_ping(env)
+    state = (pong or {}).get("record") or env.state()
+    port = (pong or {}).get("port") or env.settings(strict=False).get("port", 8080)
     status = pong.get("state", "stopped") if pong else ("crashed" if state.get("state") == "crashed" else "stopped")
-    problems = foreign_listeners(env)
+    problems = env.problems() + foreign_listeners(env)
     try:
         testers = [dict(c, requests=tester_requests(env, c["name"])) for c in connected_testers(env)]
         requests = {name: tester_requests(env, name) for name in tester_ports(env)}
@@ -1500,8 +1644,8 @@ def env_status(env: Env) -> dict:
         "state": status,
         "pid": state.get("pid") if status in ("running", "starting") else None,
         "uptime": round(now() - started, 1) if started and status == "running" else None,
-        "restarts": state.get("restarts", 0),
-        "hangs": state.get("hangs", 0),
+        "restarts": state.get("restarts") or 0,
+        "hangs": state.get("hangs") or 0,
         "last_exit": state.get("last_exit"),
         "last_log": state.get("last_log") if status == "crashed" else None,
         "port": port,
@@ -1625,18 +1769,20 @@ def supervisor_ping(env: Env):
         return None
 
 
-def ensure_supervisor(env: Env) -> None:
-    """Start the env's supervisor unless one already serves the env's port.
+def ensure_supervisor(env: Env, port: int = None) -> None:
+    """Have a supervisor of this agent run the env (on whatever port: a switch
+    moves it to another, see Supervisor.switch).
 
-    A fresh supervisor gets a listening socket bound here, so that a port in
-    use is reported at once. If the env's app outlived its supervisor, the new
-    supervisor adopts it, socket and all, instead of starting a second one.
+    A fresh supervisor gets a listening socket on ``port`` (default: the
+    recorded one) bound here, so that a port in use is reported at once, and
+    before anything stops. If apps of the env outlived their supervisor, the
+    new supervisor adopts one of them, socket and all, and ends the others.
     """
-    port = (read_json(env.path("env.json"), {}) or {}).get("port", 8080)
+    port = port or env.settings().get("port", 8080)
     pong = supervisor_ping(env)
-    if pong and pong.get("port") == port and pong.get("agent") == os.path.basename(__file__):
+    if pong and pong.get("agent") == os.path.basename(__file__):
         return
-    if pong and pong.get("port") == port:
+    if pong:
         # A supervisor of an older agent hands over: on SIGTERM it leaves and
         # its app keeps serving, for the new supervisor to adopt below.
         try:
@@ -1645,24 +1791,14 @@ def ensure_supervisor(env: Env) -> None:
             pass
         if not wait_for(lambda: not pid_alive(pong["pid"]), 5.0):
             os.kill(pong["pid"], signal.SIGKILL)
-    elif pong:  # the env moved to another port: the old port's app stops with it
-        try:
-            supervisor_call(env, {"cmd": "stop"}, timeout=STOP_TIMEOUT + 10)
-        except (Fail, OSError):
-            pass
-        if not wait_for(lambda: supervisor_ping(env) is None, 5.0):
-            os.kill(pong["pid"], signal.SIGKILL)  # one too old to know "stop"
-    wait_for(lambda: not (pong and pid_alive(pong["pid"])), 5.0)  # its sockets close with it
-    state = read_json(env.path("state.json"), {}) or {}
-    orphan = state.get("pid") if pid_alive(state.get("pid")) else None
+            wait_for(lambda: not pid_alive(pong["pid"]), 5.0)  # its lock is free once it is gone
     listener = None
-    if orphan and state.get("port") == port and os.path.exists(app_ctl_path(env, orphan)):
-        fd_arg = "adopt"
+    if env_apps(env):
+        fd_arg = "adopt:%d" % port  # the port to listen on if none of them can be adopted
     else:
-        if orphan:
-            stop_group(orphan, STOP_TIMEOUT)
         listener = bind_listener(port)
         fd_arg = str(listener.fileno())
+        update_settings(env, port=port)
     log = os.open(env.path("logs", "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "supervise", env.base, env.name, fd_arg],
@@ -1687,9 +1823,78 @@ def bind_listener(port: int) -> socket.socket:
         if e.errno == errno.EADDRINUSE:
             raise Fail("port_in_use", "port %d is already in use on the host's loopback by another "
                        "program: stop it, or deploy with --port N" % port)
+        if e.errno == errno.EACCES:
+            raise Fail("port_privileged", "port %d is privileged on the host (below %s, only root may "
+                       "listen there): deploy with a --port of 1024 or more" % (port, privileged_below()))
         raise
     listener.listen(128)
     return listener
+
+
+def privileged_below() -> str:
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return f.read().strip()
+    except OSError:
+        return "1024"
+
+
+def env_apps(env: Env) -> list:
+    """The env's app processes, found in /proc rather than in state.json (which
+    a full disk or a user may have lost): each {"pid", "release", "probe_fd"}."""
+    releases = env.path("releases")
+    apps = []
+    for name in os.listdir("/proc"):
+        try:
+            pid = int(name)
+            if os.stat("/proc/%d" % pid).st_uid != os.getuid():
+                continue
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                args = f.read().decode("utf-8", "replace").split("\0")
+            if len(args) < 4 or args[2] != "serve" or not args[1].endswith(".py"):
+                continue
+            spec = json.loads(args[3])
+            release_dir = spec["release_dir"]
+        except (ValueError, OSError, KeyError, TypeError):
+            continue
+        if os.path.dirname(release_dir) == releases and pid_alive(pid):
+            apps.append({"pid": pid, "release": os.path.basename(release_dir), "probe_fd": spec.get("probe_fd")})
+    return apps
+
+
+def listening_port(pid: int, fd):
+    """The local port of a process's TCP socket: the probe port of an adopted app."""
+    try:
+        inode = os.readlink("/proc/%d/fd/%d" % (pid, fd))  # socket:[INODE]
+        with open("/proc/%d/net/tcp" % pid) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if inode == "socket:[%s]" % fields[9]:
+                    return int(fields[1].split(":")[1], 16)
+    except (OSError, ValueError, IndexError, TypeError):
+        pass
+    return None
+
+
+def process_started(pid: int) -> float:
+    """When a process started (epoch seconds), from /proc."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return now()
+
+
+def link_current(env: Env, release: str) -> None:
+    """Point ``current`` at a release atomically (a new link renamed over it)."""
+    link = env.path(".current.%d.tmp" % os.getpid())
+    if os.path.lexists(link):
+        os.unlink(link)
+    os.symlink(os.path.join("releases", release), link)
+    os.replace(link, env.path("current"))
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
@@ -1699,6 +1904,15 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def fd_port(fd: int) -> int:
+    """The port a listening socket (by its file descriptor) is bound to."""
+    sock = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)  # a dup, closed below
+    try:
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
 
 
 def app_ctl_path(env: Env, pid: int) -> str:
@@ -1767,7 +1981,10 @@ class AppProcess:
     def spawn(cls, env: Env, release: str, sockets: dict, live: bool) -> "AppProcess":
         """Start ``agent.py serve`` for a release with the env's sockets:
         ``sockets[""]`` is the main port, the others testers' own ports."""
-        info = env.release_info(release)
+        info = env.release_info(release, strict=True)
+        if not (info.get("entry") and info.get("venv")):
+            raise Fail("no_release", "release %s is not complete on the host (no %s in %s): deploy again, "
+                       "or roll back to another release" % (release, RELEASE_FILE, env.release_dir(release)))
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         probe.bind(("127.0.0.1", 0))
         probe.listen(64)
@@ -1808,12 +2025,17 @@ class AppProcess:
         return cls(env, release, proc.pid, probe_port, now(), proc)
 
     @classmethod
-    def adopt(cls, env: Env, state: dict):
-        """Take over an app left running by a dead supervisor; returns (app, its sockets)."""
-        pid = state["pid"]
+    def adopt(cls, env: Env, found: dict):
+        """Take over an app of the env that no supervisor runs (as env_apps found
+        it, whatever state.json says); returns (app, its sockets)."""
+        pid = found["pid"]
         _, fds = app_request(env, pid, {}, cmd="sockets")
-        app = cls(env, state["release"], pid, state["probe_port"], state.get("started_at") or now())
-        return app, fds
+        probe_port = listening_port(pid, found["probe_fd"])
+        if probe_port is None or "" not in fds:
+            for fd in fds.values():
+                os.close(fd)
+            raise OSError("app %d does not show its sockets" % pid)
+        return cls(env, found["release"], pid, probe_port, process_started(pid)), fds
 
     def poll(self):
         """The exit code once the process has ended (-1 if adopted and unknown), else None."""
@@ -1886,10 +2108,11 @@ class Supervisor:
         self.sockets = {}  # "" -> the main listening fd; tester name -> their port's fd
         self.port = None
         self.app = None
-        saved = read_json(env.path("state.json"), {}) or {}
+        self.release = None  # the live release, kept while its app is down: current is put back from it
+        saved = env.state()
         self.state = "stopped"
-        self.restarts = saved.get("restarts", 0)
-        self.hangs = saved.get("hangs", 0)
+        self.restarts = saved.get("restarts") or 0
+        self.hangs = saved.get("hangs") or 0
         self.last_exit = saved.get("last_exit")
         self.last_log = None
         self.quick_exits = []
@@ -1900,20 +2123,39 @@ class Supervisor:
         self.next_rotate = 0.0
         self.next_testers = 0.0
         self.missing_testers = False  # a tester port could not be bound: tick() retries
+        self.unsaved = False  # state.json could not be written (a full disk): tick retries
+        self.next_save = 0.0
 
     @property
     def settings(self) -> dict:
-        return read_json(self.env.path("env.json"), {}) or {}
+        return self.env.settings(strict=False)  # damaged: the defaults, and the app keeps serving
 
     def log(self, message: str) -> None:
-        print("%s %s" % (iso(now()), message), flush=True)
+        """A line in supervisor.log; a full disk loses the line, never the supervisor."""
+        try:
+            print("%s %s" % (iso(now()), message), flush=True)
+        except OSError:
+            pass
 
     def save(self) -> None:
+        """Write state.json. A write that fails (a full disk) kills nothing: the
+        supervisor keeps its state, answers status with it, and retries."""
+        try:
+            write_json(self.env.path("state.json"), self.record())
+        except OSError as e:
+            if not self.unsaved:
+                self.log("cannot write state.json (%s): retrying every 2 s" % e)
+            self.unsaved = True
+        else:
+            self.unsaved = False
+
+    def record(self) -> dict:
+        """What state.json holds, and what ping tells status."""
         app = self.app
-        write_json(self.env.path("state.json"), {
+        return {
             "state": self.state,
             "pid": app.pid if app else None,
-            "release": app.release if app else None,
+            "release": self.release,
             "probe_port": app.probe_port if app else None,
             "started_at": app.started_at if app else None,
             "restarts": self.restarts,
@@ -1923,7 +2165,7 @@ class Supervisor:
             "port": self.port,
             "supervisor_pid": os.getpid(),
             "updated_at": now(),
-        })
+        }
 
     def run(self) -> None:
         lock = os.open(self.env.path("supervisor.lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -1940,12 +2182,20 @@ class Supervisor:
         os.chmod(ctl_path, 0o600)
         ctl.listen(16)
         signal.signal(signal.SIGTERM, lambda *_: self.exit())
-        if self.listen_fd == "adopt":
+        if self.listen_fd.startswith("adopt"):
             self.adopt()
-            self.update_testers()  # testers added while no supervisor ran
-        else:
+            if self.app is not None:
+                self.update_testers()  # testers added while no supervisor ran
+        if self.app is None:
+            if self.listen_fd.startswith("adopt"):  # nothing could be adopted: listen anew
+                port = self.listen_fd.partition(":")[2] or self.settings.get("port", 8080)
+                try:
+                    self.listen_fd = str(bind_listener(int(port)).detach())
+                except Fail as e:
+                    self.log("%s; supervisor exits" % e.message)
+                    return
             self.sockets[""] = int(self.listen_fd)
-            self.port = socket.socket(fileno=os.dup(self.sockets[""])).getsockname()[1]
+            self.port = fd_port(self.sockets[""])
             self.bind_testers()
             current = self.env.current()
             if current and not self.settings.get("stopped"):
@@ -1965,12 +2215,31 @@ class Supervisor:
             self.tick()
 
     def adopt(self) -> None:
-        """Take over the app a dead supervisor left running, with its socket."""
-        state = read_json(self.env.path("state.json"), {}) or {}
-        self.app, self.sockets = AppProcess.adopt(self.env, state)
-        self.port = state["port"]
-        self.state = "running"
-        self.log("adopted %s (pid %d)" % (self.app.release, self.app.pid))
+        """Take over an app of this env that no supervisor runs, socket and all,
+        and end the others: a supervisor that died mid-switch leaves two apps,
+        and a full disk or a lost state.json one that state.json does not name.
+        The one kept serves the current release (the recorded one first)."""
+        current, recorded = self.env.current(), self.env.state().get("pid")
+        found = sorted(env_apps(self.env), reverse=True,
+                       key=lambda a: (a["release"] == current, a["pid"] == recorded, a["pid"]))
+        enders = []
+        for app in found:
+            if self.app is None:
+                try:
+                    self.app, self.sockets = AppProcess.adopt(self.env, app)
+                except (OSError, ValueError) as e:
+                    self.log("cannot adopt %s (pid %d): %s" % (app["release"], app["pid"], e))
+                else:
+                    self.app.go_live()  # it may have been starting beside the one that served
+                    self.release, self.state, self.port = app["release"], "running", fd_port(self.sockets[""])
+                    self.log("adopted %s (pid %d)" % (app["release"], app["pid"]))
+                    continue
+            self.log("ending %s (pid %d): an app of this env that no supervisor ran" % (app["release"], app["pid"]))
+            enders.append(threading.Thread(target=stop_group, args=(app["pid"], STOP_TIMEOUT), daemon=True))
+            enders[-1].start()
+        if self.app is None:
+            for ender in enders:  # they hold the port this supervisor listens on next
+                ender.join()
 
     def handle(self, conn: socket.socket) -> None:
         with conn:
@@ -1998,9 +2267,10 @@ class Supervisor:
         cmd = request.get("cmd")
         if cmd == "ping":
             return {"ok": True, "port": self.port, "state": self.state, "pid": os.getpid(),
-                    "agent": os.path.basename(__file__)}
+                    "agent": os.path.basename(__file__), "record": self.record()}
         if cmd == "switch":
-            return self.switch(request["release"], float(request.get("timeout", START_TIMEOUT)))
+            return self.switch(request["release"], float(request.get("timeout", START_TIMEOUT)),
+                               request.get("port"))
         if cmd == "stop":
             self.stop_app()
             return {"ok": True}
@@ -2045,20 +2315,44 @@ class Supervisor:
         """Start a release straight onto the listening socket (no old one to keep)."""
         try:
             self.app = AppProcess.spawn(self.env, release, self.sockets, live=True)
-            self.state = "starting"
+            self.release, self.state = release, "starting"
             self.log("started %s (pid %d)" % (release, self.app.pid))
-        except (OSError, KeyError) as e:
+        except (Fail, OSError, KeyError) as e:
             self.log("cannot start %s: %s" % (release, e))
             self.app, self.state = None, "crashed"
         self.save()
 
-    def switch(self, release: str, timeout: float) -> dict:
-        """Start ``release`` beside the old one; only a healthy one goes live."""
-        new = AppProcess.spawn(self.env, release, self.sockets, live=False)
+    def switch(self, release: str, timeout: float, port=None) -> dict:
+        """Start ``release`` beside the old one; only a healthy one goes live.
+
+        With a new port, it is bound first (or refused) and only the new app
+        listens there; the old one serves the old port until the switch, so a
+        refused port or a failed release changes nothing.
+        """
+        if port is not None and not is_port(port):
+            raise Fail("bad_request", "port %r is not a port from 1 to 65535" % (port,))
+        sockets = dict(self.sockets)
+        if port and port != self.port:
+            sockets[""] = bind_listener(port).detach()
+        moved = sockets[""] != self.sockets[""]
+        try:
+            new = AppProcess.spawn(self.env, release, sockets, live=False)
+        except BaseException:
+            if moved:
+                os.close(sockets[""])
+            raise
         self.log("starting %s (pid %d)" % (release, new.pid))
         result = new.wait_healthy(timeout)
-        if result.get("code") is None or result["code"] >= 500:
+        failed = result.get("code") is None or result["code"] >= 500
+        if not failed:
+            try:
+                link_current(self.env, release)
+            except OSError as e:
+                result, failed = {"error": "cannot point current at it: %s" % e.strerror}, True
+        if failed:
             code = new.stop(timeout=2)
+            if moved:
+                os.close(sockets[""])
             reason = result.get("error") or "health check answered HTTP %s" % result.get("code")
             self.log("release %s failed to start: %s" % (release, reason))
             return {"ok": False, "error": {
@@ -2069,14 +2363,12 @@ class Supervisor:
                 "log": tail(new.log_path),
             }}
         new.go_live()
-        old, self.app = self.app, new
+        old, self.app, self.release = self.app, new, release
+        if moved:
+            os.close(self.sockets[""])  # the old app keeps its own copy until it is retired
+            self.sockets, self.port = sockets, port
         self.state, self.last_log, self.quick_exits, self.backoff = "running", None, [], 0.5
         self.restart_at, self.failed_probes = None, 0
-        link = self.env.path(".current.tmp")
-        if os.path.lexists(link):
-            os.unlink(link)
-        os.symlink(os.path.join("releases", release), link)
-        os.replace(link, self.env.path("current"))
         self.save()
         self.log("release %s is live (pid %d)" % (release, new.pid))
         if old:
@@ -2091,12 +2383,16 @@ class Supervisor:
         if self.missing_testers and clock >= self.next_testers:
             self.next_testers = clock + 2.0
             self.update_testers()
+        if self.unsaved and clock >= self.next_save:
+            self.next_save = clock + 2
+            self.save()
         app = self.app
         if app is None:
             if self.restart_at is not None and clock >= self.restart_at:
                 self.restart_at = None
-                if self.env.current():
-                    self.start(self.env.current())
+                release = self.env.current() or self.release
+                if release:
+                    self.start(release)
             return
         code = app.poll()
         if code is not None:
@@ -2164,18 +2460,19 @@ class Supervisor:
 
 
 def rotate(path: str, max_bytes: int, keep: int = 5) -> None:
-    """Rotate a log by size, copy-then-truncate, since the app keeps it open (O_APPEND)."""
+    """Rotate a log by size, copy-then-truncate, since the app keeps it open
+    (O_APPEND). On a full disk it waits for the next try."""
     try:
         if os.path.getsize(path) <= max_bytes:
             return
+        for n in range(keep - 1, 0, -1):
+            if os.path.exists("%s.%d" % (path, n)):
+                os.replace("%s.%d" % (path, n), "%s.%d" % (path, n + 1))
+        shutil.copyfile(path, path + ".1")
+        with open(path, "r+b") as f:
+            f.truncate(0)
     except OSError:
-        return
-    for n in range(keep - 1, 0, -1):
-        if os.path.exists("%s.%d" % (path, n)):
-            os.replace("%s.%d" % (path, n), "%s.%d" % (path, n + 1))
-    shutil.copyfile(path, path + ".1")
-    with open(path, "r+b") as f:
-        f.truncate(0)
+        pass
 
 
 # ---------------------------------------------------------------- the app process

@@ -54,6 +54,9 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT
                 shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
                 raise BuildError(f"{path.name} is refused, unsafe members: {shown}")
             files = {normalise(m.name) for m in members if m.isfile()}
+            if any(normalise(m.name).split("/")[0] == agent.RELEASE_FILE for m in members):
+                raise BuildError(f"{path.name} has a {agent.RELEASE_FILE} at its root, the name of qabox's "
+                                 f"own record of each release on the host: rename it, then build again")
             config = read_config(tar, members, path)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise BuildError(
@@ -76,8 +79,9 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT
         raise BuildError(f"app entry {chosen}: {path.name} has no module {module} "
                          f"({' or '.join(agent.entry_module_path(chosen))})")
     health = app.get("health", "/")
-    if not isinstance(health, str) or not health.startswith("/"):
-        raise BuildError(f"qabox.toml in {path.name}: [app] health must be a path such as \"/health\"")
+    if not isinstance(health, str) or not agent.HEALTH_PATH.fullmatch(health):
+        raise BuildError(f"qabox.toml in {path.name}: [app] health = {health!r} is not a URL path: use one "
+                         f"like \"/health\" (printable characters, no spaces)")
     return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
                  health=health, members=len(members))
 

@@ -275,7 +275,11 @@ def status(
             print(json.dumps({"hosts": hosts}, indent=2))
         else:
             print_status(hosts)
-        if any(h["error"] for h in hosts):
+        problems = [f"{h['host']}/{e['env']}: {p}" for h in hosts for e in h["envs"] for p in e.get("problems") or []]
+        if not as_json:
+            for problem in problems:
+                err.print(f"qabox: error: {problem}", markup=False, highlight=False)
+        if problems or any(h["error"] for h in hosts):
             raise typer.Exit(1)
 
 

@@ -143,11 +143,14 @@ class UploadFailed(ConnectError):
 
 
 def check_space(remote: Remote, needed: int, free: int) -> None:
-    if free < needed + (1 << 20):
+    """Refuse an upload that cannot fit (with 1 MB to spare), saying how much is missing."""
+    wanted = needed + (1 << 20)
+    if free < wanted:
         raise RemoteError(
-            f"{remote.name}: the host's disk is full: {decimal(free)} free for "
-            f"{remote.settings.dir}, the build needs {decimal(needed)} more (and room to "
-            f"extract it): free some space there and deploy again", code="disk_full")
+            f"{remote.name}: the host's disk is full: {decimal(free)} free for {remote.settings.dir}, "
+            f"the upload needs {decimal(wanted)} ({decimal(needed)} still to send and 1 MB to "
+            f"spare), and extracting it more: free at least {decimal(wanted - free)} there and "
+            f"deploy again", code="disk_full")
 
 
 def upload(remote: Remote, build: builds.Build, part_path: str, offset: int, hooks: Hooks) -> int:

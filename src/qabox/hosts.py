@@ -20,6 +20,15 @@ from qabox import agent
 from qabox.errors import ConfigError
 
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,253}")  # fullmatch
+# The deploy directory ends up in commands the host's shell runs (a tester key's
+# forced command, the @reboot crontab line): only a plain relative or ~/ path
+# of these characters, no '.' or '..' part, no part starting with '-'.
+DIR_PART = re.compile(r"(?!\.{1,2}\Z)[A-Za-z0-9_.][A-Za-z0-9_.-]*")  # fullmatch
+
+
+def plain_dir(value: str) -> bool:
+    parts = (value[2:] if value.startswith("~/") else value).split("/")
+    return len(value) <= 200 and all(DIR_PART.fullmatch(part) for part in parts)
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,8 @@ class HostSettings:
 
 # key: (type, check, what a valid value is)
 KEYS = {
-    "dir": (str, lambda v: bool(v.strip()) and "\x00" not in v, "a directory path"),
+    "dir": (str, plain_dir, "a plain directory path relative to the home directory (like .qabox or "
+            "~/qa/box: letters, digits, '.', '_' and '-')"),
     "port": (int, lambda v: 1 <= v <= 65535, "a port from 1 to 65535"),
     "keep": (int, lambda v: 1 <= v <= 100, "a number of releases from 1 to 100"),
     "python": (str, lambda v: bool(v.strip()) and "\x00" not in v, "a python command"),
