@@ -86,6 +86,6 @@ def test_bad_health_path(tmp_path, health):
 def test_a_build_may_not_bring_its_own_release_json(tmp_path):
     for name in ("release.json", "./release.json", "release.json/x"):
         path = tar_of(tmp_path, {"app.py": "", name: "{}"})
-        with pytest.raises(BuildError, match="has a release.json at its root"):
+        with pytest.raises(BuildError, match="qabox writes each release.s own release.json there"):
             build.inspect(path)
     assert build.inspect(tar_of(tmp_path, {"app.py": "", "static/release.json": "{}"}))

@@ -125,8 +125,8 @@ def member_problem(member: tarfile.TarInfo):
     long_name = too_long(name)
     if long_name:
         return "path " + long_name
-    if parts == ["release.json"]:
-        return "qabox writes each release's own release.json there: rename this member"
+    if parts[:1] == [RELEASE_FILE]:
+        return "qabox writes each release's own %s there: rename this member" % RELEASE_FILE
     if member.isdev() or member.isfifo():
         return "device or fifo"
     if member.issym() or member.islnk():

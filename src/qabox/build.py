@@ -54,9 +54,6 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT
                 shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
                 raise BuildError(f"{path.name} is refused, unsafe members: {shown}")
             files = {normalise(m.name) for m in members if m.isfile()}
-            if any(normalise(m.name).split("/")[0] == agent.RELEASE_FILE for m in members):
-                raise BuildError(f"{path.name} has a {agent.RELEASE_FILE} at its root, the name of qabox's "
-                                 f"own record of each release on the host: rename it, then build again")
             config = read_config(tar, members, path)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise BuildError(
