@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -78,13 +79,30 @@ def tester(tmp_path, env_name, port, notes_build):
     """An env with the notes app, and a tester whose key may reach it."""
     assert qabox("deploy", notes_build, "--host", "lab1", "--env", env_name, "--port", port).code == 0
     key = tmp_path / "tester"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    new_key(key)
     name = "t" + env_name.replace("x", "")
     result = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
     assert result.code == 0, result
     yield {"name": name, "key": str(key), "env": env_name, "ports": json.loads(result.stdout)["ports"]}
     qabox("tunnel", "--stop", "--user", name)
     qabox("testers", "remove", name, "--host", "lab1")
+
+
+def new_key(path: Path) -> Path:
+    """A fresh ed25519 key pair: ``path`` and ``path.pub``."""
+    new_key(path)
+    return path
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1):
+    """The predicate's first true value within timeout, else its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
 
 
 def ssh_as_tester(tester: dict, tmp_path: Path) -> list[str]:

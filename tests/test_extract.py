@@ -11,7 +11,6 @@ import glob
 import os
 import stat
 import subprocess
-import sys
 import tarfile
 import shutil
 from contextlib import contextmanager

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import LAB, REPO, qabox, remove_env
+from conftest import LAB, qabox, remove_env
 
 pytestmark = pytest.mark.usefixtures("lab")
 

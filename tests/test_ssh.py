@@ -8,7 +8,7 @@ import subprocess
 import paramiko
 import pytest
 
-from conftest import LAB_DIR, qabox
+from conftest import LAB_DIR, new_key, qabox
 from qabox import ssh
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -111,7 +111,7 @@ def test_aes_gcm_is_preferred_when_sshd_offers_it(config, tmp_path):
 
 def test_login_refused_says_what_to_check(config, tmp_path):
     key = tmp_path / "stranger"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    new_key(key)
     config("Host lab1\n" + lab_block(IdentityFile=key))
     result = qabox("status", "--host", "lab1", "--json")
     error = json.loads(result.stdout)["hosts"][0]["error"]
@@ -142,7 +142,7 @@ def test_missing_ssh_config_file(monkeypatch, tmp_path):
 
 def test_advice_names_the_ssh_config_qabox_uses(config, tmp_path, isolated, monkeypatch):
     key = tmp_path / "stranger"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    new_key(key)
     path = config("Host lab1\n" + lab_block(IdentityFile=key))
     refused = ("SSH login to qalab1@198.18.1.2:22 (lab1) was refused: check the user and key "
                "(User/IdentityFile in ssh_config, or `ssh-add`), and that `{}` works")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import LAB, http_get, in_host, qabox
+from conftest import LAB, http_get, in_host, qabox, wait_until
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -93,15 +93,6 @@ def status(env):
 def get(port, path="/"):
     return http_get("lab1", port, path)
 
-
-def wait_until(predicate, timeout, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def test_killed_app_serves_again_within_3_s(app_build, env_name, port):

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import LAB, free_port, http_get, in_host, qabox, ssh_as_tester
+from conftest import LAB, LAB_DIR, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -98,7 +98,7 @@ def test_testers_come_and_go_without_restarting_the_app(tester, tmp_path):
 
     pid = app_pid()
     key = tmp_path / "second"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    new_key(key)
     name = tester["name"] + "b"
     added = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
     assert added.code == 0, added
@@ -347,7 +347,7 @@ def test_off_a_terminal_a_line_per_state_and_the_true_count_last(tester):
 
 def test_a_refused_key_prints_only_the_error(tester, tmp_path):
     stranger = tmp_path / "stranger"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    new_key(stranger)
     proc, master = on_terminal(tester, "-i", stranger)
     try:
         assert proc.wait(timeout=30) == 3

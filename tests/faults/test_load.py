@@ -3,19 +3,17 @@ with no failed request and a tunnel process that does not grow."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import qabox
+from conftest import new_key, qabox
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -42,7 +40,7 @@ def testers(tmp_path, env_name, port, make_build):
         for i in range(n):
             name = f"l{env_name.replace('x', '')}n{i}"
             key = tmp_path / name
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+            new_key(key)
             assert qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1").code == 0
             proc = subprocess.Popen([sys.executable, "-m", "qabox", "tunnel", "--user", name, "--host", "lab1",
                                      "--env", env_name, "-i", str(key)], stdout=subprocess.PIPE,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import LAB, _ports, http_get, in_host, qabox, remove_env
+from conftest import LAB, _ports, http_get, in_host, qabox, remove_env, wait_until
 from test_deploy import in_host_background
 from test_faults import HOME, example_build, small_disk  # noqa: F401 (a fixture)
 
@@ -71,15 +71,6 @@ def status(env):
 def served(port, path="/release"):
     return http_get("lab1", port, path)[1]
 
-
-def wait_until(predicate, timeout, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def app_pids(env):

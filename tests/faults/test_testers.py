@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import free_port, http_get, in_host, qabox, ssh_as_tester
+from conftest import free_port, http_get, in_host, new_key, qabox, ssh_as_tester
 from qabox import agent
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -153,7 +153,7 @@ def test_removed_tester_keeps_no_access_through_an_ssh_n_tunnel(tester, tmp_path
         idle.sendall(b"GET /health HTTP/1.0\r\n\r\n")
         assert idle.recv(4096) == b""  # the connection opened before the removal was closed
         newcomer = tmp_path / "newcomer"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(newcomer)], check=True)
+        new_key(newcomer)
         added = qabox("testers", "add", tester["name"] + "new", "--key", f"{newcomer}.pub", "--host", "lab1", "--json")
         assert added.code == 0, added
         try:
@@ -174,7 +174,7 @@ def test_tester_added_while_the_supervisor_is_down_gets_a_listener(tester, tmp_p
     supervisor = status(tester["env"])["supervisor_pid"]
     in_host("lab1", "kill", "-9", str(supervisor))
     key = tmp_path / "late"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    new_key(key)
     name = tester["name"] + "late"
     added = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
     assert added.code == 0, added
@@ -251,7 +251,7 @@ def test_another_base_keeps_its_testers_and_a_bad_list_changes_nothing(tester, t
     hosts.mkdir()
     (hosts / "lab1.toml").write_text('dir = ".qabox-other"\n')
     key = tmp_path / "elsewhere"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    new_key(key)
     monkeypatch.setenv("QABOX_HOSTS_DIR", str(hosts))
     try:
         assert qabox("testers", "add", "elsewhere", "--key", f"{key}.pub", "--host", "lab1").code == 0
@@ -269,7 +269,7 @@ def test_another_base_keeps_its_testers_and_a_bad_list_changes_nothing(tester, t
 @pytest.mark.parametrize("name", ["sec9\n", "a\nb", "x\r"])
 def test_names_with_line_breaks_are_refused(name, tmp_path):
     key = tmp_path / "k"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    new_key(key)
     assert qabox("status", "--host", "lab1", "--env", name).code == 2
     assert qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1").code == 2
     assert agent.ENV_NAME.fullmatch(name) is None
