@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ast
+import glob
 import io
+import os
 import json
 import subprocess
 import sys
 import tarfile
 
+import pytest
 from hypothesis import given, strategies as st
 
 from qabox import agent
@@ -32,8 +35,20 @@ def test_agent_loads_only_the_standard_library():
     assert proc.stdout.strip().endswith("[]"), proc.stdout + proc.stderr
 
 
-def test_agent_is_python38_syntax():
-    ast.parse(open(AGENT).read(), feature_version=(3, 8))
+def test_agent_is_python36_syntax():
+    ast.parse(open(AGENT).read(), feature_version=(3, 6))
+
+
+@pytest.mark.parametrize("python", sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python")) + ["/usr/bin/python3"])
+def test_agent_runs_on_every_python_a_host_may_have(python, tmp_path):
+    """Old spare boxes ship python 3.6 (CentOS 7, Ubuntu 18.04): the agent runs there."""
+    if not os.path.exists(python):
+        pytest.skip(f"no {python} on this machine")
+    request = {"protocol": agent.PROTOCOL, "cmd": "hello", "args": {"base": str(tmp_path)}}
+    proc = subprocess.run([python, "-I", AGENT], input=json.dumps(request) + "\n",
+                          capture_output=True, text=True, timeout=30)
+    answer = json.loads(proc.stdout.splitlines()[-1])
+    assert answer["ok"] and answer["data"]["protocol"] == agent.PROTOCOL, proc.stdout + proc.stderr
 
 
 def test_hello_answers_with_the_protocol_version(tmp_path):

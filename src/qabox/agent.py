@@ -25,8 +25,6 @@ Layout on the host, under the base directory (default ``~/.qabox``)::
     envs/<env>/ctl.sock        the supervisor's control socket
 """
 
-from __future__ import annotations
-
 import array
 import errno
 import fcntl
@@ -77,9 +75,8 @@ class Fail(Exception):
 # ---------------------------------------------------------------- build rules
 # qabox checks a build with these same functions before sending it, and the
 # host checks it again before extracting: one set of rules on both sides.
-# This section and the extractor below keep to python 3.6 (no walrus, no
-# `X | None` evaluated at run time); the file's `from __future__ import
-# annotations` needs 3.7, so tests load it on 3.6 with its annotations dropped.
+# Like the whole agent, this keeps to python 3.6 (no walrus, no `X | None`
+# evaluated at run time: such annotations are strings).
 
 DEFAULT_MAX_MEMBERS = 50000
 HEADER_BYTES = 512  # each member's tar header, counted so that empty members are not free
@@ -252,7 +249,7 @@ def now() -> float:
     return time.time()
 
 
-def iso(ts: float | None) -> str | None:
+def iso(ts: "float | None") -> "str | None":
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
@@ -412,7 +409,7 @@ class Env:
     def release_dir(self, release: str) -> str:
         return self.path("releases", release)
 
-    def current(self) -> str | None:
+    def current(self) -> "str | None":
         """The current release id, from the ``current`` symlink. A deleted link
         is put back from the release the supervisor last recorded as live."""
         try:
@@ -1538,7 +1535,7 @@ def tester_requests(env: Env, name: str) -> int:
     return count
 
 
-def tester_session(base: str, name: str, io: Stream) -> int:
+def tester_session(base: str, name: str, io: "Stream") -> int:
     """The forced command of a tester's key: say which ports are theirs, count
     them as connected while the tunnel is open, and pass on deploy notices."""
     testers = load_testers(base)
