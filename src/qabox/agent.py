@@ -1226,24 +1226,54 @@ class TestersLock:
         os.close(self.fd)
 
 
+def ssh_connections() -> list:
+    """``[pid, start time]`` of this account's sshd processes: its SSH
+    connections open now, any of which may hold a forward to a tester's port."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat("/proc/" + pid).st_uid != os.getuid():
+                continue
+            with open("/proc/%s/stat" % pid) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.index("(") + 1:stat.rindex(")")].startswith("sshd"):
+            found.append([int(pid), int(stat[stat.rindex(")") + 2:].split()[19])])  # field 22: start
+    return found
+
+
+def retire(ports) -> list:
+    """Retired ports, each with the SSH connections open when it was retired:
+    it is not given to anyone again while one of them lasts (a removed tester's
+    ``ssh -N`` keeps its forward to it, and sshd cannot tell us whose it is)."""
+    now_open = ssh_connections()
+    return [{"port": port, "sshd": now_open} for port in sorted(ports)]
+
+
 def allocate_tester_ports(base: str, store: dict) -> bool:
     """Give every tester a port of their own in every env. True if any was added.
 
-    A port once given is never given again (``retired_ports``): a removed
-    tester's open connection must not reach whoever would get it next.
+    A retired port is given again only once every SSH connection that was open
+    when it was retired has ended (see ``retire``).
     """
     base = os.path.abspath(os.path.expanduser(base))
     testers = store["testers"]
+    alive = {tuple(c) for c in ssh_connections()}
+    store["retired_ports"] = [r for r in store["retired_ports"] if isinstance(r, dict)
+                              and isinstance(r.get("port"), int)
+                              and alive & {tuple(c) for c in r.get("sshd") or []}]
     taken = {Env(base, e).settings(strict=False).get("port") for e in all_envs(base)}
-    taken.update(store["retired_ports"])
+    taken.update(r["port"] for r in store["retired_ports"])
     for t in testers.values():
         taken.update(t.get("ports", {}).values())
     changed = False
     envs = set(all_envs(base))
     for name in sorted(testers):
         ports = testers[name].setdefault("ports", {})
-        for gone in [env for env in ports if env not in envs]:  # envs deleted since
-            store["retired_ports"].append(ports.pop(gone))
+        gone = [env for env in ports if env not in envs]  # envs deleted since
+        if gone:
+            store["retired_ports"] += retire(ports.pop(env) for env in gone)
             changed = True
         for env in sorted(envs):
             if env not in ports:
@@ -1396,7 +1426,7 @@ def cmd_tester_remove(req, io) -> dict:
         gone = store["testers"].pop(req["name"], None)
         if gone is None:
             raise Fail("no_tester", "there is no tester %r on this host" % req["name"])
-        store["retired_ports"] += sorted(gone.get("ports", {}).values())
+        store["retired_ports"] += retire(gone.get("ports", {}).values())
         save_testers(req["base"], store)
     ended = 0
     for record in connected(req["base"]):

@@ -364,5 +364,5 @@ def test_a_nearly_full_disk_says_how_much_is_missing(tmp_path, make_build, env_n
         subprocess.run(in_sshd + ["rm", "-f", f"{mount}/filler", f"{mount}/filler2"])
     assert result.code == 6, result
     line = one_line_error(result)
-    assert "disk is full" in line and " 0 MB" not in line and " B still to send" in line, line
+    assert "disk is full" in line and " 0 MB" not in line and " bytes still to send" in line, line
     assert served(port) == release
