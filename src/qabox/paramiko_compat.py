@@ -17,8 +17,8 @@ import paramiko.common
 
 from qabox.errors import QaboxError
 
-SUPPORTED = ">=3.4,<6"  # as pyproject.toml pins it; tests/test_paramiko_compat.py tests both ends
-SUPPORTED_TEXT = "3.4 to 5.x"
+SUPPORTED = ">=3.4.1,<6"  # as pyproject.toml pins it; tests/test_paramiko_compat.py tests both ends
+SUPPORTED_TEXT = "3.4.1 to 5.x"  # 3.4.0 prints cryptography's TripleDES warning on every command
 
 # What forward.py needs, by owner. Instance attributes are looked up on a real
 # (unconnected) object, since paramiko sets them in __init__.
