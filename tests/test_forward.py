@@ -57,6 +57,7 @@ def tunnel(tmp_path_factory, wheels):
     """One env with APP, a tester, and the tester's `qabox tunnel`: its port."""
     tmp = tmp_path_factory.mktemp("forward")
     env = f"f{os.getpid() % 1000}"
+    app_port = 7000 + os.getpid() % 1000  # like the env, this run's own on the shared lab host
     variables = {"HOME": str(tmp), "QABOX_STATE_DIR": str(tmp / "state"),
                  "QABOX_HOSTS_DIR": str(REPO / "hosts"), "QABOX_SSH_CONFIG": str(LAB_DIR / "ssh_config")}
     with pytest.MonkeyPatch.context() as mp:
@@ -68,7 +69,8 @@ def tunnel(tmp_path_factory, wheels):
         (src / "wsgi.py").write_text(APP)
         (src / "requirements.txt").write_text("flask>=3.0\n")
         build = pack(src, tmp / "build.tar.gz", wheels=wheels)
-        assert qabox("deploy", build, "--host", "lab1", "--env", env, "--port", 9090).code == 0
+        deployed = qabox("deploy", build, "--host", "lab1", "--env", env, "--port", app_port)
+        assert deployed.code == 0, deployed
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "key")], check=True)
         added = qabox("testers", "add", f"fw{env}", "--key", tmp / "key.pub", "--host", "lab1", "--json")
         assert added.code == 0, added

@@ -494,9 +494,9 @@ def tunnel(
 
     Example: qabox tunnel --user tester2 --host oldbox
     """
-    from qabox import tunnel as tunnels
-
     with reporting(ctx.obj["verbose"]):
+        from qabox import tunnel as tunnels  # here: an incompatible paramiko is one line
+
         context = make_context(ctx)
         if stop_:
             if not (user or all_):
@@ -580,9 +580,9 @@ def tunnels_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
 
     Example: qabox tunnels
     """
-    from qabox import tunnel as tunnels
-
     with reporting(ctx.obj["verbose"], as_json):
+        from qabox import tunnel as tunnels  # here: an incompatible paramiko is one line
+
         records = tunnels.running(make_context(ctx))
         if as_json:
             print(json.dumps({"tunnels": records}, indent=2))

@@ -12,6 +12,9 @@ bytes the local client has taken.
 A connection that arrives while there is no link waits (up to WAIT_FOR_LINK);
 one whose channel was not yet confirmed when its link died is opened again on
 the next link, so a browser only sees a short wait.
+
+paramiko has no public API for any of this: the internals it takes are all in
+paramiko_compat, which checks at import that they are still there.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import time
 from typing import Callable
 
 import paramiko
-from paramiko.common import cMSG_CHANNEL_FAILURE, cMSG_CHANNEL_OPEN, cMSG_CHANNEL_WINDOW_ADJUST
-from paramiko.message import Message
+
+from qabox import paramiko_compat
 
 READ_SIZE = 256 * 1024
 WAIT_FOR_LINK = 30.0  # how long a new connection waits for a link to the host
@@ -56,21 +59,22 @@ class Conn:
         self.waiting_since = 0.0
 
 
-class Relay(paramiko.Channel):
+class Relay(paramiko_compat.Channel):
     """A direct-tcpip channel that writes what the host sends straight to its client.
 
-    These methods run on the transport's thread (see ``virtual_dispatch``),
-    which must never wait to send: during a key exchange, which that thread
-    runs itself, it would wait for itself (paramiko's own close and request
-    handlers do, so they are replaced here). Replies go out by ``send_soon``.
+    Its hooks run on the transport's thread, which must never wait to send:
+    replies go out by ``send_soon``.
     """
 
     def __init__(self, chanid: int, conn: Conn, forward: "Forward"):
         super().__init__(chanid)
         self.conn, self.forward = conn, forward
+        conn.chan = self  # before paramiko knows the channel, so its messages find it
 
-    def _feed(self, m) -> None:
-        data = m if isinstance(m, bytes) else m.get_binary()
+    def send_soon(self, m: paramiko.Message) -> None:
+        self.forward.send_soon(self.transport, m)
+
+    def on_data(self, data: bytes) -> None:
         conn = self.conn
         with conn.lock:
             if conn.closed or conn.chan is not self:
@@ -91,50 +95,18 @@ class Relay(paramiko.Channel):
         if sent:
             self.ack(sent)
 
-    def ack(self, n: int) -> None:
-        """Give the host back window for n bytes the client has taken."""
-        n = self._check_add_window(n)
-        if n:
-            m = Message()
-            m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
-            m.add_int(self.remote_chanid)
-            m.add_int(n)
-            self.forward.send_soon(self.transport, m)
-
-    def _handle_eof(self, m) -> None:
-        super()._handle_eof(m)
+    def on_eof(self) -> None:
         conn = self.conn
         with conn.lock:
             conn.host_eof = True
             if not conn.out and not conn.closed:
                 shut_write(conn.sock)
 
-    def _handle_close(self, m) -> None:
-        """The host closed the channel: close our end too."""
-        with self.lock:
-            replies = self._close_internal()
-            self.transport._unlink_channel(self.chanid)
-        for reply in replies:
-            if reply is not None:
-                self.forward.send_soon(self.transport, reply)
-
-    def _handle_request(self, m) -> None:
-        """A channel request from the host (sshd's keepalive, say): we have none to grant."""
-        m.get_text()
-        if m.get_boolean():  # want_reply
-            reply = Message()
-            reply.add_byte(cMSG_CHANNEL_FAILURE)
-            reply.add_int(self.remote_chanid)
-            self.forward.send_soon(self.transport, reply)
-
-    def _window_adjust(self, m) -> None:
-        super()._window_adjust(m)
+    def on_window(self) -> None:
         if self.conn.held:
             self.forward.call(self.forward.resume, self.conn)
 
-    def _set_closed(self) -> None:
-        """Closed by the host, by us, or with its transport (paramiko holds self.lock)."""
-        super()._set_closed()
+    def on_closed(self) -> None:
         conn = self.conn
         if conn.chan is not self or conn.closed:
             return
@@ -144,25 +116,17 @@ class Relay(paramiko.Channel):
             # cut short (the client must not take it for a whole answer), or both sides done
             self.forward.call(self.forward.close, conn)
 
-
-class Opened:
-    """Stands in for the Event paramiko sets when the host answers a channel open."""
-
-    def __init__(self, conn: Conn, chan: Relay):
-        self.conn, self.chan = conn, chan
-
-    def set(self) -> None:
-        """On the transport's thread: send what the client sent so far, or give up."""
-        conn, chan = self.conn, self.chan
-        forward = chan.forward
-        if not chan.active:  # refused (the app is down), or the link died
-            if chan.transport.active:
+    def on_answer(self) -> None:
+        """Send what the client sent so far, or give up."""
+        conn, forward = self.conn, self.forward
+        if not self.active:  # refused (the app is down), or the link died
+            if self.transport.is_active():
                 forward.call(forward.close, conn)
             else:
-                forward.call(forward.reopen, conn, chan)
+                forward.call(forward.reopen, conn, self)
             return
         with conn.lock:  # the loop thread keeps adding to conn.early until conn.opened
-            if conn.chan is not chan or conn.closed:
+            if conn.chan is not self or conn.closed:
                 return
             if conn.early:  # the loop thread sends them, in order with what follows
                 forward.call(forward.opened, conn)
@@ -171,20 +135,6 @@ class Opened:
             eof = conn.client_eof
         if eof:
             forward.call(forward.client_done, conn)
-
-
-def virtual_dispatch(transport: paramiko.Transport) -> None:
-    """Let channel messages reach Relay's methods.
-
-    paramiko's transport calls ``Channel._feed(chan, m)`` and so on from a
-    class-level table, which skips a subclass's methods; on this transport,
-    call them as methods instead. Plain channels behave as before.
-    """
-    table = paramiko.Transport._channel_handler_table
-    transport._channel_handler_table = {
-        ptype: (lambda name: lambda chan, m: getattr(chan, name)(m))(fn.__name__)
-        for ptype, fn in table.items()
-    }
 
 
 def shut_write(sock: socket.socket) -> None:
@@ -226,7 +176,7 @@ class Forward:
     def use(self, transport: paramiko.Transport | None) -> None:
         """New connections go over this transport; None: they wait for one."""
         if transport is not None:
-            virtual_dispatch(transport)
+            paramiko_compat.virtual_dispatch(transport)
         self.call(self._use, transport)
 
     def stop(self, timeout: float = 1.0) -> None:
@@ -243,16 +193,13 @@ class Forward:
             except OSError:
                 pass
 
-    def send_soon(self, transport: paramiko.Transport, m: Message) -> None:
+    def send_soon(self, transport: paramiko.Transport, m: paramiko.Message) -> None:
         """Send m now if the transport is not re-keying, else from the loop thread.
 
         The transport's thread must never wait for a key exchange it runs itself.
         """
-        with transport.clear_to_send_lock:
-            if transport.clear_to_send.is_set():
-                transport._send_message(m)
-                return
-        self.call(transport._send_user_message, m)
+        if not paramiko_compat.try_send(transport, m):
+            self.call(paramiko_compat.send, transport, m)
 
     # ------------------------------------------------------------ loop thread
 
@@ -315,37 +262,18 @@ class Forward:
 
     def open(self, conn: Conn) -> None:
         transport = self.transport
-        if transport is None or not transport.active:
+        if transport is None or not transport.is_active():
             conn.waiting_since = time.monotonic()
             self.waiting.append(conn)
             return
         self.open_channel(transport, conn)
 
     def open_channel(self, transport: paramiko.Transport, conn: Conn) -> None:
-        """paramiko's open_channel without the wait: Opened.set() gets the answer."""
-        window = transport._sanitize_window_size(None)
-        packet = transport._sanitize_packet_size(None)
-        with transport.lock:
-            chanid = transport._next_channel()
-            chan = Relay(chanid, conn, self)
-            conn.chan = chan
-            transport._channels.put(chanid, chan)
-            transport.channel_events[chanid] = Opened(conn, chan)
-            transport.channels_seen[chanid] = True
-            chan._set_transport(transport)
-            chan._set_window(window, packet)
-        m = Message()
-        m.add_byte(cMSG_CHANNEL_OPEN)
-        m.add_string("direct-tcpip")
-        m.add_int(chanid)
-        m.add_int(window)
-        m.add_int(packet)
-        m.add_string("127.0.0.1")
-        m.add_int(self.remote_port)
-        m.add_string("127.0.0.1")
-        m.add_int(self.local_port)
-        transport._send_user_message(m)
-        if not transport.active:  # it died meanwhile, maybe before it could tell the channel
+        """paramiko's open_channel without the wait: Relay.on_answer() gets the answer."""
+        chan = paramiko_compat.open_direct_tcpip(
+            transport, lambda chanid: Relay(chanid, conn, self),
+            ("127.0.0.1", self.remote_port), ("127.0.0.1", self.local_port))
+        if not transport.is_active():  # it died meanwhile, maybe before it could tell the channel
             self.reopen(conn, chan)
 
     def read(self, conn: Conn) -> None:
@@ -506,7 +434,7 @@ class Forward:
 
     def _use(self, transport: paramiko.Transport | None) -> None:
         self.transport = transport
-        if transport is not None and transport.active:
+        if transport is not None and transport.is_active():
             waiting, self.waiting = self.waiting, []
             for conn in waiting:
                 if not conn.closed:

@@ -158,10 +158,14 @@ def trust_hint(target: Target) -> str:
     return f"qabox hosts trust {target.alias}"
 
 
-def gcm_first_transport(*args, **kwargs) -> paramiko.Transport:
+def gcm_first_transport(sock, *args, **kwargs) -> paramiko.Transport:
     """paramiko's Transport, offering AES-GCM first: one pass per packet instead
-    of AES-CTR and then an HMAC, so less CPU at both ends (uploads, tunnels)."""
-    t = paramiko.Transport(*args, **kwargs)
+    of AES-CTR and then an HMAC, so less CPU at both ends (uploads, tunnels).
+    On a TCP socket of its own (no proxy), small requests must not wait on
+    Nagle's algorithm."""
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t = paramiko.Transport(sock, *args, **kwargs)
     options = t.get_security_options()
     first = tuple(c for c in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if c in options.ciphers)
     options.ciphers = first + tuple(c for c in options.ciphers if c not in first)
@@ -231,10 +235,7 @@ def connect(target: Target, accept_new_host_key: bool = False, _jumped: int = 0)
             f"cannot connect to {where} ({target.alias}): {reason}; check the host is up and "
             f"that `{ssh_command(target)}` works"
         ) from None
-    transport = client.get_transport()
-    transport.set_keepalive(target.keepalive)
-    if sock is None:  # small requests must not wait on Nagle's algorithm
-        transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.get_transport().set_keepalive(target.keepalive)
     return client
 
 
