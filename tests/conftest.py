@@ -90,7 +90,7 @@ def tester(tmp_path, env_name, port, notes_build):
 
 def new_key(path: Path) -> Path:
     """A fresh ed25519 key pair: ``path`` and ``path.pub``."""
-    new_key(path)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
     return path
 
 

@@ -30,8 +30,11 @@ def test_hosts_check_passes_on_a_lab_host():
     data = json.loads(result.stdout)
     assert result.code == 0 and data["ok"]
     names = [c["name"] for c in data["checks"]]
-    assert names == ["host key known", "login works", "python 3.8+", "venv available", "disk free",
-                     "app port free", "clock skew", "agent version"]
+    assert names == ["host key known", "login works", "sshd fits tester keys", "unix-socket forwards",
+                     "python 3.8+", "venv available", "disk free", "app port free", "clock skew",
+                     "agent version"]
+    forwards = data["checks"][3]  # the lab's sshd allows them: a warning with the admin's fix
+    assert forwards["ok"] and forwards["warning"] and "AllowStreamLocalForwarding no" in forwards["fix"]
 
 
 def test_hosts_check_fails_with_the_fix(tmp_path, monkeypatch):

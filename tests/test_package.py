@@ -38,13 +38,13 @@ def test_wheel_and_sdist_carry_the_host_agent(dist):
 
 
 def test_installed_wheel_deploys_from_outside_the_checkout(dist, tmp_path, lab, notes_build, env_name, port):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}  # nothing of the checkout
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     wheel, = dist.glob("qabox-*.whl")
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, timeout=600)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, timeout=600, env=env)
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(QABOX_SSH_CONFIG=str(LAB_DIR / "ssh_config"), QABOX_HOSTS_DIR=str(workdir))
     proc = subprocess.run([str(venv / "bin" / "qabox"), "deploy", str(notes_build), "--host", "lab1",
                            "--env", env_name, "--port", str(port)],

@@ -951,7 +951,7 @@ def switch_to(env: Env, release: str, settings: dict) -> dict:
     A supervisor that dies during the switch is revived (it adopts what
     serves and ends the rest), and the answer is whatever is live then.
     """
-    held = foreign_listeners(env)
+    held = foreign_listeners(env, settings["port"])
     if held:
         raise Fail("port_taken", held[0] + ": stop that process (or remove the tester "
                    "whose key made it), then try again; nothing was changed")
@@ -1490,12 +1490,12 @@ def holder(inode: int) -> str:
     return "a process qabox cannot inspect (an SSH session's forward?)"
 
 
-def foreign_listeners(env: Env) -> list:
-    """Listeners on the env's ports (its own, its testers') that are not its
+def foreign_listeners(env: Env, port: int) -> list:
+    """Listeners on the env's ports (``port``, its testers') that are not its
     supervisor's or app's: another program, or a tester's ``ssh -R``. Such a
     port would serve someone else's page to whoever connects."""
     state = env.state()
-    ports = {env.settings(strict=False).get("port", 8080): "the env's port"}
+    ports = {port: "the env's port"}
     try:
         ports.update({port: "tester %s's port" % name for name, port in tester_ports(env).items()})
     except Fail:
@@ -1653,7 +1653,7 @@ def env_status(env: Env) -> dict:
     state = (pong or {}).get("record") or env.state()
     port = (pong or {}).get("port") or env.settings(strict=False).get("port", 8080)
     status = pong.get("state", "stopped") if pong else ("crashed" if state.get("state") == "crashed" else "stopped")
-    problems = env.problems() + foreign_listeners(env)
+    problems = env.problems() + foreign_listeners(env, port)
     try:
         testers = [dict(c, requests=tester_requests(env, c["name"])) for c in connected_testers(env)]
         requests = {name: tester_requests(env, name) for name in tester_ports(env)}
