@@ -1494,15 +1494,16 @@ def foreign_listeners(env: Env, port: int) -> list:
     """Listeners on the env's ports (``port``, its testers') that are not its
     supervisor's or app's: another program, or a tester's ``ssh -R``. Such a
     port would serve someone else's page to whoever connects."""
-    state = env.state()
+    pong = supervisor_ping(env) or {}
+    record = pong.get("record") or env.state()  # its own word beats state.json, which may be damaged
     ports = {port: "the env's port"}
     try:
-        ports.update({port: "tester %s's port" % name for name, port in tester_ports(env).items()})
+        ports.update({p: "tester %s's port" % name for name, p in tester_ports(env).items()})
     except Fail:
         pass  # a broken tester list is reported where testers are read
     ours = set()
-    for pid, role in ((state.get("supervisor_pid"), ["supervise", env.base, env.name]),
-                      (state.get("pid"), ["serve"])):
+    for pid, role in ((pong.get("pid") or record.get("supervisor_pid"), ["supervise", env.base, env.name]),
+                      (record.get("pid"), ["serve"])):
         if isinstance(pid, int) and (agent_args(pid) or [None])[:len(role)] == role:
             ours |= socket_inodes(pid)
     return ["%s %d is held by %s" % (ports[port], port, holder(inode))
