@@ -33,6 +33,7 @@ import hashlib
 import http.client
 import json
 import os
+import posixpath
 import re
 import select
 import shlex
@@ -232,6 +233,58 @@ def check_members(members, max_bytes: int = DEFAULT_MAX_BYTES,
             "extracted size %d MB exceeds the limit of %d MB: make the build smaller or raise"
             " max_build_mb in the host's hosts file" % (total // 2**20, max_bytes // 2**20)
         )
+    return problems
+
+
+SAFE_OPTIONS = ("--pre", "--prefer-binary", "--only-binary", "--require-hashes")  # change nothing pip reaches
+
+
+def requirements_problems(read, name: str = "requirements.txt", seen: set = None) -> list:
+    """Lines of a build's requirements (and the files they include) that would
+    make pip reach beyond the build or run code at deploy time, as
+    ``"file:line: why"``. ``read(path)`` gives a file of the build (a path
+    relative to its root) as text, or None when there is none.
+
+    Only named requirements are allowed: no URLs, paths, editables, direct
+    references (``pkg @ url``), indexes, or files outside the build.
+    """
+    if seen is None:
+        seen = set()
+    elif name in seen:
+        return []  # included already
+    text = read(name)
+    if text is None:
+        return ["%s: no such file in the build" % name] if seen else []
+    seen.add(name)
+    problems = []
+    lines = text.replace("\\\n", " ").splitlines()
+    for number, line in enumerate(lines, 1):
+        line = re.sub(r"(^|\s)#.*", "", line).strip()
+        if not line:
+            continue
+        where = "%s:%d: %s" % (name, number, line[:80])
+        first, _, rest = line.partition(" ")
+        option = first.split("=", 1)[0]
+        if option in ("-r", "--requirement", "-c", "--constraint"):
+            target = (first.split("=", 1)[1] if "=" in first else rest).strip()
+            path = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+            if target.startswith(("/", "~")) or path.startswith("..") or "://" in target:
+                problems.append("%s: includes a file outside the build" % where)
+            else:
+                problems += requirements_problems(read, path, seen)
+        elif option.startswith("-"):
+            if option not in SAFE_OPTIONS:
+                problems.append("%s: option %s is not allowed in a build (it can reach "
+                                "beyond the build's wheels)" % (where, option))
+        else:
+            spec = re.split(r"\s--?[a-z]", " " + line)[0].strip()
+            extra = [o.split("=", 1)[0] for o in re.findall(r"\s(--?[a-z][\w-]*)", " " + line)]
+            if re.search(r"://|^\.|^/|^~|[\\/]|\.(whl|zip|tar\.gz|tgz)$", spec) or "@" in spec:
+                problems.append("%s: a URL, path or direct reference (pkg @ url): name the "
+                                "package and ship its wheel in wheels/" % where)
+            elif set(extra) - {"--hash"}:
+                problems.append("%s: option %s is not allowed in a build"
+                                % (where, sorted(set(extra) - {"--hash"})[0]))
     return problems
 
 
@@ -767,8 +820,11 @@ def prepare_venv(env: Env, release_dir: str, io) -> tuple:
     python = os.path.join(venv, "bin", "python")
     if os.path.isfile(os.path.join(venv, ".complete")):
         return key, python, False
-    shutil.rmtree(venv, ignore_errors=True)
     req = os.path.join(release_dir, "requirements.txt")
+    problems = requirements_problems(lambda name: read_text_in(release_dir, name))
+    if problems:
+        raise Fail("bad_build", "the build's requirements are refused: %s" % "; ".join(problems[:5]))
+    shutil.rmtree(venv, ignore_errors=True)
     wheels = os.path.join(release_dir, "wheels")
     io.emit({"progress": "creating virtualenv"})
     pip_wheel = bundled_pip() if os.path.isfile(req) else None
@@ -781,7 +837,8 @@ def prepare_venv(env: Env, release_dir: str, io) -> tuple:
     if os.path.isfile(req):
         io.emit({"progress": "installing requirements"})
         pip = [python] + ([os.path.join(pip_wheel, "pip")] if pip_wheel else ["-m", "pip"])
-        pip += ["install", "--disable-pip-version-check", "--no-input", "-q", "-r", req]
+        pip += ["install", "--disable-pip-version-check", "--no-input", "-q", "--only-binary=:all:",
+                "-r", req]
         if os.path.isdir(wheels):
             pip[-3:-3] = ["--no-index", "--find-links", wheels]
         run_step(pip, "could not install the build's requirements.txt on the host"
@@ -789,6 +846,16 @@ def prepare_venv(env: Env, release_dir: str, io) -> tuple:
     with open(os.path.join(venv, ".complete"), "w"):
         pass
     return key, python, True
+
+
+def read_text_in(root: str, name: str):
+    """A file's text inside ``root`` (None if there is none), never through a
+    link that leads outside it."""
+    path = os.path.realpath(os.path.join(root, name))
+    if not path.startswith(os.path.realpath(root) + os.sep) or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
 
 
 def bundled_pip():
@@ -1177,6 +1244,9 @@ PUBKEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ss
                     r"sk-ecdsa-sha2-nistp256@openssh\.com) ([A-Za-z0-9+/]+={0,3})(?: [^\r\n]*)?")
 FIRST_TESTER_PORT = 18080
 MAX_SESSIONS = 8  # open tunnels per tester: a few machines each, not a flood
+MAX_CONNECTIONS_PER_PORT = 64  # a browser opens about 6 at once per site
+MAX_CONNECTIONS = 256  # app threads, all ports together
+IDLE_TIMEOUT = 30.0  # seconds a connection may send nothing
 
 
 def testers_file(base: str) -> str:
@@ -2550,6 +2620,7 @@ def serve(spec: dict) -> None:
         # release switch would cut, and each tunnel request is its own channel.
         protocol_version = "HTTP/1.0"
         tester = ""
+        timeout = IDLE_TIMEOUT  # a connection that sends nothing is let go
 
         def handle(self):
             with active_lock:
@@ -2580,8 +2651,46 @@ def serve(spec: dict) -> None:
     servers = {}  # the same names, once live
     lock = threading.Lock()  # sockets and servers: the control thread changes them too
 
-    def start(fd: int, handler):
-        server = ThreadedWSGIServer("127.0.0.1", 0, app, handler=handler, fd=fd)
+    counts = {}  # port name -> connections it serves now
+    refused_at = {}  # port name -> when its cap was last logged
+
+    class Server(ThreadedWSGIServer):
+        """A thread per connection, but only so many per port and in all: one
+        tester holding hundreds of idle connections is turned away, and the
+        others (and the supervisor's health probe, which is not counted) are
+        still served."""
+
+        name = ""
+
+        def process_request(self, request, client_address):
+            with active_lock:
+                mine, total = counts.get(self.name, 0), sum(counts.values())
+                full = mine >= MAX_CONNECTIONS_PER_PORT or total >= MAX_CONNECTIONS
+                if not full:
+                    counts[self.name] = mine + 1
+            if full:
+                if time.monotonic() - refused_at.get(self.name, -60) > 60:
+                    refused_at[self.name] = time.monotonic()
+                    print("connection cap reached (%s has %d open, %d in all; caps %d and %d): "
+                          "refusing new connections" % (self.name or "the app's port", mine, total,
+                                                        MAX_CONNECTIONS_PER_PORT, MAX_CONNECTIONS), flush=True)
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                with active_lock:
+                    counts[self.name] -= 1
+
+    class ProbeServer(ThreadedWSGIServer):
+        pass  # uncapped: the health probe must get through a flood
+
+    def start(fd: int, handler, kind=Server):
+        server = kind("127.0.0.1", 0, app, handler=handler, fd=fd)
+        server.name = handler.tester
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
         return server
@@ -2640,7 +2749,7 @@ def serve(spec: dict) -> None:
 
     ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
     threading.Thread(target=control, args=(ctl_path,), daemon=True).start()
-    probe = start(spec["probe_fd"], QuietHandler)
+    probe = start(spec["probe_fd"], QuietHandler, ProbeServer)
     if spec.get("live"):
         go_live.set()
     live = False

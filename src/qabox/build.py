@@ -55,6 +55,9 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT
                 raise BuildError(f"{path.name} is refused, unsafe members: {shown}")
             files = {normalise(m.name) for m in members if m.isfile()}
             config = read_config(tar, members, path)
+            problems = agent.requirements_problems(lambda name: member_text(tar, members, name))
+            if problems:
+                raise BuildError(f"{path.name} is refused: " + "; ".join(problems[:5]))
     except (tarfile.TarError, EOFError, OSError) as e:
         raise BuildError(
             f"{path.name} is not a readable tar build ({e}): make one with tar -czf, "
@@ -83,12 +86,17 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT
                  health=health, members=len(members))
 
 
+def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:
+    """A regular file of the build as text, or None if it has none by that name."""
+    member = next((m for m in members if normalise(m.name) == name and m.isfile()), None)
+    return None if member is None else tar.extractfile(member).read().decode("utf-8", "replace")
+
+
 def read_config(tar: tarfile.TarFile, members: list, path: Path) -> dict:
     """The build's own qabox.toml, if it has one."""
-    member = next((m for m in members if normalise(m.name) == "qabox.toml" and m.isfile()), None)
-    if member is None:
+    text = member_text(tar, members, "qabox.toml")
+    if text is None:
         return {}
-    text = tar.extractfile(member).read().decode("utf-8", "replace")
     try:
         config = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -286,3 +286,46 @@ def test_tester_keys_need_openssh_7_8(banner, ok):
         agent.check_sshd(banner)
     assert "7.8" in failed.value.message and "no tester key was added" in failed.value.message or \
         "not OpenSSH" in failed.value.message
+
+
+SLOWLORIS = """
+import json, socket, sys, time, urllib.request
+own, other, main = map(int, sys.argv[1:4])
+held = []
+for _ in range(300):  # idle connections to the tester's own port, never a request
+    try:
+        held.append(socket.create_connection(("127.0.0.1", own), timeout=2))
+    except OSError:
+        break
+time.sleep(1)
+def get(port):
+    try:
+        return urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=5).status
+    except Exception as e:
+        return repr(e)
+answers = {"other": get(other), "main": get(main)}
+for s in held:
+    s.close()
+time.sleep(1)
+answers["after"] = get(main)
+print(json.dumps(answers))
+"""
+
+
+def test_one_tester_cannot_starve_the_others(tester, tmp_path, port):
+    key = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    name = tester["name"] + "o"
+    added = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
+    assert added.code == 0, added
+    try:
+        hangs = status(tester["env"])["hangs"]
+        own, other = tester["ports"][tester["env"]], json.loads(added.stdout)["ports"][tester["env"]]
+        proc = in_host("lab1", "/usr/bin/python3", "-c", SLOWLORIS, str(own), str(other), str(port), timeout=120)
+        answers = json.loads(proc.stdout)
+        assert answers == {"other": 200, "main": 200, "after": 200}, (answers, proc.stderr)
+        logs = qabox("logs", "--host", "lab1", "--env", tester["env"], "-n", "200").stdout
+        assert f"connection cap reached ({tester['name']} has {agent.MAX_CONNECTIONS_PER_PORT} open" in logs
+        assert status(tester["env"])["hangs"] == hangs  # the health probe got through all along
+    finally:
+        qabox("testers", "remove", name, "--host", "lab1")
