@@ -79,13 +79,18 @@ def tester(tmp_path, env_name, port, notes_build):
     """An env with the notes app, and a tester whose key may reach it."""
     assert qabox("deploy", notes_build, "--host", "lab1", "--env", env_name, "--port", port).code == 0
     key = tmp_path / "tester"
-    new_key(key)
     name = "t" + env_name.replace("x", "")
-    result = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
-    assert result.code == 0, result
-    yield {"name": name, "key": str(key), "env": env_name, "ports": json.loads(result.stdout)["ports"]}
+    yield {"name": name, "key": str(key), "env": env_name, "ports": add_tester(name, key)["ports"]}
     qabox("tunnel", "--stop", "--user", name)
     qabox("testers", "remove", name, "--host", "lab1")
+
+
+def add_tester(name: str, key: Path) -> dict:
+    """`qabox testers add NAME` on lab1 with a fresh key at ``key``: its JSON result."""
+    new_key(key)
+    result = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
+    assert result.code == 0, result
+    return json.loads(result.stdout)
 
 
 def new_key(path: Path) -> Path:

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import LAB, LAB_DIR, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
+from conftest import LAB, LAB_DIR, add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -97,13 +97,10 @@ def test_testers_come_and_go_without_restarting_the_app(tester, tmp_path):
         return status["hosts"][0]["envs"][0]["pid"]
 
     pid = app_pid()
-    key = tmp_path / "second"
-    new_key(key)
     name = tester["name"] + "b"
-    added = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
-    assert added.code == 0, added
+    added = add_tester(name, tmp_path / "second")
     try:
-        port = json.loads(added.stdout)["ports"][tester["env"]]
+        port = added["ports"][tester["env"]]
         assert http_get("lab1", port, "/health") == (200, "ok")
         logs = qabox("logs", "--host", "lab1", "--env", tester["env"], "-n", "5").stdout
         assert f'{name} - - [' in logs

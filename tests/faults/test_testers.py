@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import free_port, http_get, in_host, new_key, qabox, ssh_as_tester
+from conftest import add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
 from qabox import agent
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -152,12 +152,9 @@ def test_removed_tester_keeps_no_access_through_an_ssh_n_tunnel(tester, tmp_path
         idle.settimeout(5)
         idle.sendall(b"GET /health HTTP/1.0\r\n\r\n")
         assert idle.recv(4096) == b""  # the connection opened before the removal was closed
-        newcomer = tmp_path / "newcomer"
-        new_key(newcomer)
-        added = qabox("testers", "add", tester["name"] + "new", "--key", f"{newcomer}.pub", "--host", "lab1", "--json")
-        assert added.code == 0, added
+        added = add_tester(tester["name"] + "new", tmp_path / "newcomer")
         try:
-            assert own not in json.loads(added.stdout)["ports"].values()  # ports are never given again
+            assert own not in added["ports"].values()  # ports are never given again
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{local}/health", timeout=5)
                 pytest.fail("the removed tester's tunnel still reaches an app")
@@ -173,14 +170,11 @@ def test_removed_tester_keeps_no_access_through_an_ssh_n_tunnel(tester, tmp_path
 def test_tester_added_while_the_supervisor_is_down_gets_a_listener(tester, tmp_path):
     supervisor = status(tester["env"])["supervisor_pid"]
     in_host("lab1", "kill", "-9", str(supervisor))
-    key = tmp_path / "late"
-    new_key(key)
     name = tester["name"] + "late"
-    added = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
-    assert added.code == 0, added
+    added = add_tester(name, tmp_path / "late")
     try:
         assert status(tester["env"])["supervisor_revived"]  # adopts the app, binds the new port
-        late = json.loads(added.stdout)["ports"][tester["env"]]
+        late = added["ports"][tester["env"]]
         assert http_get("lab1", late, "/health") == (200, "ok")
     finally:
         qabox("testers", "remove", name, "--host", "lab1")
@@ -313,14 +307,11 @@ print(json.dumps(answers))
 
 
 def test_one_tester_cannot_starve_the_others(tester, tmp_path, port):
-    key = tmp_path / "other"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     name = tester["name"] + "o"
-    added = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
-    assert added.code == 0, added
+    added = add_tester(name, tmp_path / "other")
     try:
         hangs = status(tester["env"])["hangs"]
-        own, other = tester["ports"][tester["env"]], json.loads(added.stdout)["ports"][tester["env"]]
+        own, other = tester["ports"][tester["env"]], added["ports"][tester["env"]]
         proc = in_host("lab1", "/usr/bin/python3", "-c", SLOWLORIS, str(own), str(other), str(port), timeout=120)
         answers = json.loads(proc.stdout)
         assert answers == {"other": 200, "main": 200, "after": 200}, (answers, proc.stderr)
