@@ -406,16 +406,33 @@ def tail(path: str, lines: int = LOG_TAIL) -> list:
     return data.decode("utf-8", "replace").splitlines()[-lines:]
 
 
-def pid_alive(pid) -> bool:
-    """Whether pid runs; a zombie counts as dead (an orphan's reaper may be slow)."""
-    if not pid:
-        return False
+def proc_stat(pid):
+    """(name, fields from the state on) of /proc/PID/stat, or None if no such process.
+    ``fields[0]`` is the state, ``fields[1]`` the parent, ``fields[19]`` the start."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, TypeError):
+        return None
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
+def own_pids() -> list:
+    """The processes of this account: the only ones whose /proc entries it may read."""
+    pids = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat("/proc/" + name).st_uid == os.getuid():
+                pids.append(int(name))
+        except OSError:
+            pass
+    return pids
+
+
+def pid_alive(pid) -> bool:
+    """Whether pid runs; a zombie counts as dead (an orphan's reaper may be slow)."""
+    stat = proc_stat(pid) if pid else None
+    return stat is not None and stat[1][0] not in "ZX"
 
 
 def disk_full(path: str) -> Fail:
@@ -1300,16 +1317,10 @@ def ssh_connections() -> list:
     """``[pid, start time]`` of this account's sshd processes: its SSH
     connections open now, any of which may hold a forward to a tester's port."""
     found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.stat("/proc/" + pid).st_uid != os.getuid():
-                continue
-            with open("/proc/%s/stat" % pid) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if stat[stat.index("(") + 1:stat.rindex(")")].startswith("sshd"):
-            found.append([int(pid), int(stat[stat.rindex(")") + 2:].split()[19])])  # field 22: start
+    for pid in own_pids():
+        stat = proc_stat(pid)
+        if stat and stat[0].startswith("sshd"):
+            found.append([pid, int(stat[1][19])])
     return found
 
 
@@ -1549,8 +1560,8 @@ def socket_inodes(pid) -> set:
 
 def holder(inode: int) -> str:
     """Which process holds a socket, as far as this account can see."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if inode in socket_inodes(int(pid)):
+    for pid in own_pids():
+        if inode in socket_inodes(pid):
             try:
                 with open("/proc/%s/cmdline" % pid, "rb") as f:
                     command = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
@@ -1602,12 +1613,10 @@ def end_connection(pid: int) -> bool:
     """End the SSH connection a tester's session runs under (its sshd process):
     taking their key out of authorized_keys ends no connection already open."""
     while pid > 1:
-        try:
-            with open("/proc/%d/stat" % pid) as f:
-                stat = f.read()
-        except OSError:
+        stat = proc_stat(pid)
+        if stat is None:
             return False
-        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        name, rest = stat
         if name.startswith("sshd"):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -1942,11 +1951,8 @@ def env_apps(env: Env) -> list:
     a full disk or a user may have lost): each {"pid", "release", "probe_fd"}."""
     releases = env.path("releases")
     apps = []
-    for name in os.listdir("/proc"):
+    for pid in own_pids():
         try:
-            pid = int(name)
-            if os.stat("/proc/%d" % pid).st_uid != os.getuid():
-                continue
             with open("/proc/%d/cmdline" % pid, "rb") as f:
                 args = f.read().decode("utf-8", "replace").split("\0")
             if len(args) < 4 or args[2] != "serve" or not args[1].endswith(".py"):
@@ -1963,26 +1969,20 @@ def env_apps(env: Env) -> list:
 def listening_port(pid: int, fd):
     """The local port of a process's TCP socket: the probe port of an adopted app."""
     try:
-        inode = os.readlink("/proc/%d/fd/%d" % (pid, fd))  # socket:[INODE]
-        with open("/proc/%d/net/tcp" % pid) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if inode == "socket:[%s]" % fields[9]:
-                    return int(fields[1].split(":")[1], 16)
-    except (OSError, ValueError, IndexError, TypeError):
-        pass
-    return None
+        link = os.readlink("/proc/%d/fd/%d" % (pid, fd))  # socket:[INODE]
+    except (OSError, TypeError):
+        return None
+    return next((port for port, _, inode in tcp_sockets() if link == "socket:[%d]" % inode), None)
 
 
 def process_started(pid: int) -> float:
     """When a process started (epoch seconds), from /proc."""
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        ticks = int(proc_stat(pid)[1][19])
         with open("/proc/stat") as f:
             boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError, TypeError, StopIteration):
         return now()
 
 

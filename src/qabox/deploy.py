@@ -20,7 +20,7 @@ from rich.filesize import decimal
 
 from qabox import build as builds
 from qabox.context import Context, check_env, whoami
-from qabox.errors import BuildError, ConfigError, ConnectError, RemoteError
+from qabox.errors import ConfigError, ConnectError, RemoteError
 from qabox.remote import Remote
 
 CHUNK = 1 << 20
@@ -68,9 +68,6 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     if port is not None and not 1 <= port <= 65535:
         raise ConfigError(f"--port {port} is out of range: use 1-65535")
     hooks.step("checking build")
-    if path.is_dir():  # a project, not yet a build
-        raise BuildError(f"{path} is a directory, not a build file: make a build of it with "
-                         f"`qabox build {path} -o build.tar.gz`, then deploy build.tar.gz")
     settings = ctx.settings(host)
     build = builds.inspect(path, entry, settings.max_build_mb * 2**20, settings.max_build_members)
     hooks.step("connecting")
