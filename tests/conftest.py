@@ -28,6 +28,9 @@ from qabox.pack import pack
 REPO = Path(__file__).resolve().parents[1]
 LAB_DIR = Path(os.environ.get("QABOX_LAB_DIR") or REPO / ".lab")
 LAB = REPO / "scripts" / "lab"
+# lab1's account and address in the lab's slot (scripts/lab: host n = 8 * slot + 1)
+LAB_N = 8 * int(os.environ.get("QABOX_LAB_SLOT") or 0) + 1
+LAB_USER, LAB_ADDR, LAB_HOME = f"qalab{LAB_N}", f"198.18.{LAB_N}.2", f"/home/qalab{LAB_N}"
 _envs = itertools.count(1)
 _ports = itertools.count(9100 + (os.getpid() % 50) * 20)
 
@@ -61,7 +64,7 @@ def env_name():
     remove_env("lab1", name)
 
 
-def remove_env(host: str, env: str, user: str = "qalab1") -> None:
+def remove_env(host: str, env: str, user: str = LAB_USER) -> None:
     """Stop an env's supervisor and app on a lab host and delete its files."""
     # [s] keeps pkill from matching this very shell's command line
     script = (f"pkill -KILL -f 'supervi[s]e [^ ]+ {env} '; pkill -KILL -f '/env[s]/{env}/'; "
@@ -113,7 +116,7 @@ def wait_until(predicate, timeout: float, interval: float = 0.1):
 def ssh_as_tester(tester: dict, tmp_path: Path) -> list[str]:
     """Plain OpenSSH `ssh` as the tester would run it, with their key only."""
     config = tmp_path / "tester_ssh_config"
-    config.write_text(f"Host lab1\n  HostName 198.18.1.2\n  User qalab1\n  IdentityFile {tester['key']}\n"
+    config.write_text(f"Host lab1\n  HostName {LAB_ADDR}\n  User {LAB_USER}\n  IdentityFile {tester['key']}\n"
                       f"  IdentitiesOnly yes\n  UserKnownHostsFile {LAB_DIR / 'known_hosts'}\n")
     return ["ssh", "-F", str(config), "-o", "BatchMode=yes"]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-LAB_ENVS = Path("/home/qalab1/.qabox/envs")
+from conftest import LAB_HOME, REPO
+LAB_ENVS = Path(f"{LAB_HOME}/.qabox/envs")
 DEPLOY_FIGURES = {
     "build size", "first deploy, wall", "first deploy, reported", "unchanged redeploy, wall",
     "unchanged redeploy, reported", "changed redeploy, wall", "changed redeploy, reported",

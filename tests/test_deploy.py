@@ -13,7 +13,7 @@ import time
 import paramiko
 import pytest
 
-from conftest import http_get, in_host, qabox, raw_tar
+from conftest import LAB_HOME, http_get, in_host, qabox, raw_tar
 from qabox import ssh
 from qabox.context import Context
 from qabox.remote import Remote
@@ -261,7 +261,7 @@ def test_killed_client_leaves_no_stale_lock_and_no_half_release(tmp_path, env_na
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # wait until the upload has started
-        if in_host("lab1", "sh", "-c", "ls /home/qalab1/.qabox/builds/ | grep -q part").returncode == 0:
+        if in_host("lab1", "sh", "-c", f"ls {LAB_HOME}/.qabox/builds/ | grep -q part").returncode == 0:
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
@@ -270,7 +270,7 @@ def test_killed_client_leaves_no_stale_lock_and_no_half_release(tmp_path, env_na
     result = deploy(notes_build, env_name, port, "--lock-timeout", "10")
     assert result.code == 0, result
     assert time.monotonic() - started < 15
-    releases = in_host("lab1", "ls", f"/home/qalab1/.qabox/envs/{env_name}/releases").stdout.split()
+    releases = in_host("lab1", "ls", f"{LAB_HOME}/.qabox/envs/{env_name}/releases").stdout.split()
     assert len(releases) == 1
 
 
@@ -282,7 +282,7 @@ def test_old_releases_are_pruned(make_build, env_name, port, tmp_path, monkeypat
     for n in range(3):
         assert deploy(make_build({"wsgi.py": SLOW_APP + f"\n# {n}\n"}), env_name, port).code == 0
     current = status_json(env_name)["release"]
-    releases = in_host("lab1", "ls", f"/home/qalab1/.qabox/envs/{env_name}/releases").stdout.split()
+    releases = in_host("lab1", "ls", f"{LAB_HOME}/.qabox/envs/{env_name}/releases").stdout.split()
     assert len(releases) == 2 and current in releases
 
 
@@ -303,7 +303,7 @@ def test_a_missing_agent_is_pushed_even_if_its_command_ended_first(monkeypatch):
         assert Remote("lab1", client, settings).call("hello")["protocol"]
     finally:
         client.close()
-        in_host("lab1", "rm", "-rf", "/home/qalab1/.qabox-agent-race")
+        in_host("lab1", "rm", "-rf", f"{LAB_HOME}/.qabox-agent-race")
 
 
 def test_deploy_summary_counts_bytes_in_decimal_units_like_the_progress_bar(make_build, env_name, port):

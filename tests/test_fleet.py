@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import LAB, qabox, remove_env
+from conftest import LAB, LAB_ADDR, LAB_USER, qabox, remove_env
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -21,7 +21,7 @@ def four_hosts():
 
 def test_hosts_list_shows_lab_hosts():
     rows = {r["host"]: r for r in json.loads(qabox("hosts", "list", "--json").stdout)["hosts"]}
-    assert rows["lab1"]["address"] == "198.18.1.2" and rows["lab1"]["user"] == "qalab1"
+    assert rows["lab1"]["address"] == LAB_ADDR and rows["lab1"]["user"] == LAB_USER
     assert "example" not in rows
 
 

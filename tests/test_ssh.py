@@ -8,7 +8,7 @@ import subprocess
 import paramiko
 import pytest
 
-from conftest import LAB_DIR, new_key, qabox
+from conftest import LAB_ADDR, LAB_DIR, LAB_USER, new_key, qabox
 from qabox import ssh
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("lab")
 def lab_block(**overrides) -> str:
     """lab1's ssh_config block, with some settings replaced."""
     settings = {
-        "HostName": "198.18.1.2", "User": "qalab1", "IdentityFile": str(LAB_DIR / "keys" / "deploy"),
+        "HostName": LAB_ADDR, "User": LAB_USER, "IdentityFile": str(LAB_DIR / "keys" / "deploy"),
         "IdentitiesOnly": "yes", "UserKnownHostsFile": str(LAB_DIR / "known_hosts"),
     }
     settings.update(overrides)
@@ -62,14 +62,14 @@ def test_accept_new_host_key_records_it(config, tmp_path, notes_build):
     config("Host lab1\n" + lab_block(UserKnownHostsFile=known))
     client = ssh.connect(ssh.resolve("lab1", tmp_path / "ssh_config"), accept_new_host_key=True)
     client.close()
-    assert known.read_text().startswith("198.18.1.2 ssh-ed25519 ")
+    assert known.read_text().startswith(f"{LAB_ADDR} ssh-ed25519 ")
     ssh.connect(ssh.resolve("lab1", tmp_path / "ssh_config")).close()  # now known
 
 
 def test_changed_host_key_is_always_refused(config, tmp_path):
     other = paramiko.Ed25519Key.from_private_key_file(str(LAB_DIR / "keys" / "deploy"))
     known = tmp_path / "kh"
-    known.write_text(f"198.18.1.2 ssh-ed25519 {other.get_base64()}\n")
+    known.write_text(f"{LAB_ADDR} ssh-ed25519 {other.get_base64()}\n")
     config("Host lab1\n" + lab_block(UserKnownHostsFile=known))
     for accept in (False, True):
         with pytest.raises(Exception) as e:
@@ -86,7 +86,7 @@ def test_hosts_trust_asks_then_writes(config, tmp_path):
     assert refused.code == 1 and not known.exists()
     assert ssh.fingerprint(lab_host_key()) in refused.stdout
     accepted = qabox("hosts", "trust", "lab1", input="y\n")
-    assert accepted.code == 0 and known.read_text().startswith("198.18.1.2 ssh-ed25519 ")
+    assert accepted.code == 0 and known.read_text().startswith(f"{LAB_ADDR} ssh-ed25519 ")
     again = qabox("hosts", "trust", "lab1", "--yes")
     assert again.code == 0 and "already trusted" in again.stdout
 
@@ -95,7 +95,7 @@ def test_hashed_known_hosts_entries_work(config, tmp_path):
     known = tmp_path / "kh"
     known.write_text((LAB_DIR / "known_hosts").read_text())
     subprocess.run(["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True)
-    assert "198.18.1.2" not in known.read_text()
+    assert LAB_ADDR not in known.read_text()
     config("Host lab1\n" + lab_block(UserKnownHostsFile=known))
     ssh.connect(ssh.resolve("lab1", tmp_path / "ssh_config")).close()
 
@@ -115,7 +115,7 @@ def test_login_refused_says_what_to_check(config, tmp_path):
     config("Host lab1\n" + lab_block(IdentityFile=key))
     result = qabox("status", "--host", "lab1", "--json")
     error = json.loads(result.stdout)["hosts"][0]["error"]
-    assert "SSH login to qalab1@198.18.1.2:22 (lab1) was refused" in error
+    assert f"SSH login to {LAB_USER}@{LAB_ADDR}:22 (lab1) was refused" in error
 
 
 def test_alias_with_user_port_and_proxyjump(config, tmp_path):
@@ -124,7 +124,7 @@ def test_alias_with_user_port_and_proxyjump(config, tmp_path):
     config("Host jump\n" + lab_block() + "Host inner\n" + lab_block(ProxyJump="jump", Port=22))
     client = ssh.connect(ssh.resolve("inner", tmp_path / "ssh_config"))
     _, stdout, _ = client.exec_command("echo $SSH_CONNECTION")
-    assert stdout.read().decode().split()[0] == "198.18.1.2"  # came from the jump host
+    assert stdout.read().decode().split()[0] == LAB_ADDR  # came from the jump host
     client.close()
 
 
@@ -144,7 +144,7 @@ def test_advice_names_the_ssh_config_qabox_uses(config, tmp_path, isolated, monk
     key = tmp_path / "stranger"
     new_key(key)
     path = config("Host lab1\n" + lab_block(IdentityFile=key))
-    refused = ("SSH login to qalab1@198.18.1.2:22 (lab1) was refused: check the user and key "
+    refused = (f"SSH login to {LAB_USER}@{LAB_ADDR}:22 (lab1) was refused: check the user and key "
                "(User/IdentityFile in ssh_config, or `ssh-add`), and that `{}` works")
     result = qabox("hosts", "check", "lab1", "--json")
     checks = json.loads(result.stdout)["checks"]

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import LAB, http_get, in_host, qabox, wait_until
+from conftest import LAB, LAB_HOME, LAB_USER, http_get, in_host, qabox, wait_until
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -251,14 +251,14 @@ def test_logs_rotate_by_size(app_build, env_name, port, fast_probes):
     deploy(app_build(), env_name, port)
     in_host("lab1", "sh", "-c", f"for i in $(seq 150); do curl -s 127.0.0.1:{port}/slow?s=0 >/dev/null; done")
     time.sleep(3)
-    logs = in_host("lab1", "ls", f"/home/qalab1/.qabox/envs/{env_name}/logs").stdout.split()
+    logs = in_host("lab1", "ls", f"{LAB_HOME}/.qabox/envs/{env_name}/logs").stdout.split()
     assert any(name.endswith(".log.1") for name in logs), logs
 
 
 def test_releases_and_rollback_keep_data(app_build, env_name, port):
     deploy(app_build("v1"), env_name, port)
     deploy(app_build("v2"), env_name, port)
-    in_host("lab1", "sh", "-c", f"echo kept > /home/qalab1/.qabox/envs/{env_name}/data/note")
+    in_host("lab1", "sh", "-c", f"echo kept > {LAB_HOME}/.qabox/envs/{env_name}/data/note")
     listing = json.loads(qabox("releases", "--host", "lab1", "--env", env_name, "--json").stdout)
     first, second = [r["release"] for r in listing["releases"]]
     assert listing["current"] == second and listing["releases"][1]["current"]
@@ -272,7 +272,7 @@ def test_releases_and_rollback_keep_data(app_build, env_name, port):
     assert missing.code == 6 and "is not kept on this host" in missing.stderr
     bad = qabox("rollback", "--host", "lab1", "--env", env_name, "--to", "../../etc")
     assert bad.code == 2 and "is not a release id" in bad.stderr
-    assert in_host("lab1", "cat", f"/home/qalab1/.qabox/envs/{env_name}/data/note").stdout == "kept\n"
+    assert in_host("lab1", "cat", f"{LAB_HOME}/.qabox/envs/{env_name}/data/note").stdout == "kept\n"
 
 
 def test_envs_side_by_side_get_their_own_ports(app_build, env_name):
@@ -293,12 +293,12 @@ def test_envs_side_by_side_get_their_own_ports(app_build, env_name):
 
 def test_on_boot_brings_envs_back_after_a_reboot(app_build, env_name, port):
     deploy(app_build(), env_name, port, "--on-boot")
-    crontab = in_host("lab1", "crontab", "-u", "qalab1", "-l").stdout
+    crontab = in_host("lab1", "crontab", "-u", LAB_USER, "-l").stdout
     boot_line = next(line for line in crontab.splitlines() if line.startswith("@reboot"))
     deploy(app_build(), env_name, port, "--on-boot")  # idempotent: one entry
-    assert in_host("lab1", "crontab", "-u", "qalab1", "-l").stdout.count("@reboot") == 1
+    assert in_host("lab1", "crontab", "-u", LAB_USER, "-l").stdout.count("@reboot") == 1
     # a "reboot": every process of the env gone, then cron's @reboot command
     in_host("lab1", "sh", "-c", f"pkill -KILL -f 'supervi[s]e [^ ]+ {env_name} '; pkill -KILL -f '/env[s]/{env_name}/'")
     assert get(port, "/")[0] == 0
-    in_host("lab1", "su", "qalab1", "-c", boot_line.split(" ", 1)[1])
+    in_host("lab1", "su", LAB_USER, "-c", boot_line.split(" ", 1)[1])
     assert wait_until(lambda: get(port, "/")[0] == 200, 10)

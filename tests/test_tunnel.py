@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import LAB, LAB_DIR, add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
+from conftest import LAB, LAB_ADDR, LAB_DIR, LAB_USER, add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -351,6 +351,6 @@ def test_a_refused_key_prints_only_the_error(tester, tmp_path):
         shown = screen(master)
     finally:
         os.close(master)
-    assert shown == ("qabox: error: SSH login to qalab1@198.18.1.2:22 (lab1) was refused: check the "
+    assert shown == (f"qabox: error: SSH login to {LAB_USER}@{LAB_ADDR}:22 (lab1) was refused: check the "
                      "user and key (User/IdentityFile in ssh_config, or `ssh-add`), and that "
                      f"`ssh -F {LAB_DIR / 'ssh_config'} lab1` works\n"), shown

@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from conftest import LAB, LAB_DIR, REPO, http_get, in_host, qabox, raw_tar
+from conftest import LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, REPO, http_get, in_host, qabox, raw_tar
 from qabox import agent
 
 pytestmark = pytest.mark.usefixtures("lab")
-HOME = "/home/qalab1"
+HOME = LAB_HOME
 
 
 def deploy_cmd(build, env, port, *extra) -> list[str]:
@@ -111,7 +111,7 @@ def small_disk(tmp_path, monkeypatch):
     in_sshd = ["nsenter", "-t", (LAB_DIR / "lab1" / "sshd.pid").read_text().strip(), "-m", "-r"]
     subprocess.run(["mkdir", "-p", mount], check=True)
     subprocess.run(in_sshd + ["mount", "-t", "tmpfs", "-o", "size=60m,mode=0700", "tmpfs", mount], check=True)
-    subprocess.run(in_sshd + ["chown", "qalab1:qalab1", mount], check=True)
+    subprocess.run(in_sshd + ["chown", f"{LAB_USER}:{LAB_USER}", mount], check=True)
     hosts = tmp_path / "hosts"
     hosts.mkdir()
     (hosts / "lab1.toml").write_text('dir = "qabox-small"\n')
@@ -161,7 +161,7 @@ def test_planted_symlinks_are_never_followed(tmp_path, env_name, port):
     sha = file_sha256(build)
     victim = f"{HOME}/victim.txt"
     in_host("lab1", "sh", "-c", f"echo untouched > {victim}; mkdir -p {HOME}/.qabox/builds; "
-                                f"ln -sf {victim} {HOME}/.qabox/builds/{sha}.part; chown -h qalab1 {victim} "
+                                f"ln -sf {victim} {HOME}/.qabox/builds/{sha}.part; chown -h {LAB_USER} {victim} "
                                 f"{HOME}/.qabox/builds/{sha}.part")
     try:
         assert qabox("deploy", build, "--host", "lab1", "--env", env_name, "--port", port).code == 0
@@ -186,7 +186,7 @@ def test_a_build_writing_through_its_own_links_is_refused_by_the_host(tmp_path, 
         (link(name, target), None) for name, target in
         (("a/b", ".."), ("a/b/c", "../.."), ("a/b/c/d", "../../.."), ("e", "c/d"))
     ] + [(tarfile.TarInfo(f"a/b/c/d/{victim}"), b"pwned\n")])
-    in_host("lab1", "sh", "-c", f"echo untouched > {HOME}/{victim} && chown qalab1 {HOME}/{victim}")
+    in_host("lab1", "sh", "-c", f"echo untouched > {HOME}/{victim} && chown {LAB_USER} {HOME}/{victim}")
     # what this build could change (the shared lab's other tests edit authorized_keys, so not its content):
     # modes, the victim, and the link a/b/c/d would leave in the env's directory
     watch = (f"stat -c '%a %n' {HOME} {HOME}/.ssh {HOME}/.ssh/authorized_keys; cat {HOME}/{victim}; "
@@ -240,7 +240,7 @@ def test_unknown_and_changed_host_keys_are_refused_by_every_command(tmp_path, mo
         import paramiko
 
         other = paramiko.Ed25519Key.from_private_key_file(str(LAB_DIR / "keys" / "deploy"))
-        known_hosts.write_text(f"198.18.1.2 ssh-ed25519 {other.get_base64()}\n")
+        known_hosts.write_text(f"{LAB_ADDR} ssh-ed25519 {other.get_base64()}\n")
     config = tmp_path / "ssh_config"
     config.write_text((LAB_DIR / "ssh_config").read_text().replace(str(LAB_DIR / "known_hosts"), str(known_hosts)))
     monkeypatch.setenv("QABOX_SSH_CONFIG", str(config))
@@ -272,7 +272,7 @@ def restart_sshd() -> None:
     pid = (LAB_DIR / "lab1" / "sshd.pid").read_text().strip()
     subprocess.run(["pkill", "-KILL", "-P", pid], check=False)
     subprocess.run(["kill", "-KILL", pid], check=False)
-    subprocess.run(["pkill", "-KILL", "-f", "sshd: qalab1"], check=False)
+    subprocess.run(["pkill", "-KILL", "-f", f"sshd: {LAB_USER}"], check=False)
     subprocess.run([sys.executable, str(LAB), "up"], check=True, capture_output=True)
 
 

@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from conftest import http_get, in_host, qabox
+from conftest import LAB_HOME, http_get, in_host, qabox
 from qabox import agent
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -72,7 +72,7 @@ def test_an_sdist_in_the_wheelhouse_is_never_built_on_the_host(make_build, wheel
     (src / "wsgi.py").write_text(APP)
     (src / "requirements.txt").write_text("flask>=3.0\nevil\n")
     build = pack(src, tmp_path / "evil.tar.gz", wheels=list(wheels) + [sdist(tmp_path)])
-    in_host("lab1", "rm", "-f", "/home/qalab1/sdist-ran")
+    in_host("lab1", "rm", "-f", f"{LAB_HOME}/sdist-ran")
     result = qabox("deploy", build, "--host", "lab1", "--env", env_name, "--port", port)
     assert result.code == 6 and "could not install the build's requirements.txt" in result.stderr, result
-    assert in_host("lab1", "test", "-e", "/home/qalab1/sdist-ran").returncode != 0  # setup.py never ran
+    assert in_host("lab1", "test", "-e", f"{LAB_HOME}/sdist-ran").returncode != 0  # setup.py never ran

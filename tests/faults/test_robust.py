@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import LAB, _ports, http_get, in_host, qabox, remove_env, wait_until
+from conftest import LAB, LAB_USER, _ports, http_get, in_host, qabox, remove_env, wait_until
 from test_deploy import in_host_background
 from test_faults import HOME, example_build, small_disk  # noqa: F401 (a fixture)
 
@@ -255,7 +255,7 @@ def put(path, text):
     """Write a file on lab1 as the deploy account."""
     in_host("lab1", "/usr/bin/python3", "-c", "import sys; open(sys.argv[1], 'w').write("
             "sys.argv[2].encode().decode('unicode_escape'))", path, text.encode("unicode_escape").decode())
-    in_host("lab1", "chown", "qalab1:qalab1", path)
+    in_host("lab1", "chown", f"{LAB_USER}:{LAB_USER}", path)
 
 
 @pytest.mark.parametrize("kind", GARBAGE)
@@ -322,14 +322,14 @@ def test_a_hosts_file_dir_is_never_pasted_into_a_command(tmp_path, monkeypatch, 
     monkeypatch.setenv("QABOX_HOSTS_DIR", str(hosts))
     try:
         result = qabox("deploy", app_build(), "--host", "lab1", "--env", "evil", "--port", port, "--on-boot")
-        cron = in_host("lab1", "crontab", "-u", "qalab1", "-l").stdout
+        cron = in_host("lab1", "crontab", "-u", LAB_USER, "-l").stdout
         if "qabox-evil" in cron:  # what cron would run at the next reboot
             line = next(x for x in cron.splitlines() if "qabox-evil" in x)
-            in_host("lab1", "su", "qalab1", "-c", "cd && " + line.split(" ", 1)[1])
+            in_host("lab1", "su", LAB_USER, "-c", "cd && " + line.split(" ", 1)[1])
         pwned = in_host("lab1", "test", "-e", f"{HOME}/pwned").returncode == 0
     finally:
         # [l]: neither grep nor pkill may match this very shell's command line
-        in_host("lab1", "sh", "-c", "crontab -u qalab1 -l | grep -v 'qabox-evi[l]' | crontab -u qalab1 -; "
+        in_host("lab1", "sh", "-c", f"crontab -u {LAB_USER} -l | grep -v 'qabox-evi[l]' | crontab -u {LAB_USER} -; "
                                     f"pkill -KILL -f 'qabox-evi[l]'; rm -rf {HOME}/qabox-evi[l]* {HOME}/pwned")
     assert not pwned
     assert result.code == 2, result

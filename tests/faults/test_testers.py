@@ -16,11 +16,11 @@ import urllib.request
 
 import pytest
 
-from conftest import add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
+from conftest import LAB_HOME, LAB_USER, add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
 from qabox import agent
 
 pytestmark = pytest.mark.usefixtures("lab")
-HOME = "/home/qalab1"
+HOME = LAB_HOME
 
 
 def status(env: str) -> dict:
@@ -110,7 +110,7 @@ def test_a_forwarded_control_socket_cannot_pose_as_the_supervisor(tester, tmp_pa
     deploy; the deploy must start the real app, not believe the fake."""
     env = tester["env"] + "n"
     env_dir = f"{HOME}/.qabox/envs/{env}"
-    in_host("lab1", "su", "qalab1", "-c", f"mkdir -p {env_dir}")
+    in_host("lab1", "su", LAB_USER, "-c", f"mkdir -p {env_dir}")
     fake = FakeSupervisor()
     proc = forward(ssh_as_tester(tester, tmp_path), "-R", f"{env_dir}/ctl.sock:127.0.0.1:{fake.port}")
     try:
@@ -186,7 +186,7 @@ def test_a_port_held_by_another_process_is_never_healthy(tester):
     env = tester["env"]
     own = tester["ports"][env]
     assert qabox("stop", "--host", "lab1", "--env", env).code == 0
-    squatter = subprocess.Popen(["python3", "scripts/lab", "exec", "lab1", "--", "su", "qalab1", "-c",
+    squatter = subprocess.Popen(["python3", "scripts/lab", "exec", "lab1", "--", "su", LAB_USER, "-c",
                                  f"exec python3 -c 'import socket,time; s=socket.socket(); "
                                  f"s.bind((\"127.0.0.1\", {own})); s.listen(); time.sleep(60)'"])
     try:
