@@ -10,13 +10,19 @@ import json
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 import pytest
 from hypothesis import given, strategies as st
 
-from qabox import agent
+from qabox.agent import main, rules
+from qabox.agent.protocol import PROTOCOL, Stream
+from qabox.agent_zip import AGENT_HASH, AGENT_PYZ
 
-AGENT = agent.__file__
+AGENT = os.path.join(tempfile.mkdtemp(prefix="qabox-test-"), "agent-%s.pyz" % AGENT_HASH)  # as on the host
+with open(AGENT, "wb") as f:
+    f.write(AGENT_PYZ)
+SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(rules.__file__), "*.py")))
 
 
 def run_agent(request: dict | str) -> tuple[int, list[dict]]:
@@ -26,17 +32,20 @@ def run_agent(request: dict | str) -> tuple[int, list[dict]]:
     return proc.returncode, [json.loads(x) for x in proc.stdout.splitlines()]
 
 
-def test_agent_loads_only_the_standard_library():
-    code = ("import sys, runpy; before = set(sys.modules); runpy.run_path(sys.argv[1]); "
-            "extra = {m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names); "
-            "print(sorted(extra))")
+def test_agent_loads_only_the_standard_library(tmp_path):
+    code = ("import sys, runpy; before = set(sys.modules); sys.argv = sys.argv[1:]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "extra = {m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names)\n"
+            "print(sorted(extra - {'qabox_agent'}), file=sys.stderr)")
+    request = {"protocol": PROTOCOL, "cmd": "status", "args": {"base": str(tmp_path)}}
     proc = subprocess.run([sys.executable, "-I", "-c", code, AGENT], capture_output=True, text=True,
-                          input="", timeout=30)
-    assert proc.stdout.strip().endswith("[]"), proc.stdout + proc.stderr
+                          input=json.dumps(request) + "\n", timeout=30)
+    assert proc.stderr.strip().endswith("[]"), proc.stdout + proc.stderr
 
 
 def test_agent_is_python36_syntax():
-    ast.parse(open(AGENT).read(), feature_version=(3, 6))
+    for source in SOURCES:
+        ast.parse(open(source).read(), feature_version=(3, 6))
 
 
 @pytest.mark.parametrize("python", sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python")) + ["/usr/bin/python3"])
@@ -44,17 +53,17 @@ def test_agent_runs_on_every_python_a_host_may_have(python, tmp_path):
     """Old spare boxes ship python 3.6 (CentOS 7, Ubuntu 18.04): the agent runs there."""
     if not os.path.exists(python):
         pytest.skip(f"no {python} on this machine")
-    request = {"protocol": agent.PROTOCOL, "cmd": "hello", "args": {"base": str(tmp_path)}}
+    request = {"protocol": PROTOCOL, "cmd": "hello", "args": {"base": str(tmp_path)}}
     proc = subprocess.run([python, "-I", AGENT], input=json.dumps(request) + "\n",
                           capture_output=True, text=True, timeout=30)
     answer = json.loads(proc.stdout.splitlines()[-1])
-    assert answer["ok"] and answer["data"]["protocol"] == agent.PROTOCOL, proc.stdout + proc.stderr
+    assert answer["ok"] and answer["data"]["protocol"] == PROTOCOL, proc.stdout + proc.stderr
 
 
 def test_hello_answers_with_the_protocol_version(tmp_path):
-    code, lines = run_agent({"protocol": agent.PROTOCOL, "cmd": "hello", "args": {"base": str(tmp_path)}})
+    code, lines = run_agent({"protocol": PROTOCOL, "cmd": "hello", "args": {"base": str(tmp_path)}})
     assert code == 0
-    assert lines[-1]["ok"] and lines[-1]["data"]["protocol"] == agent.PROTOCOL
+    assert lines[-1]["ok"] and lines[-1]["data"]["protocol"] == PROTOCOL
 
 
 def test_wrong_protocol_is_refused(tmp_path):
@@ -74,7 +83,7 @@ def test_malformed_requests_get_an_error_not_a_traceback():
                        max_size=4))
 def test_any_json_object_gets_exactly_one_result_line(request):
     out = io.StringIO()
-    agent.handle(json.dumps(request), agent.Stream(out))
+    main.handle(json.dumps(request), Stream(out))
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["ok"] is False
 
@@ -95,13 +104,13 @@ def test_member_rules():
         "abs link": member("l", tarfile.SYMTYPE, "/etc"),
     }
     for what, info in bad.items():
-        assert agent.member_problem(info), what
+        assert rules.member_problem(info), what
     # where a link leads depends on the other members: check_members judges it
-    assert agent.check_members([member("a/l", tarfile.SYMTYPE, "../../etc")])
-    assert agent.check_members([member("h", tarfile.LNKTYPE, "../outside")])
+    assert rules.check_members([member("a/l", tarfile.SYMTYPE, "../../etc")])
+    assert rules.check_members([member("h", tarfile.LNKTYPE, "../outside")])
     good = [member("./app.py"), member("a/b/c.txt"), member("static", tarfile.DIRTYPE),
             member("a/l", tarfile.SYMTYPE, "../b"), member("h", tarfile.LNKTYPE, "a/b/c.txt")]
-    assert agent.check_members(good) == []
+    assert rules.check_members(good) == []
 
 
 segment = st.text(alphabet="abc./-_", min_size=1, max_size=6)
@@ -110,7 +119,7 @@ segment = st.text(alphabet="abc./-_", min_size=1, max_size=6)
 @given(st.lists(segment, min_size=1, max_size=5))
 def test_no_accepted_member_path_leaves_the_build(parts):
     name = "/".join(parts)
-    if agent.member_problem(member(name)) is None:
+    if rules.member_problem(member(name)) is None:
         depth = 0
         for part in name.split("/"):
             depth += -1 if part == ".." else (0 if part in ("", ".") else 1)
@@ -121,7 +130,7 @@ def test_no_accepted_member_path_leaves_the_build(parts):
 @given(st.lists(segment, min_size=1, max_size=3), st.lists(segment, min_size=1, max_size=4))
 def test_no_accepted_symlink_points_outside(where, target):
     name, link = "/".join(where), "/".join(target)
-    if not agent.check_members([member(name, tarfile.SYMTYPE, link)]):
+    if not rules.check_members([member(name, tarfile.SYMTYPE, link)]):
         depth = len([p for p in name.split("/") if p not in ("", ".")]) - 1
         for part in link.split("/"):
             depth += -1 if part == ".." else (0 if part in ("", ".") else 1)
@@ -131,5 +140,5 @@ def test_no_accepted_symlink_points_outside(where, target):
 def test_size_limit():
     big = member("big")
     big.size = 3 * 2**20
-    assert agent.check_members([big], max_bytes=2 * 2**20)
-    assert not agent.check_members([big], max_bytes=4 * 2**20)
+    assert rules.check_members([big], max_bytes=2 * 2**20)
+    assert not rules.check_members([big], max_bytes=4 * 2**20)

@@ -19,7 +19,10 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from conftest import raw_tar
-from qabox import agent, build
+from qabox import build
+from qabox.agent import builds as extraction, rules
+from qabox.agent.protocol import Fail
+from qabox.agent_zip import AGENT_PYZ
 from qabox.errors import BuildError
 
 KINDS = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "link": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE}
@@ -47,7 +50,7 @@ def tar_of(path, specs) -> str:
 
 
 def extract_unchecked(tar_path: str, dest: str) -> list:
-    """Every member through agent.extract_member, skipping the check: the errors it raised."""
+    """Every member through builds.extract_member, skipping the check: the errors it raised."""
     os.mkdir(dest, 0o700)
     root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     errors = []
@@ -55,7 +58,7 @@ def extract_unchecked(tar_path: str, dest: str) -> list:
         with tarfile.open(tar_path) as tar:
             for member in tar.getmembers():
                 try:
-                    agent.extract_member(tar, member, root)
+                    extraction.extract_member(tar, member, root)
                 except OSError as e:
                     errors.append((member.name, e))
     finally:
@@ -152,8 +155,8 @@ def test_the_chain_is_refused_by_the_client_and_the_host(tmp_path, box):
     assert "a/b/c/f: written through the link a/b" in e.value.message
     with sandbox(box) as (top, release):
         before = snapshot(top, release)
-        with pytest.raises(agent.Fail, match="unsafe members: a/b/c: written through the link a/b"):
-            agent.extract(path, release, 2**30)
+        with pytest.raises(Fail, match="unsafe members: a/b/c: written through the link a/b"):
+            extraction.extract(path, release, 2**30)
         assert snapshot(top, release) == before
 
 
@@ -178,10 +181,10 @@ def test_a_chain_to_home_changes_nothing_outside_the_release(home, tmp_path):
     path = tar_of(tmp_path / "home.tar", TO_HOME)
     releases = str(home / ".qabox/envs/e/releases")
     before = snapshot(str(home), releases)
-    problems = agent.check_members(tarfile.open(path).getmembers())
+    problems = rules.check_members(tarfile.open(path).getmembers())
     assert [p.split(":")[0] for p in problems] == ["a/b/c", "a/b/c/d", "a/b/c/d/.ssh/authorized_keys"]
-    with pytest.raises(agent.Fail, match="unsafe members"):
-        agent.extract(path, releases + "/.r.tmp", 2**30)
+    with pytest.raises(Fail, match="unsafe members"):
+        extraction.extract(path, releases + "/.r.tmp", 2**30)
     # the extractor alone, given the same members unchecked, writes nothing through a link either
     errors = extract_unchecked(path, releases + "/.u.tmp")
     assert [name for name, _ in errors] == ["a/b/c", "a/b/c/d", "a/b/c/d/.ssh/authorized_keys"]
@@ -199,7 +202,7 @@ def test_modes_are_the_accounts_only_and_set_without_following_links(tmp_path):
     members[1][0].mtime = 1_000_000_000
     path = str(raw_tar(tmp_path / "good.tar", members))
     dest = tmp_path / "release"
-    agent.extract(path, str(dest), 2**30)
+    extraction.extract(path, str(dest), 2**30)
     modes = {p: stat.S_IMODE(os.lstat(dest / p).st_mode) for p in ("", "static", "static/app.js", "run.sh")}
     assert modes == {"": 0o700, "static": 0o700, "static/app.js": 0o600, "run.sh": 0o700}
     assert os.readlink(dest / "static/current") == "app.js" and os.readlink(dest / "up") == "static"
@@ -211,7 +214,7 @@ def test_modes_are_the_accounts_only_and_set_without_following_links(tmp_path):
 
 
 def problems_of(specs, **limits) -> dict:
-    found = agent.check_members([info for info, _ in infos(specs)], **limits)
+    found = rules.check_members([info for info, _ in infos(specs)], **limits)
     return dict(p.split(": ", 1) for p in found)
 
 
@@ -234,7 +237,7 @@ def problems_of(specs, **limits) -> dict:
 ])
 def test_refused(specs, name, reason):
     found = problems_of(specs)
-    assert reason in found.get(agent.shown(name), ""), found
+    assert reason in found.get(rules.shown(name), ""), found
 
 
 @pytest.mark.parametrize("specs", [
@@ -251,27 +254,27 @@ def test_accepted(specs):
 def test_member_count_and_headers_are_capped(tmp_path):
     many = [("file", "f%d" % i, "") for i in range(1001)]
     assert problems_of(many[:1000], max_members=1000) == {}
-    assert any("more than 1000 members" in p for p in agent.check_members(
+    assert any("more than 1000 members" in p for p in rules.check_members(
         [i for i, _ in infos(many)], max_members=1000))
     # empty members are not free: 4,500 headers of 512 bytes exceed 2 MB
-    assert any("exceeds the limit of 2 MB" in p for p in agent.check_members(
+    assert any("exceeds the limit of 2 MB" in p for p in rules.check_members(
         [i for i, _ in infos(many * 5)[:4500]], max_bytes=2 * 2**20))
     # and a tar of many members is read only one past the limit
     path = tar_of(tmp_path / "many.tar", many * 3)
     with tarfile.open(path) as tar:
-        assert len(agent.read_members(tar, 1000)) == 1001
+        assert len(rules.read_members(tar, 1000)) == 1001
 
 
 def test_an_extraction_failure_names_the_member_and_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(agent, "check_members", lambda *a: [])  # as if the check had missed it
+    monkeypatch.setattr(extraction, "check_members", lambda *a: [])  # as if the check had missed it
     for specs, bad, why in (
         (CHAIN, "a/b/c", "Not a directory"),
         ([("file", "x" * 300, "")], "x" * 300, "File name too long"),
     ):
-        with pytest.raises(agent.Fail) as e:
-            agent.extract(tar_of(tmp_path / "x.tar", specs), str(tmp_path / why[:4]), 2**30)
+        with pytest.raises(Fail) as e:
+            extraction.extract(tar_of(tmp_path / "x.tar", specs), str(tmp_path / why[:4]), 2**30)
         assert e.value.message.startswith("%s could not be extracted: %s: change or remove it"
-                                          % (agent.shown(bad), why))
+                                          % (rules.shown(bad), why))
         assert "\n" not in e.value.message
 
 
@@ -323,7 +326,7 @@ def test_an_accepted_build_stays_inside_even_extracted_naively(box, specs):
     links (tarfile without its data filter): nothing outside changes, and every
     path in the release resolves inside it. The real extractor makes the same tree."""
     members = infos(specs)
-    if agent.check_members([info for info, _ in members]):
+    if rules.check_members([info for info, _ in members]):
         return
     with sandbox(box) as (top, release):
         path = str(raw_tar(os.path.join(top, "b.tar"), members))
@@ -331,7 +334,7 @@ def test_an_accepted_build_stays_inside_even_extracted_naively(box, specs):
         extract_naively(path, release)
         assert snapshot(top, release) == before
         assert all(inside(os.path.join(release, p), release) for p in listing(release))
-        agent.extract(path, release + "2", 2**30)
+        extraction.extract(path, release + "2", 2**30)
         assert listing(release + "2") == listing(release)
 
 
@@ -342,7 +345,7 @@ def test_a_link_is_refused_exactly_when_it_leads_outside(box, specs):
     """When every member could be placed, each link's verdict matches where it
     really resolves once the build is on disk (os.path.realpath, like the kernel)."""
     members = infos(specs)
-    problems = agent.check_members([info for info, _ in members])
+    problems = rules.check_members([info for info, _ in members])
     if any("leads outside" not in p and "more than 40 links" not in p for p in problems):
         return
     refused = {p.split(":")[0] for p in problems if "leads outside" in p}
@@ -381,9 +384,10 @@ def test_the_extractor_never_writes_outside_even_given_unchecked_members(box, sp
 PYTHONS = sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python")) + ["/usr/bin/python3"]
 
 CROSS_CHECK = r'''
-import os, stat, sys, tarfile, tempfile, types
-agent = types.ModuleType("agent")  # the file as the host runs it, under this python
-exec(compile(open(sys.argv[1]).read(), sys.argv[1], "exec"), agent.__dict__)
+import os, stat, sys, tarfile, tempfile
+sys.path.insert(0, sys.argv[1])  # the archive as the host runs it, under this python
+from qabox_agent import builds, rules
+from qabox_agent.protocol import Fail
 KINDS = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "link": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE}
 
 def tar_of(path, specs):
@@ -406,21 +410,20 @@ with tempfile.TemporaryDirectory() as top:
         f.write("owner\n")
     evil = tar_of(os.path.join(top, "evil.tar"), [(k, n, t, 0o644) for k, n, t in %(to_home)r])
     try:
-        agent.extract(evil, os.path.join(releases, ".r.tmp"), 2**30)
+        builds.extract(evil, os.path.join(releases, ".r.tmp"), 2**30)
         failures.append("extract accepted the chain to home")
-    except agent.Fail:
+    except Fail:
         pass
-    if not agent.check_members(tarfile.open(evil).getmembers()):
+    if not rules.check_members(tarfile.open(evil).getmembers()):
         failures.append("check_members accepted the chain to home")
-    if hasattr(agent, "extract_member"):
-        os.mkdir(os.path.join(releases, ".u.tmp"))
-        root = os.open(os.path.join(releases, ".u.tmp"), os.O_RDONLY)
-        with tarfile.open(evil) as tar:
-            for member in tar.getmembers():
-                try:
-                    agent.extract_member(tar, member, root)
-                except OSError:
-                    pass
+    os.mkdir(os.path.join(releases, ".u.tmp"))
+    root = os.open(os.path.join(releases, ".u.tmp"), os.O_RDONLY)
+    with tarfile.open(evil) as tar:
+        for member in tar.getmembers():
+            try:
+                builds.extract_member(tar, member, root)
+            except OSError:
+                pass
     if open(keys).read() != "owner\n":
         failures.append("authorized_keys was written")
     if stat.S_IMODE(os.stat(home).st_mode) != 0o755:
@@ -431,7 +434,7 @@ with tempfile.TemporaryDirectory() as top:
         ("dir", "static", "", 0o777), ("file", "static/app.js", "", 0o644), ("file", "run.sh", "", 0o755),
         ("link", "static/current", "app.js", 0o777), ("hard", "again.sh", "run.sh", 0o755)])
     dest = os.path.join(releases, "1")
-    agent.extract(good, dest, 2**30)
+    builds.extract(good, dest, 2**30)
     modes = [stat.S_IMODE(os.lstat(os.path.join(dest, p)).st_mode) for p in ("static", "static/app.js", "run.sh")]
     if modes != [0o700, 0o600, 0o700] or os.readlink(os.path.join(dest, "static/current")) != "app.js":
         failures.append("good build extracted with modes %%s" %% [oct(m) for m in modes])
@@ -440,7 +443,9 @@ print("; ".join(failures) or "ok")
 
 
 @pytest.mark.parametrize("python", [p for p in PYTHONS if os.path.exists(p)])
-def test_the_extractor_on_every_python(python):
+def test_the_extractor_on_every_python(python, tmp_path):
     script = CROSS_CHECK % {"to_home": TO_HOME}
-    proc = subprocess.run([python, "-c", script, agent.__file__], capture_output=True, text=True, timeout=60)
+    archive = tmp_path / "agent.pyz"
+    archive.write_bytes(AGENT_PYZ)
+    proc = subprocess.run([python, "-c", script, str(archive)], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "ok", proc.stdout + proc.stderr

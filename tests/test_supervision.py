@@ -3,6 +3,7 @@ graceful stops, zero-failure redeploys, logs, releases and rollback."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -184,16 +185,16 @@ def test_agent_upgrade_under_load_fails_no_request(app_build, env_name, port, mo
     the running app) instead of stopping the app: both ways, no request fails."""
     from qabox import remote
 
-    original = (remote.AGENT_SOURCE, remote.AGENT_HASH)
-    other = remote.AGENT_SOURCE + b"\n# another agent build\n"
-    builds = [(other, remote.hashlib.sha256(other).hexdigest()[:16]), original]
+    original = (remote.AGENT_PYZ, remote.AGENT_HASH)
+    other = b"#!/usr/bin/env python3\n" + remote.AGENT_PYZ  # another build of the agent: a zipapp may start so
+    builds = [(other, hashlib.sha256(other).hexdigest()[:16]), original]
     deploy(app_build("v1"), env_name, port)
     load = subprocess.Popen([sys.executable, str(LAB), "exec", "lab1", "--", "/usr/bin/python3", "-c",
                              LOAD, str(port), "8"], stdout=subprocess.PIPE, text=True)
     time.sleep(1)
     supervisors = [status(env_name)["supervisor_pid"]]
     for source, digest in builds:
-        monkeypatch.setattr(remote, "AGENT_SOURCE", source)
+        monkeypatch.setattr(remote, "AGENT_PYZ", source)
         monkeypatch.setattr(remote, "AGENT_HASH", digest)
         assert qabox("restart", "--host", "lab1", "--env", env_name).code == 0
         supervisors.append(status(env_name)["supervisor_pid"])

@@ -1,6 +1,6 @@
 """Checking a build file before anything is sent: format, members, entry point.
 
-The member rules are the agent's own (``agent.check_members``), so the host
+The member rules are the agent's own (``rules.check_members``), so the host
 refuses exactly what qabox refuses here.
 """
 
@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from qabox import agent
+from qabox.agent import rules
 from qabox.errors import BuildError
 
 ENTRY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -41,8 +41,8 @@ def normalise(name: str) -> str:
     return name[2:] if name.startswith("./") else name
 
 
-def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT_MAX_BYTES,
-            max_members: int = agent.DEFAULT_MAX_MEMBERS) -> Build:
+def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT_MAX_BYTES,
+            max_members: int = rules.DEFAULT_MAX_MEMBERS) -> Build:
     """Open and check a build; raise BuildError naming every problem found."""
     if path.is_dir():  # a project, not yet a build
         raise BuildError(f"{path} is a directory, not a build file: make a build of it with "
@@ -51,14 +51,14 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT
         raise BuildError(f"build file {path} does not exist: give the path to a .tar or .tar.gz build")
     try:
         with tarfile.open(path) as tar:
-            members = agent.read_members(tar, max_members)
-            problems = agent.check_members(members, max_bytes, max_members)
+            members = rules.read_members(tar, max_members)
+            problems = rules.check_members(members, max_bytes, max_members)
             if problems:
                 shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
                 raise BuildError(f"{path.name} is refused, unsafe members: {shown}")
             files = {normalise(m.name) for m in members if m.isfile()}
             config = read_config(tar, members, path)
-            problems = agent.requirements_problems(lambda name: member_text(tar, members, name))
+            problems = rules.requirements_problems(lambda name: member_text(tar, members, name))
             if problems:
                 raise BuildError(f"{path.name} is refused: " + "; ".join(problems[:5]))
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -68,7 +68,7 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT
         ) from None
     app = config.get("app", {})
     chosen = entry or app.get("entry") or next(
-        (e for e in DEFAULT_ENTRIES if set(agent.entry_module_path(e)) & files), None
+        (e for e in DEFAULT_ENTRIES if set(rules.entry_module_path(e)) & files), None
     )
     if chosen is None:
         raise BuildError(
@@ -77,12 +77,12 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = agent.DEFAULT
         )
     if not ENTRY.match(chosen):
         raise BuildError(f"app entry {chosen!r} is not of the form module:callable (e.g. notes:app)")
-    if not set(agent.entry_module_path(chosen)) & files:
+    if not set(rules.entry_module_path(chosen)) & files:
         module = chosen.split(":")[0]
         raise BuildError(f"app entry {chosen}: {path.name} has no module {module} "
-                         f"({' or '.join(agent.entry_module_path(chosen))})")
+                         f"({' or '.join(rules.entry_module_path(chosen))})")
     health = app.get("health", "/")
-    if not isinstance(health, str) or not agent.HEALTH_PATH.fullmatch(health):
+    if not isinstance(health, str) or not rules.HEALTH_PATH.fullmatch(health):
         raise BuildError(f"qabox.toml in {path.name}: [app] health = {health!r} is not a URL path: use one "
                          f"like \"/health\" (printable characters, no spaces)")
     return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,

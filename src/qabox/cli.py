@@ -21,7 +21,8 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, T
                            TransferSpeedColumn)
 from rich.text import Text
 
-from qabox import __version__, agent, deploy as deploying, ops, ssh
+from qabox import __version__, deploy as deploying, ops, ssh
+from qabox.agent import rules
 from qabox.context import Context, check_env
 from qabox.errors import ConfigError, QaboxError
 from qabox.hosts import expand
@@ -409,7 +410,7 @@ def rollback(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV,
 
     Example: qabox rollback --host oldbox --to 20261124-104000
     """
-    if to is not None and not agent.RELEASE_ID.fullmatch(to):
+    if to is not None and not rules.RELEASE_ID.fullmatch(to):
         with reporting(ctx.obj["verbose"], as_json):
             raise ConfigError(f"--to {to!r} is not a release id (like 20261124-104000): see `qabox releases`")
     change_env(ctx, "rollback", host, env, lock_timeout, as_json, to=to)

@@ -14,7 +14,8 @@ from typing import Iterator
 import platformdirs
 from filelock import FileLock
 
-from qabox import agent, hosts, ssh
+from qabox import hosts, ssh
+from qabox.agent import rules
 from qabox.errors import ConfigError
 from qabox.remote import Remote
 
@@ -85,7 +86,7 @@ class Context:
 
 def check_env(env: str) -> str:
     """Env names become paths on the host: refuse anything but a plain name."""
-    if not isinstance(env, str) or not agent.ENV_NAME.fullmatch(env):
+    if not isinstance(env, str) or not rules.ENV_NAME.fullmatch(env):
         raise ConfigError(f"env name {env!r} is not allowed: use up to 32 of a-z, 0-9, - and _")
     return env
 

@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from qabox import agent
+from qabox.agent import rules
 from qabox.errors import ConfigError
 
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,253}")  # fullmatch
@@ -105,7 +105,7 @@ def load_settings(name: str, hosts_dir: Path) -> HostSettings:
     for kind, known in TABLE_KEYS.items():
         for entry, table in values.get(kind, {}).items():
             where = f"{path}:{line_of(text, entry, table=kind)}"
-            if not agent.ENV_NAME.fullmatch(entry) or not isinstance(table, dict):
+            if not rules.ENV_NAME.fullmatch(entry) or not isinstance(table, dict):
                 raise ConfigError(f"{where}: [{kind}.{entry}] must be a table with a name of a-z, 0-9, - and _")
             for key, value in table.items():
                 if key not in known:

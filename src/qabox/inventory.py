@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import paramiko
 from rich.filesize import decimal
 
-from qabox import agent, ssh
+from qabox import ssh
+from qabox.agent import rules
+from qabox.agent.protocol import PROTOCOL, Fail
 from qabox.context import Context
 from qabox.errors import ConnectError, HostKeyError, QaboxError
 from qabox.hosts import HOST_NAME
@@ -55,9 +57,9 @@ def tester_checks(remote, user: str | None) -> list[Check]:
     """
     banner = remote.sshd_version
     try:
-        agent.check_sshd(banner)
+        rules.check_sshd(banner)
         version = Check("sshd fits tester keys", True, banner)
-    except agent.Fail as e:
+    except Fail as e:
         version = Check("sshd fits tester keys", False, banner, e.message)
     transport = remote.client.get_transport()
     path = f"/tmp/qabox-probe-{secrets.token_hex(8)}.sock"
@@ -102,8 +104,8 @@ def check_host(ctx: Context, name: str) -> list[Check]:
     main = facts["envs"].get("main", {})
     port_ok = facts["port_free"] is not False or (main.get("port") == port and main.get("ours"))
     checks += [
-        Check("python 3.8+", version >= (3, 8), f"{settings.python} is {facts['python']}",
-              f"install Python 3.8+ on the host, or set `python` in hosts/{name}.toml"),
+        Check("python 3.6+", version >= (3, 6), f"{settings.python} is {facts['python']}",
+              f"install Python 3.6+ on the host, or set `python` in hosts/{name}.toml"),
         Check("venv available", facts["venv"], "python -m venv" if facts["venv"] else "no venv/ensurepip module",
               "install the python3-venv package on the host"),
         Check("disk free", facts["free_bytes"] >= MIN_FREE, f"{decimal(facts['free_bytes'])} free at {facts['base']}",
@@ -111,6 +113,6 @@ def check_host(ctx: Context, name: str) -> list[Check]:
         Check("app port free", port_ok, f"127.0.0.1:{port}" + (" (the main env's own)" if main.get("ours") else ""),
               "stop what listens there, or set `port` in the hosts file"),
         Check("clock skew", abs(skew) <= MAX_SKEW, f"{skew:+.1f} s", "sync the host's clock (NTP)"),
-        Check("agent version", facts["protocol"] == agent.PROTOCOL, facts["agent"], "upgrade qabox here"),
+        Check("agent version", facts["protocol"] == PROTOCOL, facts["agent"], "upgrade qabox here"),
     ]
     return checks

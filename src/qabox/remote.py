@@ -7,7 +7,6 @@ is ever pasted into a shell command.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import secrets
@@ -17,23 +16,21 @@ import threading
 import time
 from contextlib import contextmanager
 from functools import cached_property
-from pathlib import Path
 from typing import Callable, Iterator
 
 import paramiko
 
-from qabox import agent
+from qabox.agent.protocol import PROTOCOL
+from qabox.agent_zip import AGENT_HASH, AGENT_PYZ
 from qabox.errors import ConnectError, LockHeld, RemoteError
 from qabox.hosts import HostSettings
 
-AGENT_SOURCE = Path(agent.__file__).read_bytes()
-AGENT_HASH = hashlib.sha256(AGENT_SOURCE).hexdigest()[:16]
 AGENT_MISSING = 97
 
 # What a failed agent run's exit code usually means, and what to do about it.
 EXIT_ADVICE = {
     126: "the python command on the host is not executable: set `python` in hosts/{host}.toml",
-    127: "`{python}` was not found on the host: install Python 3.8+ there, or set `python` "
+    127: "`{python}` was not found on the host: install Python 3.6+ there, or set `python` "
          "in hosts/{host}.toml",
 }
 
@@ -46,7 +43,7 @@ class Remote:
         self.client = client
         self.settings = settings
         self.base = settings.dir[2:] if settings.dir.startswith("~/") else settings.dir
-        self.agent_path = posixpath.join(self.base, "agent", f"agent-{AGENT_HASH}.py")
+        self.agent_path = posixpath.join(self.base, "agent", f"agent-{AGENT_HASH}.pyz")
 
     @property
     def sshd_version(self) -> str:
@@ -69,7 +66,7 @@ class Remote:
         if transport is None or not transport.is_active():
             raise ConnectError(f"the connection to {self.name} was lost: run the command again")
         channel = None
-        request = {"protocol": agent.PROTOCOL, "cmd": cmd, "args": {"base": self.base, **args}}
+        request = {"protocol": PROTOCOL, "cmd": cmd, "args": {"base": self.base, **args}}
         try:
             channel = transport.open_session(timeout=15)
             channel.exec_command(self._command())
@@ -176,7 +173,8 @@ class Remote:
                    log=error.get("log") or [], code=error.get("code"))
 
     def push_agent(self) -> None:
-        """Install this version of the agent on the host (0700 directory, atomic rename)."""
+        """Install this version of the agent on the host (0700 directory, atomic
+        rename), then have it make itself the host's newest (see agents.cmd_install)."""
         sftp = self.sftp
         path = ""
         for part in posixpath.dirname(self.agent_path).split("/"):
@@ -188,8 +186,9 @@ class Remote:
         tmp = f"{self.agent_path}.{secrets.token_hex(4)}.tmp"  # two qabox may push at once
         with sftp.open(tmp, "wb") as f:
             f.chmod(0o600)
-            f.write(AGENT_SOURCE)
+            f.write(AGENT_PYZ)
         sftp.posix_rename(tmp, self.agent_path)
+        self.call("install")
 
     @contextmanager
     def session(self, env: str, lock_timeout: float, by: str, create: bool = False) -> Iterator["Session"]:
@@ -245,7 +244,7 @@ class Session:
 
     def call(self, cmd: str, timeout: float = 60, progress: Callable[[str], None] | None = None,
              **args) -> dict:
-        request = {"protocol": agent.PROTOCOL, "cmd": cmd, "args": {"base": self.remote.base, **args}}
+        request = {"protocol": PROTOCOL, "cmd": cmd, "args": {"base": self.remote.base, **args}}
         try:
             self._send(json.dumps(request).encode() + b"\n")
         except (OSError, EOFError, paramiko.SSHException) as e:

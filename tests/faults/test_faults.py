@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, REPO, http_get, in_host, qabox, raw_tar
-from qabox import agent
+from qabox.agent import rules
 
 pytestmark = pytest.mark.usefixtures("lab")
 HOME = LAB_HOME
@@ -193,7 +193,7 @@ def test_a_build_writing_through_its_own_links_is_refused_by_the_host(tmp_path, 
              f"ls -A {HOME}/.qabox/envs/{env_name}/d 2>&1; grep -c pwned {HOME}/.ssh/authorized_keys")
     home = in_host("lab1", "sh", "-c", watch).stdout
     assert "untouched" in home and "No such file" in home
-    monkeypatch.setattr(agent, "check_members", lambda *a, **k: [])  # the client's check: the host is on its own
+    monkeypatch.setattr(rules, "check_members", lambda *a, **k: [])  # the client's check: the host is on its own
     try:
         result = qabox("deploy", hostile, "--host", "lab1", "--env", env_name, "--port", port)
         assert in_host("lab1", "sh", "-c", watch).stdout == home

@@ -11,7 +11,7 @@ import tarfile
 import pytest
 
 from conftest import LAB_HOME, http_get, in_host, qabox
-from qabox import agent
+from qabox.agent import rules
 
 pytestmark = pytest.mark.usefixtures("lab")
 APP = "from flask import Flask\napp = Flask(__name__)\n@app.get('/')\ndef index():\n    return 'ok'\n"
@@ -56,7 +56,7 @@ def test_the_client_refuses_requirements_that_reach_beyond_the_build(make_build,
 @pytest.mark.parametrize("line", ["pkg @ http://198.18.1.1:9/pkg-1.0-py3-none-any.whl", "-r /etc/passwd"])
 def test_the_host_refuses_them_too(make_build, env_name, port, monkeypatch, line):
     assert qabox("deploy", make_build({"wsgi.py": APP}), "--host", "lab1", "--env", env_name, "--port", port).code == 0
-    monkeypatch.setattr(agent, "requirements_problems", lambda read, *a: [])  # the client no longer checks
+    monkeypatch.setattr(rules, "requirements_problems", lambda read, *a: [])  # the client no longer checks
     build = make_build({"wsgi.py": APP, "requirements.txt": f"flask>=3.0\n{line}\n"})
     result = qabox("deploy", build, "--host", "lab1", "--env", env_name, "--port", port)
     assert result.code == 6 and "the build's requirements are refused: requirements.txt:2:" in result.stderr, result

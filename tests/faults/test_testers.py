@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from conftest import LAB_HOME, LAB_USER, add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
-from qabox import agent
+from qabox.agent import protocol, rules, serve, testers
 
 pytestmark = pytest.mark.usefixtures("lab")
 HOME = LAB_HOME
@@ -224,10 +224,10 @@ def test_session_stdin_flood_ends_the_session(tester, tmp_path):
 
 def test_sessions_per_tester_are_capped(tester, tmp_path):
     ssh = ssh_as_tester(tester, tmp_path)
-    request = json.dumps({"protocol": agent.PROTOCOL, "cmd": "tester-session", "args": {}}) + "\n"
+    request = json.dumps({"protocol": protocol.PROTOCOL, "cmd": "tester-session", "args": {}}) + "\n"
     sessions = []
     try:
-        for _ in range(agent.MAX_SESSIONS):
+        for _ in range(testers.MAX_SESSIONS):
             proc = subprocess.Popen(ssh + ["lab1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             proc.stdin.write(request)
             proc.stdin.flush()
@@ -266,7 +266,7 @@ def test_names_with_line_breaks_are_refused(name, tmp_path):
     new_key(key)
     assert qabox("status", "--host", "lab1", "--env", name).code == 2
     assert qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1").code == 2
-    assert agent.ENV_NAME.fullmatch(name) is None
+    assert rules.ENV_NAME.fullmatch(name) is None
 
 
 @pytest.mark.parametrize("banner, ok", [
@@ -274,10 +274,10 @@ def test_names_with_line_breaks_are_refused(name, tmp_path):
     ("SSH-2.0-OpenSSH_7.4", False), ("SSH-2.0-OpenSSH_7.6p1 Ubuntu-4", False), ("SSH-2.0-dropbear_2022.83", False)])
 def test_tester_keys_need_openssh_7_8(banner, ok):
     if ok:
-        agent.check_sshd(banner)
+        rules.check_sshd(banner)
         return
-    with pytest.raises(agent.Fail) as failed:
-        agent.check_sshd(banner)
+    with pytest.raises(protocol.Fail) as failed:
+        rules.check_sshd(banner)
     assert "7.8" in failed.value.message and "no tester key was added" in failed.value.message or \
         "not OpenSSH" in failed.value.message
 
@@ -316,7 +316,7 @@ def test_one_tester_cannot_starve_the_others(tester, tmp_path, port):
         answers = json.loads(proc.stdout)
         assert answers == {"other": 200, "main": 200, "after": 200}, (answers, proc.stderr)
         logs = qabox("logs", "--host", "lab1", "--env", tester["env"], "-n", "200").stdout
-        assert f"connection cap reached ({tester['name']} has {agent.MAX_CONNECTIONS_PER_PORT} open" in logs
+        assert f"connection cap reached ({tester['name']} has {serve.MAX_CONNECTIONS_PER_PORT} open" in logs
         assert status(tester["env"])["hangs"] == hangs  # the health probe got through all along
     finally:
         qabox("testers", "remove", name, "--host", "lab1")

@@ -1,0 +1,262 @@
+"""Releases of an env: deploy, switch, prune, rollback, start, restart, stop."""
+
+import errno
+import glob
+import os
+import shutil
+import time
+
+from . import testers
+from .builds import drop_build, extract, take_build
+from .control import ensure_supervisor, env_apps, foreign_listeners, revive, supervisor_call, supervisor_ping, \
+    supervisor_state
+from .envs import START_TIMEOUT, Env, all_envs, existing_env, update_settings
+from .files import disk_full, is_port, iso, now, remove, write_json
+from .procs import STOP_TIMEOUT, stop_group
+from .protocol import Fail
+from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, HEALTH_PATH, RELEASE_FILE, SHA256
+from .session import locked
+from .sockets import bind_listener, free_port
+from .venvs import prepare_venv
+
+
+def new_release_id(env: Env) -> str:
+    base = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    rid, n = base, 1
+    while os.path.lexists(env.release_dir(rid)):
+        n += 1
+        rid = "%s-%d" % (base, n)
+    return rid
+
+
+def cmd_deploy(req, io) -> dict:
+    """Extract an uploaded build as a new release and switch the env to it.
+
+    The current release keeps serving until the new one passes its health
+    check; on any failure the new release is removed and nothing else changes.
+    """
+    env = locked(req, io)
+    env.ensure()
+    sha = req["sha256"]
+    if not SHA256.fullmatch(sha):
+        raise Fail("bad_request", "not a sha256: %r" % sha)
+    started = time.monotonic()
+    current = env.current()
+    settings = env_settings(env, req)
+    testers.give_ports(env.base)
+    health = req.get("health") or "/"
+    if not HEALTH_PATH.fullmatch(health):
+        raise Fail("bad_build", "the health path %r is not a URL path: use one like \"/health\" "
+                   "(printable characters, no spaces) in the build's qabox.toml" % health)
+    if current and env.release_info(current).get("sha256") == sha:
+        pong = supervisor_ping(env)
+        if pong and pong.get("state") == "running" and pong.get("port") == settings["port"]:
+            return {"release": current, "previous": current, "port": settings["port"],
+                    "testers": testers.connected_testers(env), "changed": False}
+    build = take_build(env.builds, sha)
+    release = new_release_id(env)
+    rdir = env.release_dir(release)
+    tmp = env.path("releases", "." + release + ".tmp")
+    try:
+        io.emit({"progress": "extracting"})
+        remove(tmp)
+        extract(build, tmp, int(req.get("max_bytes") or DEFAULT_MAX_BYTES),
+                int(req.get("max_members") or DEFAULT_MAX_MEMBERS))
+        io.check()
+        key, python, created = prepare_venv(env, tmp, io)
+        io.check()
+        info = {
+            "release": release,
+            "sha256": sha,
+            "file": req.get("file"),
+            "entry": req["entry"],
+            "health": health,
+            "venv": key,
+            "deployed_at": iso(now()),
+            "deployed_by": req.get("by"),
+        }
+        write_json(os.path.join(tmp, RELEASE_FILE), info)
+        os.rename(tmp, rdir)
+        io.check()
+        io.emit({"progress": "starting"})
+        switch_to(env, release, settings)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if env.current() == release:
+            pass  # it failed after the switch: the release is live, and it stays
+        else:
+            shutil.rmtree(rdir, ignore_errors=True)
+            full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+            if full or getattr(e, "code", None) == "disk_full":
+                drop_build(env.base, sha)  # it cannot be extracted here anyway: give its space back
+            if full:
+                raise disk_full(env.base)
+            raise
+    pruned = prune(env, int(req.get("keep") or 5))
+    return {
+        "release": release,
+        "previous": current,
+        "port": settings["port"],
+        "venv_created": created,
+        "pruned": pruned,
+        "testers": testers.connected_testers(env),
+        "seconds": round(time.monotonic() - started, 2),
+        "changed": True,
+    }
+
+
+def env_settings(env: Env, req: dict) -> dict:
+    """The env's recorded settings, updated with what this request asks.
+
+    The port is as asked, else as recorded (or served), else the first free
+    one from 8080 that no other env on the host has taken. A new port is
+    recorded only once it is bound (see switch_to): a refused one changes
+    nothing, and it is refused here already, before any work is done.
+    """
+    settings = env.settings()
+    others = {name: Env(env.base, name).settings(strict=False).get("port")
+              for name in all_envs(env.base) if name != env.name}
+    pong = supervisor_ping(env)
+    serving = pong.get("port") if pong else None
+    port = req.get("port")
+    if port:
+        if not is_port(port):
+            raise Fail("bad_request", "port %r is not a port from 1 to 65535" % (port,))
+        taken = [name for name, p in others.items() if p == port]
+        if taken:
+            raise Fail("port_in_use", "port %d is already the port of env %s on this host: "
+                       "pick another with --port" % (port, taken[0]))
+        if port not in (serving, settings.get("port")):
+            bind_listener(port).close()
+    update_settings(env, **{key: req[key] for key in ("health_interval", "log_max_bytes", "start_timeout")
+                            if req.get(key)})
+    settings = env.settings()
+    settings["port"] = port or settings.get("port") or serving or free_port(8080, set(others.values()))
+    return settings
+
+
+def switch_to(env: Env, release: str, settings: dict) -> dict:
+    """Have the env's supervisor serve ``release`` on the settings' port, live
+    only once it is healthy; the port is recorded once the switch is done.
+
+    A supervisor that dies during the switch is revived (it adopts what
+    serves and ends the rest), and the answer is whatever is live then.
+    """
+    held = foreign_listeners(env, settings["port"])
+    if held:
+        raise Fail("port_taken", held[0] + ": stop that process (or remove the tester "
+                   "whose key made it), then try again; nothing was changed")
+    update_settings(env, stopped=False)
+    port = settings["port"]
+    ensure_supervisor(env, port)
+    timeout = float(settings.get("start_timeout") or START_TIMEOUT)
+    request = {"cmd": "switch", "release": release, "timeout": timeout, "port": port}
+    try:
+        result = supervisor_call(env, request, timeout=timeout + STOP_TIMEOUT + 10)
+    except (Fail, OSError) as e:  # no answer: it died (a Fail: it closed the socket) or hangs
+        revive(env)
+        live = env.current()
+        if live != release:
+            raise Fail("supervisor", "the supervisor of env %s %s while switching to release %s, and was "
+                       "restarted: %s; deploy again" % (
+                           env.name, "died" if isinstance(e, Fail) else "failed (%s)" % (e.strerror or e),
+                           release, "release %s keeps serving" % live if live else "nothing was deployed"))
+        pong = supervisor_ping(env) or {}
+        result = {"ok": True, "pid": (pong.get("record") or {}).get("pid")}
+    if not result.get("ok"):
+        err = result.get("error", {})
+        raise Fail(err.get("code", "start_failed"), err.get("message", "the app did not start"),
+                   log=err.get("log", []))
+    update_settings(env, port=port)
+    return result
+
+
+def prune(env: Env, keep: int) -> list:
+    """Delete releases beyond the newest ``keep``, never the current one,
+    then the virtualenvs and builds no kept release uses.
+
+    Pruning runs under the env's deploy lock, as do rollbacks, so it never
+    races a rollback to the release it would delete."""
+    current = env.current()
+    releases = env.releases()
+    old = [r for r in releases[: max(0, len(releases) - keep)] if r != current]
+    for release in old:
+        shutil.rmtree(env.release_dir(release), ignore_errors=True)
+        for log in glob.glob(env.path("logs", release + ".log*")):
+            os.unlink(log)
+    kept = [env.release_info(r) for r in env.releases()]
+    venvs = {i.get("venv") for i in kept}
+    for key in os.listdir(env.path("venvs")):
+        if key not in venvs:
+            shutil.rmtree(env.path("venvs", key), ignore_errors=True)
+    for name in os.listdir(env.builds):
+        path = os.path.join(env.builds, name)
+        # an hour's grace: a build just uploaded for another env's deploy is not garbage yet
+        if not name.endswith(".part") and now() - os.path.getmtime(path) > 3600:
+            drop_build(env.base, name)
+    return old
+
+
+def cmd_rollback(req, io) -> dict:
+    """Switch back to the previous (or the named) kept release, zero-downtime."""
+    env = locked(req, io)
+    current = env.current()
+    releases = env.releases()
+    target = req.get("to")
+    if target:
+        if target not in releases:
+            raise Fail("no_release", "release %r is not kept on this host; kept: %s"
+                       % (target, ", ".join(releases) or "none"))
+    else:
+        older = [r for r in releases if current is None or r < current]
+        if not older:
+            raise Fail("no_release", "there is no release before %s to roll back to" % current)
+        target = older[-1]
+    if target == current and supervisor_state(env) == "running":
+        return {"release": current, "previous": current, "changed": False}
+    switch_to(env, target, env_settings(env, {}))
+    return {"release": target, "previous": current, "changed": True}
+
+
+def cmd_start(req, io) -> dict:
+    """Start the env's current release if it is not running (clears ``crashed``)."""
+    env = locked(req, io)
+    current = env.current()
+    if current is None:
+        raise Fail("no_release", "nothing is deployed to env %s: deploy a build first" % env.name)
+    if supervisor_state(env) == "running":
+        return {"release": current, "changed": False}
+    switch_to(env, current, env_settings(env, {}))
+    return {"release": current, "changed": True}
+
+
+def cmd_restart(req, io) -> dict:
+    """Start a fresh process of the current release, then retire the old one."""
+    env = locked(req, io)
+    current = env.current()
+    if current is None:
+        raise Fail("no_release", "nothing is deployed to env %s: deploy a build first" % env.name)
+    result = switch_to(env, current, env_settings(env, {}))
+    return {"release": current, "pid": result.get("pid"), "changed": True}
+
+
+def cmd_stop(req, io) -> dict:
+    """Stop the env's app gracefully and its supervisor; nothing revives it."""
+    env = locked(req, io)
+    update_settings(env, stopped=True)
+    if supervisor_ping(env) is None:  # whatever apps of the env run, no supervisor runs them
+        apps = env_apps(env)
+        if not apps:
+            return {"changed": False}
+        for app in apps:
+            stop_group(app["pid"], STOP_TIMEOUT)
+    else:
+        supervisor_call(env, {"cmd": "stop"}, timeout=STOP_TIMEOUT + 10)
+    return {"changed": True}
+
+
+def cmd_releases(req, io) -> dict:
+    env = existing_env(req["base"], req["env"])
+    current = env.current()
+    return {"current": current,
+            "releases": [dict(env.release_info(r), release=r, current=r == current) for r in env.releases()]}

@@ -1,0 +1,253 @@
+"""Rules shared by qabox and the host: names, build members, requirements, sshd.
+
+qabox checks a build with these same functions before sending it, and the
+host checks it again before extracting: one set of rules on both sides. Like
+the whole agent, this keeps to python 3.6 (no walrus, no ``X | None``
+evaluated at run time: such annotations are strings), and imports nothing
+heavy: the client imports it too.
+"""
+
+import posixpath
+import re
+
+from .protocol import Fail
+
+# Names and ids become paths and key lines on the host: always matched whole
+# (fullmatch: "$" alone would accept a trailing newline).
+ENV_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+RELEASE_ID = re.compile(r"\d{8}-\d{6}(-\d+)?")
+HEALTH_PATH = re.compile(r"/[\x21-\x7e]*")  # fullmatch; printable, no spaces: pasted into a request line
+RELEASE_FILE = "release.json"  # qabox's record in each release: a build may not bring its own
+DEFAULT_MAX_BYTES = 2 * 1024**3
+DEFAULT_MAX_MEMBERS = 50000
+HEADER_BYTES = 512  # each member's tar header, counted so that empty members are not free
+NAME_MAX = 255  # bytes in one name of a path: Linux's limit
+PATH_MAX = 3072  # bytes in a member's path or link: Linux's 4096 less room for the release's own path
+LINK_HOPS = 40  # links one lookup may go through, as Linux's ELOOP limit
+DIR, FILE = 0, 1  # kinds in the tree check_members builds; a link's entry is its target (a str)
+
+
+def name_parts(name: str) -> list:
+    """A member's path as its names: ``./a//b/`` is ``["a", "b"]``."""
+    return [p for p in name.split("/") if p not in ("", ".")]
+
+
+def shown(name: str) -> str:
+    """A member's name for a one-line message: escaped, at most 100 characters."""
+    text = name if name.isprintable() else repr(name)[1:-1]
+    return text if len(text) <= 100 else text[:60] + "..." + text[-37:]
+
+
+def too_long(path: str):
+    """Why a path is longer than the host can create, or None."""
+    raw = path.encode("utf-8", "surrogatepass")
+    if len(raw) > PATH_MAX:
+        return "longer than %d bytes: shorten it" % PATH_MAX
+    if any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        return "a name in it is longer than %d bytes, the host's limit: shorten it" % NAME_MAX
+    return None
+
+
+def member_problem(member):
+    """Why this tar member, taken alone, may not be extracted into a release, or None."""
+    name = member.name
+    parts = name_parts(name)
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "absolute path"
+    if ".." in name_parts(name.replace("\\", "/")):
+        return "path with '..'"
+    if "\x00" in name:
+        return "NUL in name"
+    if not parts and not member.isdir():
+        return "empty name"
+    long_name = too_long(name)
+    if long_name:
+        return "path " + long_name
+    if parts[:1] == [RELEASE_FILE]:
+        return "qabox writes each release's own %s there: rename this member" % RELEASE_FILE
+    if member.isdev() or member.isfifo():
+        return "device or fifo"
+    if member.issym() or member.islnk():
+        target = member.linkname
+        if target.startswith("/"):
+            return "link to an absolute path"
+        if not target or "\x00" in target:
+            return "link with an empty target or a NUL in it"
+        long_target = too_long(target)
+        if long_target:
+            return "link target " + long_target
+    elif not (member.isfile() or member.isdir()):
+        return "unsupported member type"
+    return None
+
+
+def place(tree: dict, member):
+    """Add a member to the tree the build makes, or say why it cannot go there.
+
+    A member is judged by where it would land, not by its name alone: nothing
+    may be written through a link an earlier member made (``a/b -> ..`` then
+    ``a/b/f``), and nothing may replace an earlier member (tar allows the same
+    path twice; a link replacing a directory is the classic escape). A
+    directory named again is fine.
+    """
+    parts = tuple(name_parts(member.name))
+    for i in range(1, len(parts)):
+        node = tree.get(parts[:i])
+        if isinstance(node, str):
+            return "written through the link %s made by an earlier member" % shown("/".join(parts[:i]))
+        if node == FILE:
+            return "inside %s, which is a file of the build" % shown("/".join(parts[:i]))
+    if parts in tree and not (tree[parts] == DIR and member.isdir()):
+        return "an earlier member has the same path: keep only one"
+    if member.islnk() and tree.get(tuple(name_parts(member.linkname))) != FILE:
+        return "hardlink to %s, which is not a file earlier in the build" % shown(member.linkname)
+    for i in range(1, len(parts)):
+        tree.setdefault(parts[:i], DIR)
+    tree[parts] = member.linkname if member.issym() else DIR if member.isdir() else FILE
+    return None
+
+
+def resolve(tree: dict, base: tuple, target: str):
+    """The path a link in directory ``base`` leads to, following the build's
+    own links like the kernel would (names not in the build count as
+    directories), or a reason it leads nowhere safe."""
+    path = list(base)
+    todo = target.split("/")[::-1]
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not path:
+                return "leads outside the build"
+            path.pop()
+            continue
+        path.append(part)
+        node = tree.get(tuple(path))
+        if isinstance(node, str):
+            hops += 1
+            if hops > LINK_HOPS:
+                return "goes through more than %d links (a loop?)" % LINK_HOPS
+            path.pop()
+            todo.extend(node.split("/")[::-1])
+    return tuple(path)
+
+
+def read_members(tar, max_members: int = DEFAULT_MAX_MEMBERS) -> list:
+    """A tar's members, reading at most one past the limit (a small tar.gz
+    can hold millions of empty members)."""
+    members = []
+    for member in tar:
+        members.append(member)
+        if len(members) > max_members:
+            break
+    return members
+
+
+def check_members(members, max_bytes: int = DEFAULT_MAX_BYTES,
+                  max_members: int = DEFAULT_MAX_MEMBERS) -> list:
+    """All problems of a build's members as ``"name: reason"`` strings."""
+    problems = []
+    tree = {(): DIR}
+    links = []
+    total = 0
+    for member in members:
+        reason = member_problem(member) or place(tree, member)
+        if reason:
+            problems.append("%s: %s" % (shown(member.name), reason))
+        elif member.issym():
+            links.append(member)
+        total += HEADER_BYTES + (max(member.size, 0) if member.isfile() else 0)
+    # Links are judged in the finished tree: a later member can change where one leads.
+    for member in links:
+        parts = tuple(name_parts(member.name))
+        where = resolve(tree, parts[:-1], member.linkname)
+        if isinstance(where, str):
+            problems.append("%s: link to %s %s" % (shown(member.name), shown(member.linkname), where))
+    if len(members) > max_members:
+        problems.append("more than %d members, the limit: ship fewer files or raise max_build_members"
+                        " in the host's hosts file" % max_members)
+    if total > max_bytes:
+        problems.append(
+            "extracted size %d MB exceeds the limit of %d MB: make the build smaller or raise"
+            " max_build_mb in the host's hosts file" % (total // 2**20, max_bytes // 2**20)
+        )
+    return problems
+
+
+SAFE_OPTIONS = ("--pre", "--prefer-binary", "--only-binary", "--require-hashes")  # change nothing pip reaches
+
+
+def requirements_problems(read, name: str = "requirements.txt", seen: set = None) -> list:
+    """Lines of a build's requirements (and the files they include) that would
+    make pip reach beyond the build or run code at deploy time, as
+    ``"file:line: why"``. ``read(path)`` gives a file of the build (a path
+    relative to its root) as text, or None when there is none.
+
+    Only named requirements are allowed: no URLs, paths, editables, direct
+    references (``pkg @ url``), indexes, or files outside the build.
+    """
+    if seen is None:
+        seen = set()
+    elif name in seen:
+        return []  # included already
+    text = read(name)
+    if text is None:
+        return ["%s: no such file in the build" % name] if seen else []
+    seen.add(name)
+    problems = []
+    lines = text.replace("\\\n", " ").splitlines()
+    for number, line in enumerate(lines, 1):
+        line = re.sub(r"(^|\s)#.*", "", line).strip()
+        if not line:
+            continue
+        where = "%s:%d: %s" % (name, number, line[:80])
+        first, _, rest = line.partition(" ")
+        option = first.split("=", 1)[0]
+        if option in ("-r", "--requirement", "-c", "--constraint"):
+            target = (first.split("=", 1)[1] if "=" in first else rest).strip()
+            path = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+            if target.startswith(("/", "~")) or path.startswith("..") or "://" in target:
+                problems.append("%s: includes a file outside the build" % where)
+            else:
+                problems += requirements_problems(read, path, seen)
+        elif option.startswith("-"):
+            if option not in SAFE_OPTIONS:
+                problems.append("%s: option %s is not allowed in a build (it can reach "
+                                "beyond the build's wheels)" % (where, option))
+        else:
+            spec = re.split(r"\s--?[a-z]", " " + line)[0].strip()
+            extra = [o.split("=", 1)[0] for o in re.findall(r"\s(--?[a-z][\w-]*)", " " + line)]
+            if re.search(r"://|^\.|^/|^~|[\\/]|\.(whl|zip|tar\.gz|tgz)$", spec) or "@" in spec:
+                problems.append("%s: a URL, path or direct reference (pkg @ url): name the "
+                                "package and ship its wheel in wheels/" % where)
+            elif set(extra) - {"--hash"}:
+                problems.append("%s: option %s is not allowed in a build"
+                                % (where, sorted(set(extra) - {"--hash"})[0]))
+    return problems
+
+
+def entry_module_path(entry: str) -> tuple:
+    """The files that can hold ``module:callable``'s module, relative to the build."""
+    module = entry.split(":", 1)[0]
+    base = module.replace(".", "/")
+    return (base + ".py", base + "/__init__.py")
+
+
+def check_sshd(banner: str) -> None:
+    """Refuse tester keys on an sshd that would let them listen on the host.
+
+    ``permitlisten`` came in OpenSSH 7.8, and an sshd that does not know a key
+    option rejects the whole line: below 7.8 no safe tester line exists.
+    """
+    found = re.search(r"OpenSSH_(\d+)\.(\d+)", banner or "")
+    if not found:
+        raise Fail("sshd_unsupported", "the host's SSH server (%s) is not OpenSSH: tester keys need "
+                   "OpenSSH 7.8 or newer there" % (banner or "unknown"))
+    if (int(found.group(1)), int(found.group(2))) < (7, 8):
+        raise Fail("sshd_too_old", "the host runs OpenSSH %s.%s, which cannot stop a key from opening "
+                   "listeners on the host (permitlisten came in 7.8), so a tester could take over "
+                   "other testers' ports: no tester key was added; have the host's admin upgrade "
+                   "openssh-server to 7.8 or newer" % found.groups())

@@ -1,0 +1,212 @@
+"""The app process: the release's WSGI app on Werkzeug's threaded server.
+
+It runs with the release's virtualenv python, from the same archive.
+"""
+
+import os
+import signal
+import socket
+import sys
+import time
+
+from .procs import STOP_TIMEOUT
+from .sockets import foreign_peer, recv_fds, send_fds
+
+
+MAX_CONNECTIONS_PER_PORT = 64  # a browser opens about 6 at once per site
+MAX_CONNECTIONS = 256  # app threads, all ports together
+IDLE_TIMEOUT = 30.0  # seconds a connection may send nothing
+
+
+def load_app(entry: str):
+    """Import ``module:attr`` and return the WSGI app, with debugging forced off."""
+    import importlib
+
+    module_name, _, attr = entry.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in (attr or "app").split("."):
+        obj = getattr(obj, part)
+    if hasattr(obj, "debug"):
+        obj.debug = False  # a Flask app in debug mode would show tracebacks to testers
+    while type(obj).__name__ == "DebuggedApplication" and hasattr(obj, "app"):
+        obj = obj.app  # never the interactive debugger, whatever the build says
+    return obj
+
+
+def serve(spec: dict) -> None:
+    """Run the app on Werkzeug's threaded server over the inherited sockets.
+
+    It serves the private probe socket at once and the shared listening socket
+    after SIGUSR1 (when the supervisor has seen it healthy). On SIGTERM it stops
+    accepting, lets in-flight requests finish (Werkzeug alone would kill them
+    mid-response), and exits. On ``run/app-PID.sock`` a new supervisor can ask
+    it for its sockets (adoption), and its supervisor hands it the sockets of
+    testers added since (and takes back those of testers removed).
+    """
+    import threading
+
+    go_live = threading.Event()
+    stop = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: go_live.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    sys.path.insert(0, spec["release_dir"])
+    from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+
+    active = [0]
+    active_lock = threading.Lock()
+    open_by = {}  # tester name -> their connections open now (closed when they are removed)
+
+    class Handler(WSGIRequestHandler):
+        # One request per connection: nothing idles in a keep-alive that a
+        # release switch would cut, and each tunnel request is its own channel.
+        protocol_version = "HTTP/1.0"
+        tester = ""
+        timeout = IDLE_TIMEOUT  # a connection that sends nothing is let go
+
+        def handle(self):
+            with active_lock:
+                active[0] += 1
+                open_by.setdefault(self.tester, set()).add(self.connection)
+            try:
+                super().handle()
+            finally:
+                with active_lock:
+                    active[0] -= 1
+                    open_by.get(self.tester, set()).discard(self.connection)
+
+    def tester_handler(name: str):
+        class TesterHandler(Handler):
+            tester = name
+
+            def address_string(self):
+                return name  # the access log names the tester, not 127.0.0.1
+
+        return TesterHandler
+
+    class QuietHandler(Handler):
+        def log_request(self, *args, **kwargs):
+            pass  # the supervisor's health probes are not testers' requests
+
+    app = load_app(spec["entry"])
+    sockets = dict(spec["sockets"])  # what this app serves once live, by name
+    servers = {}  # the same names, once live
+    lock = threading.Lock()  # sockets and servers: the control thread changes them too
+
+    counts = {}  # port name -> connections it serves now
+    refused_at = {}  # port name -> when its cap was last logged
+
+    class Server(ThreadedWSGIServer):
+        """A thread per connection, but only so many per port and in all: one
+        tester holding hundreds of idle connections is turned away, and the
+        others (and the supervisor's health probe, which is not counted) are
+        still served."""
+
+        name = ""
+
+        def process_request(self, request, client_address):
+            with active_lock:
+                mine, total = counts.get(self.name, 0), sum(counts.values())
+                full = mine >= MAX_CONNECTIONS_PER_PORT or total >= MAX_CONNECTIONS
+                if not full:
+                    counts[self.name] = mine + 1
+            if full:
+                if time.monotonic() - refused_at.get(self.name, -60) > 60:
+                    refused_at[self.name] = time.monotonic()
+                    print("connection cap reached (%s has %d open, %d in all; caps %d and %d): "
+                          "refusing new connections" % (self.name or "the app's port", mine, total,
+                                                        MAX_CONNECTIONS_PER_PORT, MAX_CONNECTIONS), flush=True)
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                with active_lock:
+                    counts[self.name] -= 1
+
+    class ProbeServer(ThreadedWSGIServer):
+        pass  # uncapped: the health probe must get through a flood
+
+    def start(fd: int, handler, kind=Server):
+        server = kind("127.0.0.1", 0, app, handler=handler, fd=fd)
+        server.name = handler.tester
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        return server
+
+    def serve_all() -> None:
+        for name, fd in sockets.items():
+            if name not in servers:
+                servers[name] = start(fd, tester_handler(name) if name else Handler)
+
+    def serve_only(fds: dict) -> None:
+        """The supervisor's sockets now: testers were added or removed."""
+        for name in [n for n in sockets if n not in fds]:
+            server = servers.pop(name, None)
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            os.close(sockets.pop(name))
+            with active_lock:  # a removed tester keeps no connection they opened before
+                for conn in open_by.pop(name, ()):
+                    try:
+                        conn.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        for name, fd in fds.items():
+            if name in sockets:
+                os.close(fd)  # the same socket, already served
+            else:
+                sockets[name] = fd
+        if go_live.is_set():
+            serve_all()
+
+    def control(path: str) -> None:
+        """A new supervisor asks for the sockets (adoption), or sends new ones."""
+        if os.path.lexists(path):
+            os.unlink(path)
+        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ctl.bind(path)
+        ctl.listen(4)
+        while True:
+            conn, _ = ctl.accept()
+            with conn:
+                conn.settimeout(5)
+                try:
+                    foreign = foreign_peer(conn, role=["supervise", spec["base"], spec["env"]])
+                    if foreign:
+                        raise OSError("refused a connection from %s: not this env's supervisor" % foreign)
+                    message, fds = recv_fds(conn)
+                    with lock:
+                        if message.get("cmd") == "serve":
+                            serve_only(fds)
+                            send_fds(conn, {}, ok=True)
+                        else:
+                            send_fds(conn, sockets)
+                except (OSError, ValueError) as e:
+                    print("control request failed: %s" % e, flush=True)
+
+    ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
+    threading.Thread(target=control, args=(ctl_path,), daemon=True).start()
+    probe = start(spec["probe_fd"], QuietHandler, ProbeServer)
+    if spec.get("live"):
+        go_live.set()
+    live = False
+    while not stop.is_set():
+        if go_live.is_set() and not live:
+            with lock:
+                serve_all()
+            live = True
+        stop.wait(0.05)
+    with lock:
+        for server in [probe] + list(servers.values()):
+            server.shutdown()
+    deadline = time.monotonic() + STOP_TIMEOUT - 1
+    while active[0] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if os.path.lexists(ctl_path):
+        os.unlink(ctl_path)
+    sys.exit(0)

@@ -1,0 +1,376 @@
+"""Testers: their keys in authorized_keys, their ports, their sessions.
+
+A tester's public key goes into the deploy account's authorized_keys with
+OpenSSH's restrictions: no shell, no command but the agent's tester-session,
+and port forwarding only to the tester's own ports, one per env. The app's
+supervisor listens on those ports too, so the access log can name the tester.
+"""
+
+import fcntl
+import glob
+import hashlib
+import os
+import re
+import signal
+import sys
+
+from . import agents, control
+from .envs import START_TIMEOUT, Env, all_envs
+from .files import iso, makedirs, now, read_json, write_json
+from .procs import STOP_TIMEOUT, own_pids, pid_alive, proc_stat
+from .protocol import Fail
+from .rules import ENV_NAME, check_sshd
+from .sockets import free_port, tcp_sockets
+
+
+TESTER_MARK = " qabox-tester:"
+PUBKEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh\.com|"
+                    r"sk-ecdsa-sha2-nistp256@openssh\.com) ([A-Za-z0-9+/]+={0,3})(?: [^\r\n]*)?")
+FIRST_TESTER_PORT = 18080
+MAX_SESSIONS = 8  # open tunnels per tester: a few machines each, not a flood
+
+
+def testers_file(base: str) -> str:
+    return os.path.join(os.path.abspath(os.path.expanduser(base)), "testers.json")
+
+
+def read_testers(base: str) -> dict:
+    """The tester store: ``{"testers": {name: tester}, "retired_ports": [...]}``,
+    kept in testers.json and retired-ports.json (older agents read the first).
+
+    A store that exists but cannot be read is an error, never "no testers":
+    rewriting authorized_keys from it would drop every tester's key.
+    """
+    path = testers_file(base)
+    testers = read_json(path) if os.path.lexists(path) else {}
+    retired = read_json(path.replace("testers.json", "retired-ports.json"), [])
+    if not (isinstance(testers, dict) and isinstance(retired, list)
+            and all(isinstance(t, dict) and isinstance(t.get("key"), str) for t in testers.values())):
+        raise Fail("bad_state", "%s is not a readable tester list: restore it from a backup, or "
+                   "move it away and add the testers again (their keys stay in authorized_keys "
+                   "until then)" % path)
+    return {"testers": testers, "retired_ports": retired}
+
+
+def load_testers(base: str) -> dict:
+    return read_testers(base)["testers"]
+
+
+def tester_ports(env: Env) -> dict:
+    """Each tester's own port for this env."""
+    return {name: t["ports"][env.name] for name, t in load_testers(env.base).items()
+            if env.name in t.get("ports", {})}
+
+
+class TestersLock:
+    """Serialises edits of testers.json and authorized_keys on this host."""
+
+    def __init__(self, base: str):
+        makedirs(os.path.abspath(os.path.expanduser(base)))
+        self.fd = os.open(testers_file(base) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self):
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def ssh_connections() -> list:
+    """``[pid, start time]`` of this account's sshd processes: its SSH
+    connections open now, any of which may hold a forward to a tester's port."""
+    found = []
+    for pid in own_pids():
+        stat = proc_stat(pid)
+        if stat and stat[0].startswith("sshd"):
+            found.append([pid, int(stat[1][19])])
+    return found
+
+
+def retire(ports) -> list:
+    """Retired ports, each with the SSH connections open when it was retired:
+    it is not given to anyone again while one of them lasts (a removed tester's
+    ``ssh -N`` keeps its forward to it, and sshd cannot tell us whose it is)."""
+    now_open = ssh_connections()
+    return [{"port": port, "sshd": now_open} for port in sorted(ports)]
+
+
+def allocate_tester_ports(base: str, store: dict) -> bool:
+    """Give every tester a port of their own in every env. True if any was added.
+
+    A retired port is given again only once every SSH connection that was open
+    when it was retired has ended (see ``retire``).
+    """
+    base = os.path.abspath(os.path.expanduser(base))
+    testers = store["testers"]
+    alive = {tuple(c) for c in ssh_connections()}
+    store["retired_ports"] = [r for r in store["retired_ports"] if isinstance(r, dict)
+                              and isinstance(r.get("port"), int)
+                              and alive & {tuple(c) for c in r.get("sshd") or []}]
+    taken = {Env(base, e).settings(strict=False).get("port") for e in all_envs(base)}
+    taken.update(r["port"] for r in store["retired_ports"])
+    for t in testers.values():
+        taken.update(t.get("ports", {}).values())
+    changed = False
+    envs = set(all_envs(base))
+    for name in sorted(testers):
+        ports = testers[name].setdefault("ports", {})
+        gone = [env for env in ports if env not in envs]  # envs deleted since
+        if gone:
+            store["retired_ports"] += retire(ports.pop(env) for env in gone)
+            changed = True
+        for env in sorted(envs):
+            if env not in ports:
+                ports[env] = free_port(FIRST_TESTER_PORT, taken)
+                taken.add(ports[env])
+                changed = True
+    return changed
+
+
+def give_ports(base: str) -> None:
+    """Ports for every tester in a new env (a deploy calls this)."""
+    with TestersLock(base):
+        store = read_testers(base)
+        if allocate_tester_ports(base, store):
+            store_testers(base, store)  # the new env's supervisor binds them as it starts
+
+
+SAFE_PATH = re.compile(r"[A-Za-z0-9._/+-]+")
+LINE_BASE = re.compile(r'tester-session (\S+) [^ "]+"')
+
+
+def authorized_line(base: str, name: str, tester: dict) -> str:
+    """The tester's key line: a tunnel to their own ports and nothing else.
+
+    ``restrict`` takes everything away; ``port-forwarding`` gives back local
+    *and* remote forwarding, so ``permitlisten`` names a port the account can
+    never bind, and ``permitopen`` the tester's own ports. (Unix-socket
+    forwards cannot be refused per key: see ``peer_pid`` for why that is safe.)
+    """
+    options = ["restrict"]
+    ports = sorted(tester.get("ports", {}).values())
+    if ports:
+        options += ["port-forwarding", 'permitlisten="127.0.0.1:1"']
+        options += ['permitopen="127.0.0.1:%d"' % port for port in ports]
+    words = [sys.executable, agents.entry(), os.path.abspath(os.path.expanduser(base))]
+    for word in words:
+        if not SAFE_PATH.fullmatch(word):
+            raise Fail("bad_path", "%r cannot go into a forced command: use a directory and a "
+                       "python whose paths have only letters, digits and . _ / + -" % word)
+    options.append('command="%s %s tester-session %s %s"' % (words[0], words[1], words[2], name))
+    return "%s %s%s%s" % (",".join(options), tester["key"], TESTER_MARK, name)
+
+
+def write_authorized_keys(base: str, testers: dict) -> bool:
+    """Rewrite this base's tester lines atomically, leaving every other line
+    (the deploy account's own keys, testers of another base) as it was.
+    True if the file changed."""
+    ssh_dir = makedirs(os.path.expanduser("~/.ssh"))
+    path = os.path.join(ssh_dir, "authorized_keys")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    here = os.path.abspath(os.path.expanduser(base))
+
+    def ours(line: str) -> bool:
+        found = LINE_BASE.search(line) if TESTER_MARK in line else None
+        return bool(found) and found.group(1) == here
+
+    kept = [line for line in lines if not ours(line)]
+    mine = [authorized_line(base, name, testers[name]) for name in sorted(testers)]
+    if kept + mine == lines:
+        return False
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(kept + mine) + "\n")
+    os.replace(tmp, path)
+    return True
+
+
+def point_keys_at_entry(base: str) -> bool:
+    """Have this base's tester keys run the agent's stable entry (an upgrade
+    from an agent that named its own file). True if authorized_keys changed."""
+    with TestersLock(base):
+        return write_authorized_keys(base, load_testers(base))
+
+
+def store_testers(base: str, store: dict) -> None:
+    write_json(testers_file(base).replace("testers.json", "retired-ports.json"), store["retired_ports"])
+    write_json(testers_file(base), store["testers"])
+    write_authorized_keys(base, store["testers"])
+
+
+def save_testers(base: str, store: dict) -> None:
+    """Store the testers and have every running app serve their ports."""
+    store_testers(base, store)
+    for env in all_envs(base):  # hand the new ports to running apps
+        env = Env(base, env)
+        try:
+            if control.supervisor_ping(env):
+                control.ensure_supervisor(env)  # one of an older agent would not know the command
+                control.supervisor_call(env, {"cmd": "testers"}, timeout=START_TIMEOUT + STOP_TIMEOUT + 10)
+        except (Fail, OSError):
+            pass  # that env's app gets the ports at its next start; the key is in place
+
+
+def key_fingerprint(key: str) -> str:
+    import base64
+
+    blob = base64.b64decode(key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def cmd_tester_add(req, io) -> dict:
+    name, key = req["name"], " ".join(req["key"].split()[:2])
+    if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
+        raise Fail("bad_name", "tester name %r is not allowed: use a-z, 0-9, - and _" % name)
+    if not PUBKEY.fullmatch(req["key"].strip()):
+        raise Fail("bad_key", "that is not an OpenSSH public key line (type, base64 key, comment)")
+    check_sshd(req.get("sshd"))
+    with TestersLock(req["base"]):
+        try:
+            with open(os.path.expanduser("~/.ssh/authorized_keys")) as f:
+                unrestricted = [line for line in f if key.split()[1] in line and TESTER_MARK not in line]
+        except FileNotFoundError:
+            unrestricted = []
+        if unrestricted:
+            raise Fail("key_in_use", "this key already logs in to the deploy account without "
+                       "restrictions: give the tester a key of their own")
+        store = read_testers(req["base"])
+        testers = store["testers"]
+        for other, t in testers.items():
+            if t["key"] == key and other != name:
+                raise Fail("key_in_use", "this key is tester %s's already" % other)
+        old = testers.get(name, {})
+        if old.get("key") == key:
+            save_testers(req["base"], store)  # unchanged, but make sure every app listens
+            return {"name": name, "fingerprint": old["fingerprint"], "ports": old["ports"], "changed": False}
+        testers[name] = {"key": key, "fingerprint": key_fingerprint(key), "added_at": iso(now()),
+                         "added_by": req.get("by"), "ports": old.get("ports", {})}
+        allocate_tester_ports(req["base"], store)
+        save_testers(req["base"], store)
+    return {"name": name, "fingerprint": testers[name]["fingerprint"], "ports": testers[name]["ports"],
+            "changed": True}
+
+
+def cmd_tester_remove(req, io) -> dict:
+    """Take a tester's key out, close their ports (never given again) and end
+    their open sessions: an open SSH connection outlives its key."""
+    with TestersLock(req["base"]):
+        store = read_testers(req["base"])
+        gone = store["testers"].pop(req["name"], None)
+        if gone is None:
+            raise Fail("no_tester", "there is no tester %r on this host" % req["name"])
+        store["retired_ports"] += retire(gone.get("ports", {}).values())
+        save_testers(req["base"], store)
+    ended = 0
+    for record in connected(req["base"]):
+        if record["name"] == req["name"]:
+            ended += end_connection(record["pid"])
+    return {"changed": True, "disconnected": ended}
+
+
+def cmd_tester_list(req, io) -> dict:
+    base = req["base"]
+    online = connected(base)
+    return {"testers": [
+        {"name": name, "fingerprint": t["fingerprint"], "ports": t.get("ports", {}),
+         "added_at": t.get("added_at"), "added_by": t.get("added_by"),
+         "connected": [c for c in online if c["name"] == name]}
+        for name, t in sorted(load_testers(base).items())]}
+
+
+def connected(base: str) -> list:
+    """Testers connected now: those whose tunnel's session is open, and those
+    with a connection open to one of their ports (``ssh -N`` opens no session)."""
+    folder = os.path.join(os.path.abspath(os.path.expanduser(base)), "connected")
+    result = []
+    for name in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        record = read_json(name)
+        if record and pid_alive(record.get("pid")):
+            result.append(record)
+    in_use = {port for port, kind, _ in tcp_sockets() if kind == "01"}
+    seen = {r["name"] for r in result}
+    for name, tester in sorted(load_testers(base).items()):
+        if name not in seen and in_use & set(tester.get("ports", {}).values()):
+            result.append({"name": name, "from": "a forward without a session", "since": None})
+    return result
+
+
+def end_connection(pid: int) -> bool:
+    """End the SSH connection a tester's session runs under (its sshd process):
+    taking their key out of authorized_keys ends no connection already open."""
+    while pid > 1:
+        stat = proc_stat(pid)
+        if stat is None:
+            return False
+        name, rest = stat
+        if name.startswith("sshd"):
+            try:
+                os.kill(pid, signal.SIGTERM)
+                return True
+            except OSError:
+                return False
+        pid = int(rest[1])  # the parent
+    return False
+
+
+def connected_testers(env: Env) -> list:
+    ports = tester_ports(env)
+    return [c for c in connected(env.base) if c["name"] in ports]
+
+
+def tester_requests(env: Env, name: str) -> int:
+    """Requests a tester made to the current release, from its access log."""
+    release = env.current()
+    if not release:
+        return 0
+    prefix = (name + " - - [").encode()
+    count = 0
+    for path in glob.glob(env.path("logs", release + ".log*")):
+        with open(path, "rb") as f:
+            count += sum(1 for line in f if line.startswith(prefix))
+    return count
+
+
+def tester_session(base: str, name: str, io) -> int:
+    """The forced command of a tester's key: say which ports are theirs, count
+    them as connected while the tunnel is open, and pass on deploy notices."""
+    testers = load_testers(base)
+    if name not in testers:
+        io.emit({"ok": False, "error": {"code": "no_tester", "message": "tester %s was removed" % name}})
+        return 1
+    open_now = [c for c in connected(base) if c["name"] == name]
+    if len(open_now) >= MAX_SESSIONS:
+        io.emit({"ok": False, "error": {"code": "too_many_sessions", "message":
+                 "tester %s has %d tunnels open already: close one first" % (name, len(open_now))}})
+        return 1
+    folder = makedirs(os.path.join(os.path.abspath(os.path.expanduser(base)), "connected"))
+    record_path = os.path.join(folder, "%s-%d.json" % (name, os.getpid()))
+    origin = (os.environ.get("SSH_CONNECTION") or "local").split()[0]
+    write_json(record_path, {"name": name, "from": origin, "since": iso(now()), "pid": os.getpid()})
+    try:
+        ports = testers[name].get("ports", {})
+        seen = {env: Env(base, env).current() for env in ports}
+        io.emit({"ok": True, "changed": False, "data": {"tester": name, "envs": {
+            env: {"port": port, "release": seen[env]} for env, port in ports.items()}}})
+        while not io.gone.wait(1.0):
+            for env in ports:
+                release = Env(base, env).current()
+                if release != seen[env]:
+                    seen[env] = release
+                    info = Env(base, env).release_info(release) if release else {}
+                    io.emit({"notice": {"env": env, "release": release, "by": info.get("deployed_by")}})
+    finally:
+        os.unlink(record_path)
+    return 0
+
+
+def cmd_tester_session(req, io) -> None:
+    """The same session, asked for with the deploy account's own key."""
+    tester_session(req["base"], req["name"], io)
+    return None

@@ -1,0 +1,84 @@
+"""A release's virtualenv, installed offline from the build's own wheels."""
+
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+from .envs import Env
+from .files import LOG_TAIL, read_text_in
+from .protocol import Fail
+from .rules import requirements_problems
+
+
+def venv_key(release_dir: str, python: str) -> str:
+    """Releases whose requirements and wheels are equal share one virtualenv."""
+    h = hashlib.sha256(python.encode())
+    req = os.path.join(release_dir, "requirements.txt")
+    if os.path.isfile(req):
+        with open(req, "rb") as f:
+            h.update(f.read())
+    wheels = os.path.join(release_dir, "wheels")
+    if os.path.isdir(wheels):
+        for name in sorted(os.listdir(wheels)):
+            h.update(("%s:%d\n" % (name, os.path.getsize(os.path.join(wheels, name)))).encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_venv(env: Env, release_dir: str, io) -> tuple:
+    """Create (or reuse) the release's virtualenv; installs offline from wheels/."""
+    key = venv_key(release_dir, sys.executable)
+    venv = env.path("venvs", key)
+    python = os.path.join(venv, "bin", "python")
+    if os.path.isfile(os.path.join(venv, ".complete")):
+        return key, python, False
+    req = os.path.join(release_dir, "requirements.txt")
+    problems = requirements_problems(lambda name: read_text_in(release_dir, name))
+    if problems:
+        raise Fail("bad_build", "the build's requirements are refused: %s" % "; ".join(problems[:5]))
+    shutil.rmtree(venv, ignore_errors=True)
+    wheels = os.path.join(release_dir, "wheels")
+    io.emit({"progress": "creating virtualenv"})
+    pip_wheel = bundled_pip() if os.path.isfile(req) else None
+    cmd = [sys.executable, "-m", "venv", venv]
+    if not os.path.isfile(req):
+        cmd.insert(3, "--system-site-packages")
+    elif pip_wheel:
+        cmd.insert(3, "--without-pip")  # installing pip into the venv is most of venv's time
+    run_step(cmd, "could not create a virtualenv on the host (is python3-venv installed?)")
+    if os.path.isfile(req):
+        io.emit({"progress": "installing requirements"})
+        pip = [python] + ([os.path.join(pip_wheel, "pip")] if pip_wheel else ["-m", "pip"])
+        pip += ["install", "--disable-pip-version-check", "--no-input", "-q", "--only-binary=:all:",
+                "-r", req]
+        if os.path.isdir(wheels):
+            pip[-3:-3] = ["--no-index", "--find-links", wheels]
+        run_step(pip, "could not install the build's requirements.txt on the host"
+                 " (ship every wheel in the build's wheels/ directory)")
+    with open(os.path.join(venv, ".complete"), "w"):
+        pass
+    return key, python, True
+
+
+def bundled_pip():
+    """The pip wheel that venv itself would install, to run pip straight from it."""
+    import ensurepip
+
+    places = [os.path.join(os.path.dirname(ensurepip.__file__), "_bundled"), "/usr/share/python-wheels"]
+    for place in places:
+        found = sorted(glob.glob(os.path.join(place, "pip-*.whl")))
+        if found:
+            return found[-1]
+    return None
+
+
+def run_step(cmd: list, what: str) -> None:
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=600)
+    if proc.returncode:
+        lines = proc.stdout.decode("utf-8", "replace").strip().splitlines()
+        if any("No space left" in line for line in lines):
+            raise Fail("disk_full", "the host's disk is full: free some space and deploy again")
+        raise Fail("step_failed", what, log=lines[-LOG_TAIL:])
