@@ -6,7 +6,7 @@ import os
 import shutil
 import time
 
-from . import testers
+from . import agents, testers
 from .builds import drop_build, extract, take_build
 from .control import ensure_supervisor, env_apps, foreign_listeners, revive, supervisor_call, supervisor_ping, \
     supervisor_state
@@ -168,6 +168,7 @@ def switch_to(env: Env, release: str, settings: dict) -> dict:
         raise Fail(err.get("code", "start_failed"), err.get("message", "the app did not start"),
                    log=err.get("log", []))
     update_settings(env, port=port)
+    agents.prune()  # the old app was retired: an older agent it ran from may be unused now
     return result
 
 
