@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 
 from . import agents, testers
@@ -108,6 +107,8 @@ def ensure_supervisor(env: Env, port: int = None) -> None:
         listener = bind_listener(port)
         fd_arg = str(listener.fileno())
         update_settings(env, port=port)
+    import subprocess
+
     log = os.open(env.path("logs", "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     subprocess.Popen(
         [sys.executable, agents.archive(), "supervise", env.base, env.name, fd_arg],

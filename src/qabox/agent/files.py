@@ -1,6 +1,5 @@
 """Files on the host: atomic JSON writes, the env's records, logs, checksums."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -129,6 +128,8 @@ def disk_full(path: str) -> Fail:
 
 
 def file_sha256(path: str) -> str:
+    import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -8,7 +8,6 @@ supervisor listens on those ports too, so the access log can name the tester.
 
 import fcntl
 import glob
-import hashlib
 import os
 import re
 import signal
@@ -219,6 +218,7 @@ def save_testers(base: str, store: dict) -> None:
 
 def key_fingerprint(key: str) -> str:
     import base64
+    import hashlib
 
     blob = base64.b64decode(key.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
