@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -111,6 +112,27 @@ def wait_until(predicate, timeout: float, interval: float = 0.1):
             return value
         time.sleep(interval)
     return predicate()
+
+
+class Lines:
+    """A process's text pipe, read in a thread as it comes, so a test can wait for what it says."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def saying(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def text(self, timeout: float = 10) -> str:
+        """All of it, once the pipe has ended (its process exited)."""
+        self.thread.join(timeout)
+        return "".join(self.lines)
 
 
 def ssh_as_tester(tester: dict, tmp_path: Path) -> list[str]:
