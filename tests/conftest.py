@@ -7,10 +7,13 @@ deploy use an env name and port of their own on the shared lab host.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import io
 import json
 import itertools
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -18,6 +21,9 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -233,3 +239,162 @@ def copy_notes(tmp_path: Path) -> Path:
     dest = tmp_path / "notes-src"
     shutil.copytree(REPO / "examples" / "notes", dest)
     return dest
+
+
+# ---------------------------------------------------------------- the host agent, run here (no SSH, no root)
+
+
+@pytest.fixture(scope="session")
+def agent_cmd(tmp_path_factory):
+    """agent_cmd(python) -> the argv that runs the host agent as qabox ships it: the
+    .pyz of qabox.agent_zip when there is one, else the agent's one file."""
+    if importlib.util.find_spec("qabox.agent_zip") is None:
+        path = REPO / "src" / "qabox" / "agent.py"
+    else:
+        from qabox.agent_zip import AGENT_PYZ
+
+        path = tmp_path_factory.mktemp("agent") / "agent.pyz"
+        path.write_bytes(AGENT_PYZ)
+    return lambda python=sys.executable: [python, "-I", str(path)]
+
+
+class Host:
+    """A host in a directory: the agent run as qabox runs it over SSH, one
+    process per call, a JSON request line in and JSON lines out."""
+
+    def __init__(self, argv: list[str], home: Path):
+        self.argv, self.home, self.base = argv, home, str(home / ".qabox")
+        self.environ = {"HOME": str(home), "PATH": os.environ["PATH"], "USER": "qabox-test"}
+        self.stderr = ""  # the last call's
+
+    def request(self, cmd: str, **args) -> str:
+        from qabox.agent import PROTOCOL
+
+        return json.dumps({"protocol": PROTOCOL, "cmd": cmd, "args": {"base": self.base, **args}})
+
+    def send(self, line: str) -> tuple[int, dict]:
+        """One call on its own, of any request line: its exit code and result."""
+        proc = subprocess.run(self.argv, input=line + "\n", capture_output=True, text=True, timeout=120,
+                              env=self.environ)
+        self.stderr = proc.stderr
+        return proc.returncode, result_of([json.loads(out) for out in proc.stdout.splitlines()], proc)
+
+    def call(self, cmd: str, **args) -> dict:
+        """One call on its own: its result line (``ok``, ``changed``, ``data`` or ``error``)."""
+        return self.send(self.request(cmd, **args))[1]
+
+    def data(self, cmd: str, **args) -> dict:
+        result = self.call(cmd, **args)
+        assert result["ok"], (result, self.stderr)
+        return result["data"]
+
+    @contextmanager
+    def session(self, env: str, create: bool = True):
+        """The env's deploy lock held, as by ``qabox deploy``: yields a call(cmd, **args)."""
+        proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.environ)
+
+        def call(cmd: str, **args) -> dict:
+            proc.stdin.write(self.request(cmd, **args) + "\n")
+            proc.stdin.flush()
+            messages = []
+            while not messages or "ok" not in messages[-1]:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                messages.append(json.loads(line))
+            return result_of(messages, proc)
+
+        try:
+            locked = call("session", env=env, timeout=10, by="tests", create=create)
+            assert locked["ok"] and locked["data"] == {"locked": True}, locked
+            yield call
+        finally:
+            proc.stdin.close()
+            proc.wait(30)
+            self.stderr = proc.stderr.read()
+            proc.stderr.close()
+            proc.stdout.close()
+
+    def deploy(self, build: Path, env: str, port: int, sent: bytes | None = None) -> dict:
+        """qabox deploy's steps, with no check on this side: lock, upload-state, the bytes
+        (the build's, or ``sent``) to its .part as SFTP writes them, deploy. Its result."""
+        sha = hashlib.sha256(build.read_bytes()).hexdigest()
+        with self.session(env) as call:
+            state = call("upload-state", env=env, sha256=sha)
+            assert state["ok"], state
+            if not state["data"]["have"]:
+                Path(state["data"]["part_path"]).write_bytes(build.read_bytes() if sent is None else sent)
+            return call("deploy", env=env, sha256=sha, file=build.name, entry="wsgi:app", health="/",
+                        port=port, by="tests", start_timeout=20)
+
+    def processes(self) -> list[int]:
+        """Pids of processes running for this host's base (supervisors, apps)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and self.base.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+        return found
+
+    def kill_all(self) -> None:
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def result_of(messages: list[dict], proc) -> dict:
+    """The one result an agent call ends with (after its progress lines)."""
+    results = [m for m in messages if "ok" in m]
+    assert len(results) == 1 and results[0] is messages[-1], (messages, proc)
+    return results[0]
+
+
+@pytest.fixture(scope="session")
+def server_wheels(wheels) -> list[Path]:
+    """The wheels of the app server the agent runs apps on (werkzeug), and no more."""
+    return [w for w in wheels if w.name.lower().startswith(("werkzeug-", "markupsafe-"))]
+
+
+WSGI_APP = """
+import os
+
+def app(environ, start_response):
+    answers = {"/pid": str(os.getpid()), "/release": os.environ["QABOX_RELEASE"]}
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [answers.get(environ["PATH_INFO"], "VERSION").encode()]
+"""
+
+
+def wsgi_build(out: Path, wheels: list[Path], version: str = "v1") -> Path:
+    """A bare WSGI app (wsgi.py, no framework) answering ``version``, with the app server's wheels."""
+    src = out.parent / (out.name + ".src")
+    src.mkdir()
+    (src / "wsgi.py").write_text(WSGI_APP.replace("VERSION", version))
+    (src / "requirements.txt").write_text("werkzeug\n")
+    return pack(src, out, wheels=wheels)
+
+
+@pytest.fixture
+def host(agent_cmd, tmp_path):
+    """An empty host in tmp_path, run by the test's python; whatever it started is killed after."""
+    home = tmp_path / "host"
+    home.mkdir()
+    local = Host(agent_cmd(), home)
+    yield local
+    local.kill_all()
+
+
+def local_get(port: int, path: str = "/") -> tuple[int, str]:
+    """GET a URL on this machine's loopback: (status, body), (0, error) if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return 0, str(e)
