@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -78,8 +79,15 @@ def test_restart_starts_a_fresh_process(box):
         restarted = call("restart", env=ENV)
     assert restarted["ok"] and restarted["changed"] and restarted["data"]["pid"] not in (None, old), restarted
     assert local_get(port, "/pid") == (200, str(restarted["data"]["pid"]))
-    assert wait_until(lambda: not os.path.exists(f"/proc/{old}/cmdline") or
-                      not open(f"/proc/{old}/cmdline", "rb").read(), 10)  # the old process is gone
+    assert wait_until(lambda: not alive(old), 10)  # and the old one has ended
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie has ended: its parent has yet to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_new_tester_gets_a_port_the_running_app_serves_and_loses_it_when_removed(box, tmp_path):
