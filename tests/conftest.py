@@ -21,7 +21,6 @@ import sys
 import tarfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -235,6 +234,13 @@ def raw_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> 
     return path
 
 
+def link(name: str, target: str) -> tarfile.TarInfo:
+    """A tar member: a symlink ``name`` to ``target``."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info
+
+
 def copy_notes(tmp_path: Path) -> Path:
     dest = tmp_path / "notes-src"
     shutil.copytree(REPO / "examples" / "notes", dest)
@@ -354,12 +360,6 @@ def result_of(messages: list[dict], proc) -> dict:
     return results[0]
 
 
-@pytest.fixture(scope="session")
-def server_wheels(wheels) -> list[Path]:
-    """The wheels of the app server the agent runs apps on (werkzeug), and no more."""
-    return [w for w in wheels if w.name.lower().startswith(("werkzeug-", "markupsafe-"))]
-
-
 WSGI_APP = """
 import os
 
@@ -370,13 +370,19 @@ def app(environ, start_response):
 """
 
 
-def wsgi_build(out: Path, wheels: list[Path], version: str = "v1") -> Path:
-    """A bare WSGI app (wsgi.py, no framework) answering ``version``, with the app server's wheels."""
+def wsgi_build(out: Path, version: str = "v1", python: str | None = None) -> Path:
+    """A bare WSGI app (wsgi.py, no framework) answering ``version``, packed by scripts/example-build
+    with the wheels of the app server the agent runs it on (werkzeug) for python X.Y (default: this)."""
     src = out.parent / (out.name + ".src")
     src.mkdir()
     (src / "wsgi.py").write_text(WSGI_APP.replace("VERSION", version))
-    (src / "requirements.txt").write_text("werkzeug\n")
-    return pack(src, out, wheels=wheels)
+    # pip download --python-version judges markers by the python running it, not the target: name
+    # what werkzeug needs on 3.6 only (`dataclasses; python_version < "3.7"`) for 3.6 by hand
+    (src / "requirements.txt").write_text("werkzeug\n" + ("dataclasses\n" if python == "3.6" else ""))
+    target = ["--python-version", python] if python else []
+    subprocess.run([sys.executable, str(REPO / "scripts" / "example-build"), str(src), "-o", str(out), *target],
+                   check=True, stdout=subprocess.DEVNULL)
+    return out
 
 
 @pytest.fixture
@@ -389,12 +395,15 @@ def host(agent_cmd, tmp_path):
     local.kill_all()
 
 
-def local_get(port: int, path: str = "/") -> tuple[int, str]:
-    """GET a URL on this machine's loopback: (status, body), (0, error) if nothing answers."""
+def url_get(url: str, timeout: float = 10) -> tuple[int, str]:
+    """GET a URL from here: (status, body), or (0, the error)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
     except OSError as e:
         return 0, str(e)
+
+
+def local_get(port: int, path: str = "/") -> tuple[int, str]:
+    """GET a path of a port on this machine's loopback."""
+    return url_get(f"http://127.0.0.1:{port}{path}", timeout=5)

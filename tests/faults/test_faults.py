@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, REPO, Lines, http_get, in_host, qabox, raw_tar,
-                      wait_until)
+from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, REPO, Lines, http_get, in_host, link, qabox,
+                      raw_tar, wait_until)
 from qabox import agent
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -206,12 +206,6 @@ def test_a_build_writing_through_its_own_links_is_refused_by_the_host(tmp_path, 
     finally:
         mode = home.split()[0]  # put home back even if the host followed the chain
         in_host("lab1", "sh", "-c", f"chmod {mode} {HOME}; rm -f {HOME}/{victim}")
-
-
-def link(name: str, target: str) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = tarfile.SYMTYPE, target
-    return info
 
 
 def test_files_on_the_host_are_the_deploy_accounts_only(tmp_path, env_name, port):
