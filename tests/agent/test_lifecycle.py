@@ -13,6 +13,7 @@ import pytest
 
 from conftest import Host, free_port, local_get, new_key, wait_until, wsgi_build
 
+pytestmark = pytest.mark.network  # the app server's wheels, downloaded once into .cache/wheels
 ENV = "main"
 
 
