@@ -7,16 +7,21 @@ deploy use an env name and port of their own on the shared lab host.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import itertools
 import os
+import signal
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -113,6 +118,27 @@ def wait_until(predicate, timeout: float, interval: float = 0.1):
     return predicate()
 
 
+class Lines:
+    """A process's text pipe, read in a thread as it comes, so a test can wait for what it says."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def saying(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def text(self, timeout: float = 10) -> str:
+        """All of it, once the pipe has ended (its process exited)."""
+        self.thread.join(timeout)
+        return "".join(self.lines)
+
+
 def ssh_as_tester(tester: dict, tmp_path: Path) -> list[str]:
     """Plain OpenSSH `ssh` as the tester would run it, with their key only."""
     config = tmp_path / "tester_ssh_config"
@@ -207,7 +233,172 @@ def raw_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> 
     return path
 
 
+def link(name: str, target: str) -> tarfile.TarInfo:
+    """A tar member: a symlink ``name`` to ``target``."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info
+
+
 def copy_notes(tmp_path: Path) -> Path:
     dest = tmp_path / "notes-src"
     shutil.copytree(REPO / "examples" / "notes", dest)
     return dest
+
+
+# ---------------------------------------------------------------- the host agent, run here (no SSH, no root)
+
+
+@pytest.fixture(scope="session")
+def agent_cmd(tmp_path_factory):
+    """agent_cmd(python) -> the argv that runs the host agent as qabox ships it, its .pyz."""
+    from qabox.agent_zip import AGENT_HASH, AGENT_PYZ
+
+    path = tmp_path_factory.mktemp("agent") / f"agent-{AGENT_HASH}.pyz"
+    path.write_bytes(AGENT_PYZ)
+    return lambda python=sys.executable: [python, "-I", str(path)]
+
+
+class Host:
+    """A host in a directory: the agent run as qabox runs it over SSH, one
+    process per call, a JSON request line in and JSON lines out."""
+
+    def __init__(self, argv: list[str], home: Path):
+        self.argv, self.home, self.base = argv, home, str(home / ".qabox")
+        self.environ = {"HOME": str(home), "PATH": os.environ["PATH"], "USER": "qabox-test"}
+        self.stderr = ""  # the last call's
+
+    def request(self, cmd: str, **args) -> str:
+        from qabox.agent.protocol import PROTOCOL
+
+        return json.dumps({"protocol": PROTOCOL, "cmd": cmd, "args": {"base": self.base, **args}})
+
+    def send(self, line: str) -> tuple[int, dict]:
+        """One call on its own, of any request line: its exit code and result."""
+        proc = subprocess.run(self.argv, input=line + "\n", capture_output=True, text=True, timeout=120,
+                              env=self.environ)
+        self.stderr = proc.stderr
+        return proc.returncode, result_of([json.loads(out) for out in proc.stdout.splitlines()], proc)
+
+    def call(self, cmd: str, **args) -> dict:
+        """One call on its own: its result line (``ok``, ``changed``, ``data`` or ``error``)."""
+        return self.send(self.request(cmd, **args))[1]
+
+    def data(self, cmd: str, **args) -> dict:
+        result = self.call(cmd, **args)
+        assert result["ok"], (result, self.stderr)
+        return result["data"]
+
+    @contextmanager
+    def session(self, env: str, create: bool = True):
+        """The env's deploy lock held, as by ``qabox deploy``: yields a call(cmd, **args)."""
+        proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.environ)
+
+        def call(cmd: str, **args) -> dict:
+            proc.stdin.write(self.request(cmd, **args) + "\n")
+            proc.stdin.flush()
+            messages = []
+            while not messages or "ok" not in messages[-1]:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                messages.append(json.loads(line))
+            return result_of(messages, proc)
+
+        try:
+            locked = call("session", env=env, timeout=10, by="tests", create=create)
+            assert locked["ok"] and locked["data"] == {"locked": True}, locked
+            yield call
+        finally:
+            proc.stdin.close()
+            proc.wait(30)
+            self.stderr = proc.stderr.read()
+            proc.stderr.close()
+            proc.stdout.close()
+
+    def deploy(self, build: Path, env: str, port: int, sent: bytes | None = None) -> dict:
+        """qabox deploy's steps, with no check on this side: lock, upload-state, the bytes
+        (the build's, or ``sent``) to its .part as SFTP writes them, deploy. Its result."""
+        sha = hashlib.sha256(build.read_bytes()).hexdigest()
+        with self.session(env) as call:
+            state = call("upload-state", env=env, sha256=sha)
+            assert state["ok"], state
+            if not state["data"]["have"]:
+                Path(state["data"]["part_path"]).write_bytes(build.read_bytes() if sent is None else sent)
+            return call("deploy", env=env, sha256=sha, file=build.name, entry="wsgi:app", health="/",
+                        port=port, by="tests", start_timeout=20)
+
+    def processes(self) -> list[int]:
+        """Pids of processes running for this host's base (supervisors, apps)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and self.base.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+        return found
+
+    def kill_all(self) -> None:
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def result_of(messages: list[dict], proc) -> dict:
+    """The one result an agent call ends with (after its progress lines)."""
+    results = [m for m in messages if "ok" in m]
+    assert len(results) == 1 and results[0] is messages[-1], (messages, proc)
+    return results[0]
+
+
+WSGI_APP = """
+import os
+
+def app(environ, start_response):
+    answers = {"/pid": str(os.getpid()), "/release": os.environ["QABOX_RELEASE"]}
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [answers.get(environ["PATH_INFO"], "VERSION").encode()]
+"""
+
+
+def wsgi_build(out: Path, version: str = "v1", python: str | None = None) -> Path:
+    """A bare WSGI app (wsgi.py, no framework) answering ``version``, packed by scripts/example-build
+    with the wheels of the app server the agent runs it on (werkzeug) for python X.Y (default: this)."""
+    src = out.parent / (out.name + ".src")
+    src.mkdir()
+    (src / "wsgi.py").write_text(WSGI_APP.replace("VERSION", version))
+    # pip download --python-version judges markers by the python running it, not the target: name
+    # what werkzeug needs on 3.6 only (`dataclasses; python_version < "3.7"`) for 3.6 by hand
+    (src / "requirements.txt").write_text("werkzeug\n" + ("dataclasses\n" if python == "3.6" else ""))
+    target = ["--python-version", python] if python else []
+    subprocess.run([sys.executable, str(REPO / "scripts" / "example-build"), str(src), "-o", str(out), *target],
+                   check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+@pytest.fixture
+def host(agent_cmd, tmp_path):
+    """An empty host in tmp_path, run by the test's python; whatever it started is killed after."""
+    home = tmp_path / "host"
+    home.mkdir()
+    local = Host(agent_cmd(), home)
+    yield local
+    local.kill_all()
+
+
+def url_get(url: str, timeout: float = 10) -> tuple[int, str]:
+    """GET a URL from here: (status, body), or (0, the error)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except OSError as e:
+        return 0, str(e)
+
+
+def local_get(port: int, path: str = "/") -> tuple[int, str]:
+    """GET a path of a port on this machine's loopback."""
+    return url_get(f"http://127.0.0.1:{port}{path}", timeout=5)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import typer
 
@@ -47,6 +49,10 @@ def test_readme_test_command_is_what_ci_runs():
 
 def test_version_and_module_entry():
     assert qabox("--version").stdout.startswith("qabox ")
+    proc = subprocess.run([sys.executable, "-m", "qabox", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc
+    assert "Usage: qabox [OPTIONS] COMMAND" in proc.stdout, proc.stdout
+    assert all(f" {name} " in proc.stdout for name in ("deploy", "status", "tunnel")), proc.stdout
 
 
 def test_usage_errors_have_no_traceback():

@@ -13,7 +13,7 @@ import time
 import paramiko
 import pytest
 
-from conftest import LAB_HOME, http_get, in_host, qabox, raw_tar
+from conftest import LAB_HOME, LAB_USER, http_get, in_host, qabox, raw_tar, wait_until
 from qabox import ssh
 from qabox.context import Context
 from qabox.remote import Remote
@@ -241,7 +241,14 @@ def test_app_survives_the_ssh_session_and_the_command_returns(notes_build, env_n
     started = time.monotonic()
     assert deploy(notes_build, env_name, port).code == 0
     assert time.monotonic() - started < 60
+
+    def left():
+        """The deploy account's live processes other than env supervisors and apps (sshd, session agents)."""
+        ps = in_host("lab1", "ps", "-u", LAB_USER, "-o", "stat=,args=").stdout.splitlines()
+        return [line for line in ps if not line.startswith("Z") and not re.search(r" (supervise|serve) ", line)]
+
     # no SSH session of ours is left, yet the app serves
+    assert wait_until(lambda: not left(), 10), left()
     assert http_get("lab1", port, "/health")[0] == 200
 
 
@@ -259,12 +266,10 @@ def test_killed_client_leaves_no_stale_lock_and_no_half_release(tmp_path, env_na
     proc = subprocess.Popen([sys.executable, "-m", "qabox", "deploy", str(big), "--host", "lab1",
                              "--env", env_name, "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # wait until the upload has started
-        if in_host("lab1", "sh", "-c", f"ls {LAB_HOME}/.qabox/builds/ | grep -q part").returncode == 0:
-            break
-        time.sleep(0.1)
+    uploading = wait_until(lambda: in_host("lab1", "sh", "-c", f"ls {LAB_HOME}/.qabox/builds/ | grep -q part")
+                           .returncode == 0, 30)
     proc.send_signal(signal.SIGKILL)
+    assert uploading, "the upload never started"
     proc.wait()
     started = time.monotonic()
     result = deploy(notes_build, env_name, port, "--lock-timeout", "10")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import LAB, LAB_HOME, LAB_USER, http_get, in_host, qabox, wait_until
+from conftest import LAB, LAB_HOME, LAB_USER, Lines, http_get, in_host, qabox, wait_until
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -46,6 +46,7 @@ def pid():
 
 @app.get("/slow")
 def slow():
+    open(os.path.join(DATA, "slow"), "w").close()  # tests wait for this: the request is in flight
     time.sleep(float(request.args.get("s", "0.3")))
     return "slept"
 
@@ -140,7 +141,8 @@ def test_stop_is_graceful_and_leaves_no_process(app_build, env_name, port):
     deploy(app_build(), env_name, port)
     slow = subprocess.Popen([sys.executable, str(LAB), "exec", "lab1", "--", "curl", "-s",
                              f"http://127.0.0.1:{port}/slow?s=2"], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    in_flight = f"{LAB_HOME}/.qabox/envs/{env_name}/data/slow"
+    assert wait_until(lambda: in_host("lab1", "test", "-e", in_flight).returncode == 0, 10)
     result = qabox("stop", "--host", "lab1", "--env", env_name)
     assert result.code == 0 and "stopped" in result.stdout
     assert slow.communicate(timeout=15)[0] == "slept"  # the in-flight request finished
@@ -169,9 +171,9 @@ def test_redeploy_under_load_fails_no_request(app_build, env_name, port):
     deploy(app_build("v1"), env_name, port)
     load = subprocess.Popen([sys.executable, str(LAB), "exec", "lab1", "--", "/usr/bin/python3", "-c",
                              LOAD, str(port), "15"], stdout=subprocess.PIPE, text=True)
-    time.sleep(1)
+    assert load.stdout.readline() == "serving\n"
     deploy(app_build("v2"), env_name, port)
-    qabox("restart", "--host", "lab1", "--env", env_name)
+    assert qabox("restart", "--host", "lab1", "--env", env_name).code == 0
     assert qabox("rollback", "--host", "lab1", "--env", env_name).code == 0
     out, _ = load.communicate(timeout=60)
     stats = json.loads(out)
@@ -191,7 +193,7 @@ def test_agent_upgrade_under_load_fails_no_request(app_build, env_name, port, mo
     deploy(app_build("v1"), env_name, port)
     load = subprocess.Popen([sys.executable, str(LAB), "exec", "lab1", "--", "/usr/bin/python3", "-c",
                              LOAD, str(port), "8"], stdout=subprocess.PIPE, text=True)
-    time.sleep(1)
+    assert load.stdout.readline() == "serving\n"
     supervisors = [status(env_name)["supervisor_pid"]]
     for source, digest in builds:
         monkeypatch.setattr(remote, "AGENT_PYZ", source)
@@ -205,12 +207,14 @@ def test_agent_upgrade_under_load_fails_no_request(app_build, env_name, port, mo
     assert len(set(supervisors)) == 3  # each agent build ran a supervisor of its own
 
 
-# 4 clients send requests for N seconds at up to 50/s each; counts failures.
+# 4 clients send requests for N seconds at up to 50/s each; counts failures. Prints "serving"
+# once the app has answered one (or "no answer" after 10 s), then the counts as JSON.
 LOAD = """
 import json, sys, threading, time, urllib.request
 port, seconds = int(sys.argv[1]), float(sys.argv[2])
 stats = {"ok": 0, "failed": 0, "bodies": set(), "errors": []}
 lock = threading.Lock()
+answered = threading.Event()
 def client():
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -218,12 +222,15 @@ def client():
             body = urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=10).read().decode()
             with lock:
                 stats["ok"] += 1; stats["bodies"].add(body)
+            answered.set()
         except Exception as e:
             with lock:
                 stats["failed"] += 1; stats["errors"].append(repr(e))
         time.sleep(0.02)
 threads = [threading.Thread(target=client) for _ in range(4)]
-[t.start() for t in threads]; [t.join() for t in threads]
+[t.start() for t in threads]
+print("serving" if answered.wait(10) else "no answer", flush=True)
+[t.join() for t in threads]
 stats["bodies"] = sorted(stats["bodies"]); stats["errors"] = stats["errors"][:5]
 print(json.dumps(stats))
 """
@@ -238,22 +245,27 @@ def test_logs_show_requests_and_follow_ends_cleanly(app_build, env_name, port, f
     follow = subprocess.Popen([sys.executable, "-m", "qabox", "logs", "--host", "lab1", "--env", env_name,
                                "-n", "0", "-f"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=os.environ.copy())
-    time.sleep(2)
-    get(port, "/slow?s=0")
-    time.sleep(1)
+    out = Lines(follow.stdout)
+    # it follows once it prints a request sent while it starts; one sent after that, it must follow
+    assert wait_until(lambda: get(port, "/slow?s=0") and out.saying("GET /slow?s=0"), 20, 0.5), out.lines
+    get(port, "/slow?s=0&after=1")
+    assert wait_until(lambda: out.saying("GET /slow?s=0&after=1"), 10), out.lines
     follow.send_signal(signal.SIGINT)
     started = time.monotonic()
-    out, err = follow.communicate(timeout=10)
+    follow.wait(timeout=10)
     assert time.monotonic() - started < 2
-    assert follow.returncode == 0 and "GET /slow?s=0" in out and "Traceback" not in err
+    err = follow.stderr.read()
+    assert follow.returncode == 0 and "GET /slow?s=0" in out.text() and "Traceback" not in err
 
 
 def test_logs_rotate_by_size(app_build, env_name, port, fast_probes):
     deploy(app_build(), env_name, port)
     in_host("lab1", "sh", "-c", f"for i in $(seq 150); do curl -s 127.0.0.1:{port}/slow?s=0 >/dev/null; done")
-    time.sleep(3)
-    logs = in_host("lab1", "ls", f"{LAB_HOME}/.qabox/envs/{env_name}/logs").stdout.split()
-    assert any(name.endswith(".log.1") for name in logs), logs
+
+    def logs():
+        return in_host("lab1", "ls", f"{LAB_HOME}/.qabox/envs/{env_name}/logs").stdout.split()
+
+    assert wait_until(lambda: any(name.endswith(".log.1") for name in logs()), 10), logs()
 
 
 def test_releases_and_rollback_keep_data(app_build, env_name, port):

@@ -9,11 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 from conftest import LAB, LAB_ADDR, LAB_DIR, LAB_USER, add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
+from conftest import url_get as get
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -28,14 +28,6 @@ def start_tunnel(tester, *extra) -> tuple[subprocess.Popen, str]:
     url = re.search(r"http://127\.0\.0\.1:\d+", line)
     assert url, line + proc.stderr.read() if proc.poll() is not None else line
     return proc, url.group(0)
-
-
-def get(url: str, timeout: float = 10) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except OSError as e:
-        return 0, str(e)
 
 
 def stop(proc: subprocess.Popen) -> tuple[float, str]:

@@ -16,7 +16,8 @@ import urllib.request
 
 import pytest
 
-from conftest import LAB_HOME, LAB_USER, add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
+from conftest import (LAB_HOME, LAB_USER, add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester,
+                      wait_until)
 from qabox.agent import protocol, rules, serve, testers
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -145,9 +146,11 @@ def test_removed_tester_keeps_no_access_through_an_ssh_n_tunnel(tester, tmp_path
             except OSError:
                 time.sleep(0.1)
         assert idle is not None
-        time.sleep(0.5)
-        names = [t["name"] for t in status(tester["env"])["testers"]]
-        assert tester["name"] in names  # connected with no session at all
+
+        def connected() -> list:
+            return [t["name"] for t in status(tester["env"])["testers"]]
+
+        assert wait_until(lambda: tester["name"] in connected(), 10), connected()  # with no session at all
         assert qabox("testers", "remove", tester["name"], "--host", "lab1").code == 0
         idle.settimeout(5)
         idle.sendall(b"GET /health HTTP/1.0\r\n\r\n")

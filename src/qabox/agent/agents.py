@@ -42,13 +42,17 @@ def run_by(pid: int):
     it, or None when it runs no agent file."""
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as f:
-            argv = f.read().decode("utf-8", "replace").split("\0")
-        if len(argv) < 2:
+            argv = f.read().decode("utf-8", "replace").split("\0")[1:]
+        while argv and argv[0].startswith("-"):  # the interpreter's options (python -I, -X importtime)
+            if argv[0] in ("-c", "-m"):
+                return None
+            argv = argv[2:] if argv[0] in ("-X", "-W") else argv[1:]
+        if not argv:
             return None
-        path = os.path.join(os.readlink("/proc/%d/cwd" % pid), argv[1])  # qabox runs it by a relative path
+        path = os.path.join(os.readlink("/proc/%d/cwd" % pid), argv[0])  # qabox runs it by a relative path
     except (OSError, ValueError):
         return None
-    return os.path.normpath(path), [a for a in argv[2:] if a]
+    return os.path.normpath(path), [a for a in argv[1:] if a]
 
 
 def agent_args(pid: int):

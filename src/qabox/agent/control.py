@@ -129,12 +129,11 @@ def env_apps(env: Env) -> list:
     releases = env.path("releases")
     apps = []
     for pid in own_pids():
+        args = agents.agent_args(pid) or []
+        if len(args) < 2 or args[0] != "serve":
+            continue
         try:
-            with open("/proc/%d/cmdline" % pid, "rb") as f:
-                args = f.read().decode("utf-8", "replace").split("\0")
-            if len(args) < 4 or args[2] != "serve" or not args[1].endswith((".py", ".pyz")):
-                continue
-            spec = json.loads(args[3])
+            spec = json.loads(args[1])
             release_dir = spec["release_dir"]
         except (ValueError, OSError, KeyError, TypeError):
             continue
