@@ -109,7 +109,9 @@ def makedirs(path: str) -> str:
 
 
 def tail(path: str, lines: int = LOG_TAIL) -> list:
-    """The last lines of a log file (reads only its end)."""
+    """The last lines of a log file (reads only its end); none for 0."""
+    if lines <= 0:
+        return []
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
