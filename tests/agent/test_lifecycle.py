@@ -152,11 +152,3 @@ def test_boot_gives_every_env_that_should_run_its_supervisor_again(box):
     subprocess.run(local.argv + ["boot", local.base], env=local.environ, timeout=60, check=True)
     assert local_get(port) == (200, "v1")
     assert status(local)["state"] == "running"
-
-
-def test_logs_with_no_lines_asked_prints_none(tmp_path):
-    from qabox.agent.files import tail
-
-    log = tmp_path / "app.log"
-    log.write_text("one\ntwo\n")
-    assert tail(str(log), 0) == [] and tail(str(log), 1) == ["two"]
