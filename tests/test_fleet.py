@@ -62,6 +62,9 @@ def test_deploy_to_a_group_in_parallel(four_hosts, tmp_path, monkeypatch, notes_
         assert restarted.code == 0 and restarted.stdout.count("restarted") == 4
         logs = qabox("logs", "--host", "lab1", "--host", "lab2", "--env", env_name, "-n", "5")
         assert logs.code == 0 and {line.split(" | ")[0] for line in logs.stdout.splitlines()} <= {"lab1", "lab2"}
+        logs = qabox("logs", "--host", "lab1", "--host", "lab2", "--env", env_name, "-n", "5", "--json")
+        lines = [json_data(line) for line in logs.stdout.splitlines()]  # an envelope per line
+        assert logs.code == 0 and lines and {line["host"] for line in lines} <= {"lab1", "lab2"}, logs
         # one host failing does not stop the others; the exit code says so
         broken = tmp_path / "broken"
         broken.mkdir()

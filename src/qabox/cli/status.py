@@ -25,7 +25,7 @@ def status(
 
         context = make_context(ctx)
         data = get_status(context, context.expand(host) if host else [], env)
-        failed = data["problems"] + [f"{h['host']}: {h['error']}" for h in data["hosts"] if h["error"]]
+        failed = data["problems"] + [h["error"] for h in data["hosts"] if h["error"]]
         if as_json:
             print_json(ctx, data, failed="; ".join(failed))
         else:
