@@ -98,7 +98,14 @@ def add_tester(name: str, key: Path) -> dict:
     new_key(key)
     result = qabox("testers", "add", name, "--key", f"{key}.pub", "--host", "lab1", "--json")
     assert result.code == 0, result
-    return json.loads(result.stdout)
+    return json_data(result.stdout)
+
+
+def json_data(stdout: str):
+    """The ``data`` of a ``--json`` output's envelope (also of a failed command's, if it has any)."""
+    shape = json.loads(stdout)
+    assert shape["qabox_json"] == 1 and isinstance(shape["ok"], bool) and shape["command"], shape
+    return shape.get("data")
 
 
 def new_key(path: Path) -> Path:

@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from conftest import raw_tar
-from qabox import build
+from qabox import build_check
 from qabox.errors import BuildError
 
 
@@ -20,45 +20,45 @@ def tar_of(tmp_path, files: dict[str, str], name="b.tar") -> object:
 
 def test_entry_from_qabox_toml(tmp_path):
     path = tar_of(tmp_path, {"./notes.py": "", "./qabox.toml": '[app]\nentry = "notes:app"\nhealth = "/health"\n'})
-    b = build.inspect(path)
+    b = build_check.inspect(path)
     assert (b.entry, b.health, len(b.sha256)) == ("notes:app", "/health", 64)
 
 
 def test_default_entries_in_order(tmp_path):
-    assert build.inspect(tar_of(tmp_path, {"app.py": "", "wsgi.py": ""})).entry == "wsgi:app"
-    assert build.inspect(tar_of(tmp_path, {"app.py": ""}, "c.tar")).entry == "app:app"
-    assert build.inspect(tar_of(tmp_path, {"pkg/__init__.py": ""}, "d.tar"), entry="pkg:create").entry == "pkg:create"
+    assert build_check.inspect(tar_of(tmp_path, {"app.py": "", "wsgi.py": ""})).entry == "wsgi:app"
+    assert build_check.inspect(tar_of(tmp_path, {"app.py": ""}, "c.tar")).entry == "app:app"
+    assert build_check.inspect(tar_of(tmp_path, {"pkg/__init__.py": ""}, "d.tar"), entry="pkg:create").entry == "pkg:create"
 
 
 def test_missing_entry_says_how_to_name_it(tmp_path):
     with pytest.raises(BuildError, match=r"has no app entry: add `\[app\] entry"):
-        build.inspect(tar_of(tmp_path, {"main.py": ""}))
+        build_check.inspect(tar_of(tmp_path, {"main.py": ""}))
 
 
 def test_entry_module_must_be_in_the_build(tmp_path):
     with pytest.raises(BuildError, match="has no module shop"):
-        build.inspect(tar_of(tmp_path, {"app.py": ""}), entry="shop:app")
+        build_check.inspect(tar_of(tmp_path, {"app.py": ""}), entry="shop:app")
     with pytest.raises(BuildError, match="not of the form module:callable"):
-        build.inspect(tar_of(tmp_path, {"app.py": ""}, "e.tar"), entry="app;rm -rf ~")
+        build_check.inspect(tar_of(tmp_path, {"app.py": ""}, "e.tar"), entry="app;rm -rf ~")
 
 
 def test_not_a_tar(tmp_path):
     path = tmp_path / "build.tar.gz"
     path.write_bytes(b"this is not a tar file at all" * 100)
     with pytest.raises(BuildError, match="is not a readable tar build"):
-        build.inspect(path)
+        build_check.inspect(path)
 
 
 def test_truncated_gzip(tmp_path, notes_build):
     path = tmp_path / "cut.tar.gz"
     path.write_bytes(notes_build.read_bytes()[:5000])
     with pytest.raises(BuildError, match="is not a readable tar build"):
-        build.inspect(path)
+        build_check.inspect(path)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(BuildError, match="does not exist"):
-        build.inspect(tmp_path / "nope.tar")
+        build_check.inspect(tmp_path / "nope.tar")
 
 
 def test_hostile_members_are_all_named(tmp_path):
@@ -71,7 +71,7 @@ def test_hostile_members_are_all_named(tmp_path):
         (tarfile.TarInfo("/etc/cron.d/x"), b"x"), (link, None), (dev, None),
     ])
     with pytest.raises(BuildError) as e:
-        build.inspect(path)
+        build_check.inspect(path)
     for name in ("../escape.py", "/etc/cron.d/x", "static/evil", "dev/null"):
         assert name in e.value.message
 
@@ -80,12 +80,12 @@ def test_hostile_members_are_all_named(tmp_path):
 def test_bad_health_path(tmp_path, health):
     path = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nhealth = "%s"\n' % health})
     with pytest.raises(BuildError, match="is not a URL path: use one like"):
-        build.inspect(path)
+        build_check.inspect(path)
 
 
 def test_a_build_may_not_bring_its_own_release_json(tmp_path):
     for name in ("release.json", "./release.json", "release.json/x"):
         path = tar_of(tmp_path, {"app.py": "", name: "{}"})
         with pytest.raises(BuildError, match="qabox writes each release.s own release.json there"):
-            build.inspect(path)
-    assert build.inspect(tar_of(tmp_path, {"app.py": "", "static/release.json": "{}"}))
+            build_check.inspect(path)
+    assert build_check.inspect(tar_of(tmp_path, {"app.py": "", "static/release.json": "{}"}))

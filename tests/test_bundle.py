@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from conftest import REPO, qabox
-from qabox import bundle
+from qabox.commands import build
 from qabox.errors import BuildError
 
 
@@ -33,7 +33,7 @@ def names(path) -> list[str]:
 
 
 def test_build_honours_gitignore_and_exclude_and_warns_of_secrets(project, tmp_path):
-    report = bundle.make(project, tmp_path / "b.tar.gz")
+    report = build.make(project, tmp_path / "b.tar.gz")
     files = names(report.path)
     assert "notes.py" in files and "qabox.toml" in files and "requirements.txt" in files
     assert not [f for f in files if f.endswith(".log") or f.startswith(("node_modules", "tests/"))]
@@ -42,9 +42,9 @@ def test_build_honours_gitignore_and_exclude_and_warns_of_secrets(project, tmp_p
 
 
 def test_build_is_reproducible(project, tmp_path):
-    first = bundle.make(project, tmp_path / "1.tar.gz").path.read_bytes()
+    first = build.make(project, tmp_path / "1.tar.gz").path.read_bytes()
     (project / "notes.py").touch()
-    assert bundle.make(project, tmp_path / "2.tar.gz").path.read_bytes() == first
+    assert build.make(project, tmp_path / "2.tar.gz").path.read_bytes() == first
 
 
 def test_build_cli_prints_what_went_in(project, tmp_path):
@@ -57,6 +57,6 @@ def test_build_cli_prints_what_went_in(project, tmp_path):
 def test_bad_exclude_and_missing_dir(project, tmp_path):
     (project / "qabox.toml").write_text('[build]\nexclude = "tests/"\n')
     with pytest.raises(BuildError, match="exclude must be a list"):
-        bundle.make(project, tmp_path / "d.tar.gz")
+        build.make(project, tmp_path / "d.tar.gz")
     with pytest.raises(BuildError, match="is not a directory"):
-        bundle.make(tmp_path / "nope", tmp_path / "e.tar.gz")
+        build.make(tmp_path / "nope", tmp_path / "e.tar.gz")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import re
 import tarfile
 import threading
@@ -13,7 +12,7 @@ import time
 import paramiko
 import pytest
 
-from conftest import LAB_HOME, LAB_USER, http_get, in_host, qabox, raw_tar, wait_until
+from conftest import LAB_HOME, LAB_USER, http_get, in_host, json_data, qabox, raw_tar, wait_until
 from qabox import ssh
 from qabox.context import Context
 from qabox.remote import Remote
@@ -48,7 +47,7 @@ def deploy(build, env, port, *extra):
 def status_json(env):
     result = qabox("status", "--host", "lab1", "--env", env, "--json")
     assert result.code == 0, result
-    return json.loads(result.stdout)["hosts"][0]["envs"][0]
+    return json_data(result.stdout)["hosts"][0]["envs"][0]
 
 
 def test_deploy_serves_the_app_and_status_says_so(notes_build, env_name, port):
@@ -70,7 +69,7 @@ def test_deploy_serves_the_app_and_status_says_so(notes_build, env_name, port):
 def test_unchanged_redeploy_sends_nothing(notes_build, env_name, port):
     assert deploy(notes_build, env_name, port).code == 0
     result = deploy(notes_build, env_name, port, "--json")
-    data = json.loads(result.stdout)
+    data = json_data(result.stdout)
     assert result.code == 0 and data["changed"] is False and data["sent_bytes"] == 0
 
 
@@ -81,7 +80,7 @@ def test_redeploy_switches_release_and_keeps_data(notes_build, make_build, env_n
     new = make_build({"notes.py": open_notes_source() + "\n# v2\n",
                       "qabox.toml": '[app]\nentry = "notes:app"\nhealth = "/health"\n'})
     result = deploy(new, env_name, port, "--json")
-    data = json.loads(result.stdout)
+    data = json_data(result.stdout)
     assert data["changed"] and data["previous"] == first and data["venv_created"] is False
     code, body = http_get("lab1", port, "/notes.json")
     assert code == 200 and "kept" in body
@@ -220,7 +219,7 @@ def test_status_reports_an_unreachable_host_and_still_prints_the_others(notes_bu
     monkeypatch.setenv("QABOX_SSH_CONFIG", str(config))
     assert deploy(notes_build, env_name, port).code == 0
     result = qabox("status", "--host", "lab1", "--host", "ghost", "--json")
-    hosts = {h["host"]: h for h in json.loads(result.stdout)["hosts"]}
+    hosts = {h["host"]: h for h in json_data(result.stdout)["hosts"]}
     assert result.code == 1
     assert hosts["ghost"]["reachable"] is False and "cannot connect" in hosts["ghost"]["error"]
     assert any(e["env"] == env_name and e["state"] == "running" for e in hosts["lab1"]["envs"])
@@ -331,7 +330,7 @@ def test_status_on_an_80_column_terminal(notes_build, env_name, port, tmp_path, 
     from rich.console import Console
 
     from conftest import LAB_DIR
-    from qabox import cli
+    from qabox.cli import output
 
     config = tmp_path / "ssh_config"
     config.write_text((LAB_DIR / "ssh_config").read_text()
@@ -339,12 +338,12 @@ def test_status_on_an_80_column_terminal(notes_build, env_name, port, tmp_path, 
     monkeypatch.setenv("QABOX_SSH_CONFIG", str(config))
     assert deploy(notes_build, env_name, port).code == 0
     assert qabox("stop", "--host", "lab1", "--env", env_name).code == 0
-    hosts = json.loads(qabox("status", "--host", "lab1", "--host", "ghost", "--env", env_name, "--json").stdout)
+    hosts = json_data(qabox("status", "--host", "lab1", "--host", "ghost", "--env", env_name, "--json").stdout)
     env, ghost = hosts["hosts"][0]["envs"][0], hosts["hosts"][1]
     assert f"`ssh -F {config} ghost` works" in ghost["error"]
 
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "out", Console(file=screen, width=80, force_terminal=True,
+    monkeypatch.setattr(output, "out", Console(file=screen, width=80, force_terminal=True,
                                             color_system=None, soft_wrap=True))
     result = qabox("status", "--host", "lab1", "--host", "ghost", "--env", env_name)
     assert result.code == 1

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import LAB, LAB_ADDR, LAB_USER, qabox, remove_env
+from conftest import LAB, LAB_ADDR, LAB_N, LAB_USER, json_data, qabox, remove_env
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -20,14 +19,14 @@ def four_hosts():
 
 
 def test_hosts_list_shows_lab_hosts():
-    rows = {r["host"]: r for r in json.loads(qabox("hosts", "list", "--json").stdout)["hosts"]}
+    rows = {r["host"]: r for r in json_data(qabox("hosts", "list", "--json").stdout)["hosts"]}
     assert rows["lab1"]["address"] == LAB_ADDR and rows["lab1"]["user"] == LAB_USER
     assert "example" not in rows
 
 
 def test_hosts_check_passes_on_a_lab_host():
     result = qabox("hosts", "check", "lab1", "--json")
-    data = json.loads(result.stdout)
+    data = json_data(result.stdout)
     assert result.code == 0 and data["ok"]
     names = [c["name"] for c in data["checks"]]
     assert names == ["host key known", "login works", "sshd fits tester keys", "unix-socket forwards",
@@ -54,15 +53,18 @@ def test_deploy_to_a_group_in_parallel(four_hosts, tmp_path, monkeypatch, notes_
     monkeypatch.setenv("QABOX_HOSTS_DIR", str(hosts_dir))
     try:
         result = qabox("deploy", notes_build, "--host", "qa", "--env", env_name, "--port", "9650", "--json")
-        rows = json.loads(result.stdout)["hosts"]
+        rows = json_data(result.stdout)["hosts"]
         assert result.code == 0, result
         assert [r["host"] for r in rows] == four_hosts and all(r["result"] == "deployed" for r in rows)
-        status = json.loads(qabox("status", "--host", "qa", "--env", env_name, "--json").stdout)["hosts"]
+        status = json_data(qabox("status", "--host", "qa", "--env", env_name, "--json").stdout)["hosts"]
         assert all(h["envs"][0]["release"] == r["release"] for h, r in zip(status, rows)), status
         restarted = qabox("restart", "--host", "qa", "--env", env_name)
         assert restarted.code == 0 and restarted.stdout.count("restarted") == 4
         logs = qabox("logs", "--host", "lab1", "--host", "lab2", "--env", env_name, "-n", "5")
         assert logs.code == 0 and {line.split(" | ")[0] for line in logs.stdout.splitlines()} <= {"lab1", "lab2"}
+        logs = qabox("logs", "--host", "lab1", "--host", "lab2", "--env", env_name, "-n", "5", "--json")
+        lines = [json_data(line) for line in logs.stdout.splitlines()]  # an envelope per line
+        assert logs.code == 0 and lines and {line["host"] for line in lines} <= {"lab1", "lab2"}, logs
         # one host failing does not stop the others; the exit code says so
         broken = tmp_path / "broken"
         broken.mkdir()
@@ -70,9 +72,41 @@ def test_deploy_to_a_group_in_parallel(four_hosts, tmp_path, monkeypatch, notes_
         (broken / "groups.toml").write_text('qa = ["lab1", "lab2"]\n')
         monkeypatch.setenv("QABOX_HOSTS_DIR", str(broken))
         result = qabox("deploy", notes_build, "--host", "qa", "--env", env_name + "p", "--json")
-        rows = {r["host"]: r for r in json.loads(result.stdout)["hosts"]}
+        rows = {r["host"]: r for r in json_data(result.stdout)["hosts"]}
         assert result.code == 1 and rows["lab1"]["ok"] and not rows["lab2"]["ok"]
     finally:
         for host in four_hosts:
-            remove_env(host, env_name, user=f"qa{host}")
-            remove_env(host, env_name + "p", user=f"qa{host}")
+            user = f"qalab{LAB_N + int(host[3:]) - 1}"  # labN's account in this lab's slot
+            remove_env(host, env_name, user=user)
+            remove_env(host, env_name + "p", user=user)
+
+
+def test_each_host_keeps_the_order_the_bound_and_fail_fast():
+    import threading
+    import time
+
+    from qabox.errors import QaboxError
+    from qabox.fleet import each_host
+
+    running, most, lock = [0], [0], threading.Lock()
+
+    def run(host: str) -> str:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        if host == "b":
+            raise QaboxError("b is down")
+        return host.upper()
+
+    outcomes = each_host(["a", "b", "c", "d"], run, parallel=2)
+    assert [(o.host, o.result, o.error and o.error.message) for o in outcomes] == [
+        ("a", "A", None), ("b", None, "b is down"), ("c", "C", None), ("d", "D", None)]
+    assert most[0] == 2
+    serial = each_host(["a", "b", "c"], run, parallel=1, fail_fast=True)
+    assert [(o.host, o.ok, o.skipped) for o in serial] == [("a", True, False), ("b", False, False),
+                                                           ("c", False, True)]
+    with pytest.raises(ZeroDivisionError):  # a bug is raised, not taken for a host's failure
+        each_host(["a"], lambda host: 1 / 0)

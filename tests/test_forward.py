@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import os
 import random
 import re
@@ -18,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import LAB_DIR, REPO, qabox, remove_env, wait_until
+from conftest import LAB_DIR, REPO, json_data, qabox, remove_env, wait_until
 from qabox.pack import pack
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -206,7 +205,7 @@ def test_tunnels_counts_the_connections_served(tunnel, monkeypatch):
 
 
 def status_requests(tunnel) -> int:
-    listing = json.loads(qabox("tunnels", "--json").stdout)["tunnels"]
+    listing = json_data(qabox("tunnels", "--json").stdout)["tunnels"]
     return next(t["requests"] for t in listing if t["port"] == tunnel["port"])
 
 

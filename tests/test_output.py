@@ -4,13 +4,17 @@ so no lab host is needed; the end-to-end cases are in test_deploy/test_tunnel.""
 from __future__ import annotations
 
 import io
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 from rich.console import Console
 
 from conftest import qabox
-from qabox import cli
+from qabox.cli import deploy as cli_deploy, output
+from qabox.cli.status import print_status
 from test_cli import all_commands
 
 STATUS = ("HOST", "ENV", "RELEASE", "STATE", "PID", "UPTIME", "RESTARTS", "PORT", "HEALTH",
@@ -23,14 +27,14 @@ STOPPED = ("oldbox", "staging", "20261120-090000", "[red]stopped[/]", "-", "-", 
 
 
 def lines(columns, rows, key=(), width=None) -> list[str]:
-    return [line.plain for line in cli.table_lines(columns, rows, key, width)]
+    return [line.plain for line in output.table_lines(columns, rows, key, width)]
 
 
 @pytest.fixture
 def terminal(monkeypatch):
-    """cli.out as an 80-column terminal; returns what was printed to it."""
+    """output.out as an 80-column terminal; returns what was printed to it."""
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "out", Console(file=screen, width=80, force_terminal=True,
+    monkeypatch.setattr(output, "out", Console(file=screen, width=80, force_terminal=True,
                                             color_system=None, soft_wrap=True))
     return screen
 
@@ -47,7 +51,7 @@ def test_off_a_terminal_a_table_is_one_line_per_row_however_wide():
 
 
 def test_on_a_narrow_terminal_key_columns_stay_whole_and_the_rest_follow_each_row(terminal):
-    cli.print_table(STATUS, [RUNNING, STOPPED], STATUS_KEY)
+    output.print_table(STATUS, [RUNNING, STOPPED], STATUS_KEY)
     assert terminal.getvalue() == (
         "HOST    ENV      RELEASE          STATE    PORT\n"
         "oldbox  main     20261124-165841  running  8080\n"
@@ -59,7 +63,7 @@ def test_on_a_narrow_terminal_key_columns_stay_whole_and_the_rest_follow_each_ro
 
 
 def test_a_table_that_fits_is_printed_whole(terminal):
-    cli.print_table(("HOST", "RELEASE", "RESULT", "SECONDS"),
+    output.print_table(("HOST", "RELEASE", "RESULT", "SECONDS"),
                     [("oldbox", "20261124-165841", "[green]deployed[/]", "7.2")], ("HOST", "RELEASE", "RESULT"))
     assert terminal.getvalue() == ("HOST    RELEASE          RESULT    SECONDS\n"
                                    "oldbox  20261124-165841  deployed  7.2\n")
@@ -68,7 +72,7 @@ def test_a_table_that_fits_is_printed_whole(terminal):
 def test_free_text_goes_below_the_table_wrapped_at_words(terminal):
     reason = ("cannot connect to 198.18.99.2:22 (ghost): timed out; check the host is up and "
               "that `ssh -F /home/alice/qa/ssh_config ghost` works")
-    cli.print_status([{"host": "ghost", "reachable": False, "error": reason, "envs": []}])
+    print_status([{"host": "ghost", "reachable": False, "error": reason, "envs": []}])
     assert terminal.getvalue() == (
         "HOST   ENV  RELEASE  STATE        PORT\n"
         "ghost  -    -        unreachable\n"
@@ -78,7 +82,7 @@ def test_free_text_goes_below_the_table_wrapped_at_words(terminal):
 
 
 def test_tunnels_table_keeps_the_url_whole_on_80_columns(terminal):
-    cli.print_table(("TESTER", "HOST", "ENV", "URL", "STATE", "SINCE", "REQUESTS", "PID"),
+    output.print_table(("TESTER", "HOST", "ENV", "URL", "STATE", "SINCE", "REQUESTS", "PID"),
                     [("tester6", "oldbox", "main", "http://127.0.0.1:24758", "reconnecting",
                       "2026-11-24 16:59:01", "12", "4242")],
                     ("TESTER", "HOST", "ENV", "URL", "STATE"),
@@ -113,5 +117,40 @@ def test_help_shows_metavars_not_python_types():
 
 
 def test_sizes_are_decimal_like_the_progress_bar():
-    assert not hasattr(cli, "human_bytes")  # one way to print a size: rich.filesize.decimal
-    assert cli.decimal(617_800) == "617.8 kB"
+    assert not hasattr(output, "human_bytes")  # one way to print a size: rich.filesize.decimal
+    assert cli_deploy.decimal(617_800) == "617.8 kB"
+
+
+def test_json_errors_come_in_the_envelope_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("QABOX_SSH_CONFIG", str(tmp_path / "ssh_config"))
+    (tmp_path / "ssh_config").write_text("")
+    result = qabox("status", "--json")
+    assert result.code == 2
+    assert json.loads(result.stdout) == {
+        "qabox_json": 1, "ok": False, "command": "status",
+        "error": {"code": "ConfigError", "message": "no hosts known yet: name one with --host NAME"}}
+    assert result.stderr == "qabox: error: no hosts known yet: name one with --host NAME\n"
+
+
+def test_a_json_result_names_its_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("QABOX_SSH_CONFIG", str(tmp_path / "ssh_config"))
+    monkeypatch.setenv("QABOX_HOSTS_DIR", str(tmp_path))
+    (tmp_path / "ssh_config").write_text("Host oldbox\n  HostName 192.0.2.7\n  User qa\n")
+    result = qabox("hosts", "list", "--json")
+    assert result.code == 0, result
+    assert json.loads(result.stdout) == {
+        "qabox_json": 1, "ok": True, "command": "hosts list",
+        "data": {"hosts": [{"host": "oldbox", "address": "192.0.2.7", "port": 22, "user": "qa", "envs": [],
+                            "settings": None}]}}
+
+
+def test_help_loads_no_paramiko_and_no_core():
+    """`qabox --help` stays fast: the core (and paramiko, rich's progress bars) load
+    inside the commands that use them."""
+    code = ("import sys; from qabox.cli import main; sys.argv = ['qabox', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'paramiko' or m == 'rich.progress'"
+            " or m.startswith(('qabox.commands', 'qabox.agent', 'qabox.context'))), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "Usage: qabox" in proc.stdout, proc
+    assert proc.stderr == "[]\n"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import paramiko
 import pytest
 
-from conftest import LAB_ADDR, LAB_DIR, LAB_USER, new_key, qabox
+from conftest import LAB_ADDR, LAB_DIR, LAB_USER, json_data, new_key, qabox
 from qabox import ssh
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -44,7 +43,7 @@ def lab_host_key() -> paramiko.PKey:
 def test_unknown_host_key_is_refused_with_fingerprint_and_fix(config, tmp_path):
     config("Host lab1\n" + lab_block(UserKnownHostsFile=tmp_path / "empty_known_hosts"))
     result = qabox("status", "--host", "lab1", "--json")
-    error = result.stdout and json.loads(result.stdout)["hosts"][0]["error"]
+    error = result.stdout and json_data(result.stdout)["hosts"][0]["error"]
     assert result.code == 1
     assert ssh.fingerprint(lab_host_key()) in error
     assert "qabox hosts trust lab1" in error and "--accept-new-host-key" in error
@@ -114,7 +113,7 @@ def test_login_refused_says_what_to_check(config, tmp_path):
     new_key(key)
     config("Host lab1\n" + lab_block(IdentityFile=key))
     result = qabox("status", "--host", "lab1", "--json")
-    error = json.loads(result.stdout)["hosts"][0]["error"]
+    error = json_data(result.stdout)["hosts"][0]["error"]
     assert f"SSH login to {LAB_USER}@{LAB_ADDR}:22 (lab1) was refused" in error
 
 
@@ -147,13 +146,13 @@ def test_advice_names_the_ssh_config_qabox_uses(config, tmp_path, isolated, monk
     refused = (f"SSH login to {LAB_USER}@{LAB_ADDR}:22 (lab1) was refused: check the user and key "
                "(User/IdentityFile in ssh_config, or `ssh-add`), and that `{}` works")
     result = qabox("hosts", "check", "lab1", "--json")
-    checks = json.loads(result.stdout)["checks"]
+    checks = json_data(result.stdout)["checks"]
     assert checks[1]["detail"] == refused.format(f"ssh -F {path} lab1")
     # ssh's own ~/.ssh/config needs no -F
     (isolated / ".ssh").mkdir()
     (isolated / ".ssh" / "config").write_text(path.read_text())
     monkeypatch.delenv("QABOX_SSH_CONFIG")
-    checks = json.loads(qabox("hosts", "check", "lab1", "--json").stdout)["checks"]
+    checks = json_data(qabox("hosts", "check", "lab1", "--json").stdout)["checks"]
     assert checks[1]["detail"] == refused.format("ssh lab1")
 
 
@@ -176,7 +175,7 @@ def test_a_relative_ssh_config_and_its_relative_paths_work_as_with_openssh(tmp_p
     assert target.identity_files == (str(tmp_path / "keys" / "deploy"),)
     assert target.known_hosts == (str(tmp_path / "kh"),)
     result = qabox("status", "--host", "lab1", "--json")
-    assert result.code == 0 and json.loads(result.stdout)["hosts"][0]["reachable"], result
+    assert result.code == 0 and json_data(result.stdout)["hosts"][0]["reachable"], result
     # what ssh itself does with the same file, from the same directory
     ssh_run = subprocess.run(["ssh", "-F", "conf/ssh_config", "-o", "BatchMode=yes", "lab1", "true"],
                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import LAB, LAB_HOME, LAB_USER, Lines, http_get, in_host, qabox, wait_until
+from conftest import LAB, LAB_HOME, LAB_USER, Lines, http_get, in_host, json_data, qabox, wait_until
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -89,7 +89,7 @@ def deploy(build, env, port, *extra):
 
 def status(env):
     result = qabox("status", "--host", "lab1", "--env", env, "--json")
-    return json.loads(result.stdout)["hosts"][0]["envs"][0]
+    return json_data(result.stdout)["hosts"][0]["envs"][0]
 
 
 def get(port, path="/"):
@@ -272,7 +272,7 @@ def test_releases_and_rollback_keep_data(app_build, env_name, port):
     deploy(app_build("v1"), env_name, port)
     deploy(app_build("v2"), env_name, port)
     in_host("lab1", "sh", "-c", f"echo kept > {LAB_HOME}/.qabox/envs/{env_name}/data/note")
-    listing = json.loads(qabox("releases", "--host", "lab1", "--env", env_name, "--json").stdout)
+    listing = json_data(qabox("releases", "--host", "lab1", "--env", env_name, "--json").stdout)
     first, second = [r["release"] for r in listing["releases"]]
     assert listing["current"] == second and listing["releases"][1]["current"]
     assert qabox("releases", "--host", "lab1", "--env", env_name).stdout.count("\n") == 3
@@ -291,13 +291,13 @@ def test_releases_and_rollback_keep_data(app_build, env_name, port):
 def test_envs_side_by_side_get_their_own_ports(app_build, env_name):
     other = env_name + "b"
     try:
-        first = json.loads(qabox("deploy", app_build("a"), "--host", "lab1", "--env", env_name, "--json").stdout)
-        second = json.loads(qabox("deploy", app_build("b"), "--host", "lab1", "--env", other, "--json").stdout)
+        first = json_data(qabox("deploy", app_build("a"), "--host", "lab1", "--env", env_name, "--json").stdout)
+        second = json_data(qabox("deploy", app_build("b"), "--host", "lab1", "--env", other, "--json").stdout)
         assert first["port"] != second["port"]
         assert get(first["port"])[1] == "a" and get(second["port"])[1] == "b"
         clash = qabox("deploy", app_build("c"), "--host", "lab1", "--env", other, "--port", first["port"])
         assert clash.code == 6 and f"is already the port of env {env_name}" in clash.stderr
-        names = {e["env"] for e in json.loads(qabox("status", "--host", "lab1", "--json").stdout)["hosts"][0]["envs"]}
+        names = {e["env"] for e in json_data(qabox("status", "--host", "lab1", "--json").stdout)["hosts"][0]["envs"]}
         assert {env_name, other} <= names
     finally:
         from conftest import remove_env

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -12,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import LAB, LAB_ADDR, LAB_DIR, LAB_USER, add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester
+from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_USER, add_tester, free_port, http_get, in_host, json_data,
+                      new_key, qabox, ssh_as_tester)
 from conftest import url_get as get
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -44,7 +44,7 @@ def test_tunnel_serves_the_app_and_names_the_tester(tester):
         assert get(url + "/health") == (200, "ok")
         logs = qabox("logs", "--host", "lab1", "--env", tester["env"], "-n", "5").stdout
         assert f'{tester["name"]} - - [' in logs and '"GET /health' in logs
-        env = json.loads(qabox("status", "--host", "lab1", "--env", tester["env"], "--json").stdout)
+        env = json_data(qabox("status", "--host", "lab1", "--env", tester["env"], "--json").stdout)
         env = env["hosts"][0]["envs"][0]
         assert [t["name"] for t in env["testers"]] == [tester["name"]]
         assert env["requests"][tester["name"]] == 1
@@ -85,7 +85,7 @@ def test_tester_key_reaches_its_port_and_nothing_else(tester, port, tmp_path):
 
 def test_testers_come_and_go_without_restarting_the_app(tester, tmp_path):
     def app_pid() -> int:
-        status = json.loads(qabox("status", "--host", "lab1", "--env", tester["env"], "--json").stdout)
+        status = json_data(qabox("status", "--host", "lab1", "--env", tester["env"], "--json").stdout)
         return status["hosts"][0]["envs"][0]["pid"]
 
     pid = app_pid()
@@ -142,12 +142,12 @@ def test_detach_tunnels_and_stop(tester):
     assert result.code == 0, result
     url = re.search(r"http://127\.0\.0\.1:\d+", result.stdout).group(0)
     assert get(url + "/health")[0] == 200
-    listing = json.loads(qabox("tunnels", "--json").stdout)["tunnels"]
+    listing = json_data(qabox("tunnels", "--json").stdout)["tunnels"]
     assert [(t["user"], t["host"], t["env"], t["url"], t["state"]) for t in listing] == [
         (tester["name"], "lab1", tester["env"], url, "connected")]
     stopped = qabox("tunnel", "--stop", "--user", tester["name"])
     assert stopped.code == 0 and "stopped" in stopped.stdout
-    assert json.loads(qabox("tunnels", "--json").stdout)["tunnels"] == []
+    assert json_data(qabox("tunnels", "--json").stdout)["tunnels"] == []
     assert get(url + "/health", timeout=3)[0] == 0
 
 
@@ -157,7 +157,7 @@ def test_deploy_notice_reaches_a_running_tunnel(tester, make_build):
         build = make_build({"wsgi.py": "from flask import Flask\napp = Flask(__name__)\n"
                                        "@app.get('/')\ndef i():\n    return 'v2'\n"})
         result = qabox("deploy", build, "--host", "lab1", "--env", tester["env"], "--json")
-        release = json.loads(result.stdout)["release"]
+        release = json_data(result.stdout)["release"]
         assert get(url + "/") == (200, "v2")
         time.sleep(2)
     finally:
@@ -250,7 +250,7 @@ def test_tunnel_without_host_takes_the_testers_earlier_one(tester):
 
 def test_tunnel_without_host_when_it_is_not_clear(tmp_path, monkeypatch):
     from qabox.context import Context
-    from qabox.tunnel import tester_host
+    from qabox.commands.tunnel import tester_host
 
     monkeypatch.setenv("QABOX_HOSTS_DIR", str(tmp_path))
     (tmp_path / "oldbox.toml").write_text("[testers.solo]\nport = 25000\n")

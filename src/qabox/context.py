@@ -56,6 +56,10 @@ class Context:
     def settings(self, name: str) -> hosts.HostSettings:
         return hosts.load_settings(name, self.hosts_dir)
 
+    def expand(self, names: list[str]) -> list[str]:
+        """Host names as given, with groups (``hosts/groups.toml``) expanded."""
+        return hosts.expand(names, self.hosts_dir)
+
     def host_files(self) -> list[str]:
         """Hosts with a hosts/NAME.toml (example.toml and groups.toml name none)."""
         return sorted(p.stem for p in self.hosts_dir.glob("*.toml") if p.stem not in ("example", "groups"))

@@ -1,36 +1,72 @@
-"""Deploying one build to many hosts at once: bounded parallelism, a row per host,
-and one host's failure never stops the others (unless asked to)."""
+"""Running one thing on many hosts at once: the fan-out every multi-host command uses.
+
+At most ``parallel`` hosts at a time, taken in the order given (so one at a
+time is a rolling change), one host's failure never stops the others unless
+asked to, and a result per host, in the order given.
+"""
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from qabox import deploy as deploying
-from qabox.context import Context
 from qabox.errors import QaboxError
 
 
-def deploy_many(ctx: Context, hosts: list[str], build: Path, parallel: int, fail_fast: bool,
-                hooks_for: Callable[[str], deploying.Hooks], **options) -> list[dict]:
-    """Deploy to every host; returns a row per host, in the order given."""
-    stop = threading.Event()
+@dataclass
+class Outcome:
+    """What running on one host gave: its result, or the error that stopped it,
+    or neither when it was skipped (a failure elsewhere, with ``fail_fast``)."""
 
-    def one(host: str) -> dict:
-        if stop.is_set():
-            return {"host": host, "ok": False, "release": None, "result": "skipped (--fail-fast)",
-                    "seconds": 0.0}
-        try:
-            result = deploying.deploy(ctx, host, build, hooks=hooks_for(host), **options)
-        except QaboxError as e:
-            if fail_fast:
-                stop.set()
-            return {"host": host, "ok": False, "release": None, "result": f"failed: {e.message}",
-                    "seconds": None}
-        return {"host": host, "ok": True, "release": result.release,
-                "result": "deployed" if result.changed else "unchanged", "seconds": result.seconds}
+    host: str
+    result: Any = None
+    error: QaboxError | None = None
+    skipped: bool = False
 
-    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
-        return list(pool.map(one, hosts))
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.skipped
+
+
+def each_host(hosts: list[str], run: Callable[[str], Any], parallel: int = 8,
+              fail_fast: bool = False) -> list[Outcome]:
+    """``run(host)`` for every host; a QaboxError is that host's outcome.
+
+    The workers are daemon threads, so Ctrl-C (a KeyboardInterrupt here, in the
+    caller's thread) ends the command at once rather than waiting for hosts that
+    may never answer (``logs -f``). Any other exception is a bug, raised here.
+    """
+    outcomes = [Outcome(host) for host in hosts]
+    pending = iter(outcomes)
+    taking = threading.Lock()
+    failed = threading.Event()
+    bugs: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with taking:
+                outcome = next(pending, None)
+            if outcome is None:
+                return
+            if failed.is_set():
+                outcome.skipped = True
+                continue
+            try:
+                outcome.result = run(outcome.host)
+            except QaboxError as e:
+                outcome.error = e
+                if fail_fast:
+                    failed.set()
+            except Exception as e:  # noqa: BLE001 - raised again in the caller's thread
+                bugs.append(e)
+
+    workers = [threading.Thread(target=worker, daemon=True, name="qabox-fleet")
+               for _ in range(max(1, min(parallel, len(hosts))))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if bugs:
+        raise bugs[0]
+    return outcomes

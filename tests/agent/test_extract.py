@@ -19,7 +19,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from conftest import raw_tar
-from qabox import build
+from qabox import build_check
 from qabox.agent import builds as extraction, rules
 from qabox.agent.protocol import Fail
 from qabox.agent_zip import AGENT_PYZ
@@ -150,7 +150,7 @@ def sandbox(box):
 def test_the_chain_is_refused_by_the_client_and_the_host(tmp_path, box):
     path = tar_of(tmp_path / "chain.tar", [("file", "wsgi.py", "")] + CHAIN)
     with pytest.raises(BuildError) as e:
-        build.inspect(tmp_path / "chain.tar")
+        build_check.inspect(tmp_path / "chain.tar")
     assert "a/b/c: written through the link a/b" in e.value.message
     assert "a/b/c/f: written through the link a/b" in e.value.message
     with sandbox(box) as (top, release):

@@ -3,7 +3,6 @@ nothing half-done is left, and every failure says what happened."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,8 +11,8 @@ import time
 
 import pytest
 
-from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, REPO, Lines, http_get, in_host, link, qabox,
-                      raw_tar, wait_until)
+from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, REPO, Lines, http_get, in_host, json_data,
+                      link, qabox, raw_tar, wait_until)
 from qabox.agent import rules
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -30,7 +29,7 @@ def served_release(port) -> str:
 
 
 def status(env) -> dict:
-    return json.loads(qabox("status", "--host", "lab1", "--env", env, "--json").stdout)["hosts"][0]["envs"][0]
+    return json_data(qabox("status", "--host", "lab1", "--env", env, "--json").stdout)["hosts"][0]["envs"][0]
 
 
 def example_build(tmp_path, name: str, assets_mb: int = 0) -> os.PathLike:
@@ -77,7 +76,7 @@ def wait_for_part(sha: str, min_bytes: int, timeout: float = 60) -> int:
 def test_cut_link_during_upload_fails_clearly_and_the_retry_resumes(tmp_path, env_name, port):
     big = example_build(tmp_path, "big.tar.gz", assets_mb=100)
     size = big.stat().st_size
-    from qabox.build import file_sha256
+    from qabox.build_check import file_sha256
 
     sha = file_sha256(big)
     in_host("lab1", "sh", "-c", f"rm -f {HOME}/.qabox/builds/{sha}*")
@@ -99,7 +98,7 @@ def test_cut_link_during_upload_fails_clearly_and_the_retry_resumes(tmp_path, en
         throttle(None)
     retry = qabox("deploy", big, "--host", "lab1", "--env", env_name, "--port", port, "--json")
     assert retry.code == 0, retry
-    sent = json.loads(retry.stdout)["sent_bytes"]
+    sent = json_data(retry.stdout)["sent_bytes"]
     assert 0 < sent < 0.8 * size  # resumed, not started over
     assert status(env_name)["state"] == "running"
 
@@ -157,7 +156,7 @@ def test_app_hanging_at_start_keeps_the_old_release(tmp_path, env_name, port, ma
 
 def test_planted_symlinks_are_never_followed(tmp_path, env_name, port):
     build = example_build(tmp_path, "n.tar.gz")
-    from qabox.build import file_sha256
+    from qabox.build_check import file_sha256
 
     sha = file_sha256(build)
     victim = f"{HOME}/victim.txt"
@@ -243,7 +242,7 @@ def test_unknown_and_changed_host_keys_are_refused_by_every_command(tmp_path, mo
     for command in COMMANDS + [["deploy", str(notes_build), "--host", "lab1"]]:
         result = qabox(*command)
         if command[0] == "status":  # status reports each host, an unreachable one too (exit 1)
-            host = json.loads(result.stdout)["hosts"][0]
+            host = json_data(result.stdout)["hosts"][0]
             assert result.code == 1 and not host["reachable"] and expected in host["error"], result
         else:  # nothing was sent: the host-key error itself (exit 4)
             assert result.code == 4 and expected in result.stderr, (command, result)

@@ -5,14 +5,13 @@ Each ends with the current release serving and one line saying what to do."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import LAB, LAB_USER, _ports, http_get, in_host, qabox, remove_env, wait_until
+from conftest import LAB, LAB_USER, _ports, http_get, in_host, json_data, qabox, remove_env, wait_until
 from test_deploy import in_host_background
 from test_faults import HOME, example_build, small_disk  # noqa: F401 (a fixture)
 
@@ -65,7 +64,7 @@ def deploy(build, env, port, *extra):
 
 def status(env):
     result = qabox("status", "--host", "lab1", "--env", env, "--json")
-    return json.loads(result.stdout)["hosts"][0]["envs"][0]
+    return json_data(result.stdout)["hosts"][0]["envs"][0]
 
 
 def served(port, path="/release"):
@@ -177,7 +176,7 @@ def test_supervisor_killed_during_a_switch(app_build, env_name, port, moment):
     assert moment in killer.communicate(timeout=30)[0], "the supervisor was not killed"
     if moment == " is live":  # the switch happened: the deploy says so, and it is kept
         assert result.code == 0, result
-        live = json.loads(result.stdout)["release"]
+        live = json_data(result.stdout)["release"]
         assert live != before
     else:  # it did not: the old release serves, and the new one is gone
         assert result.code == 6, result
@@ -271,7 +270,7 @@ def test_a_damaged_state_file_affects_only_its_env(app_build, env_name, port, ki
         for name, path in files.items():
             put(path, GARBAGE[kind][name])
         result = qabox("status", "--host", "lab1", "--json")
-        hosts = json.loads(result.stdout)["hosts"]
+        hosts = json_data(result.stdout)["hosts"]
         assert hosts[0]["reachable"], hosts
         envs = {e["env"]: e for e in hosts[0]["envs"]}
         assert envs[other]["state"] == "running" and not envs[other].get("problems"), envs[other]

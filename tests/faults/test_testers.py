@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
-from conftest import (LAB_HOME, LAB_USER, add_tester, free_port, http_get, in_host, new_key, qabox, ssh_as_tester,
-                      wait_until)
+from conftest import (LAB_HOME, LAB_USER, add_tester, free_port, http_get, in_host, json_data, new_key, qabox,
+                      ssh_as_tester, wait_until)
 from qabox.agent import protocol, rules, serve, testers
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -26,7 +26,7 @@ HOME = LAB_HOME
 
 def status(env: str) -> dict:
     result = qabox("status", "--host", "lab1", "--env", env, "--json")
-    return json.loads(result.stdout)["hosts"][0]["envs"][0]
+    return json_data(result.stdout)["hosts"][0]["envs"][0]
 
 
 def authorized_keys() -> str:

@@ -1,11 +1,13 @@
-"""``qabox hosts list`` and ``qabox hosts check``: what hosts there are, and
-whether each is ready for qabox, every check with its fix."""
+"""``qabox hosts list``, ``check`` and ``trust``: what hosts there are, whether
+each is ready for qabox (every check with its fix), and trusting a host's key."""
 
 from __future__ import annotations
 
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import paramiko
 from rich.filesize import decimal
@@ -116,3 +118,38 @@ def check_host(ctx: Context, name: str) -> list[Check]:
         Check("agent version", facts["protocol"] == PROTOCOL, facts["agent"], "upgrade qabox here"),
     ]
     return checks
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """The key a host presents, as ``hosts trust`` shows it."""
+
+    host: str
+    key_name: str  # the host's name in known_hosts: host or [host]:port
+    kind: str  # ssh-ed25519, ...
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Trusted:
+    key: HostKey
+    added_to: Path | None  # the known_hosts file written, None if it was trusted already
+
+
+def trust(ctx: Context, name: str, confirm: Callable[[HostKey], bool]) -> Trusted:
+    """Add the host's key to known_hosts if ``confirm(key)`` says so; a key that
+    differs from the known one is refused, whatever confirm would say."""
+    target = ctx.target(name)
+    key = ssh.server_key(target)
+    known = ssh.known_key(target)
+    shown = HostKey(name, target.key_name, key.get_name(), ssh.fingerprint(key))
+    if known and key.get_name() in known:
+        if known[key.get_name()] == key:
+            return Trusted(shown, None)
+        raise QaboxError(
+            f"{name} ({target.key_name}) presents a DIFFERENT {key.get_name()} key than known_hosts "
+            f"has ({shown.fingerprint}): refusing; if the host was reinstalled, remove the old key with "
+            f"`ssh-keygen -R '{target.key_name}' -f {ssh.known_hosts_file(target)}` first")
+    if not confirm(shown):
+        raise QaboxError("not trusted: nothing was written")
+    return Trusted(shown, ssh.add_known_host(target, key))

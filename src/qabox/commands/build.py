@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from qabox import build as checks
+from qabox import build_check
 from qabox.errors import BuildError
 from qabox.pack import PackError, download_wheels, pack
 
@@ -71,7 +71,7 @@ def make(src: Path, out: Path, python_version: str | None = None, platform: str 
             pack(src, out, wheels=wheels, include=keep)
     except PackError as e:
         raise BuildError(str(e)) from None
-    checked = checks.inspect(out)
+    checked = build_check.inspect(out)
     with tarfile.open(out) as tar:
         packed = [m.name for m in tar.getmembers() if m.isfile() and not m.name.startswith("wheels/")]
     secrets = tuple(f for f in packed if any(fnmatch.fnmatch(Path(f).name, s) for s in SECRETS))

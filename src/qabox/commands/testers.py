@@ -1,37 +1,11 @@
-"""Operating an env after deploy: start, stop, restart, rollback, releases, logs, testers."""
+"""``qabox testers``: keys that reach an env's app through a tunnel and nothing else."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 from qabox.context import Context, check_env, whoami
 from qabox.errors import ConfigError
-
-CHANGING = ("start", "stop", "restart", "rollback")
-
-
-def change(ctx: Context, host: str, env: str, cmd: str, lock_timeout: float = 60, **args) -> dict:
-    """Run a command that changes the env, under its deploy lock like a deploy."""
-    assert cmd in CHANGING
-    check_env(env)
-    with ctx.remote(host) as remote, remote.session(env, lock_timeout, whoami()) as session:
-        return session.call(cmd, timeout=120, env=env, **args)
-
-
-def releases(ctx: Context, host: str, env: str) -> dict:
-    check_env(env)
-    with ctx.remote(host) as remote:
-        return remote.call("releases", env=env)
-
-
-def logs(ctx: Context, host: str, env: str, lines: int, follow: bool,
-         on_line: Callable[[str], None]) -> None:
-    """Print the env's log lines through ``on_line``; with follow, until Ctrl-C."""
-    check_env(env)
-    with ctx.remote(host) as remote:
-        remote.follow("logs", lambda m: on_line(m["line"]) if "line" in m else None,
-                      env=env, lines=lines, follow=follow)
 
 
 def tester_add(ctx: Context, host: str, name: str, key_file: Path) -> dict:
@@ -49,6 +23,7 @@ def tester_add(ctx: Context, host: str, name: str, key_file: Path) -> dict:
 
 
 def tester_remove(ctx: Context, host: str, name: str) -> dict:
+    check_env(name)
     with ctx.remote(host) as remote:
         return remote.call("tester-remove", name=name, timeout=120)
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
-from qabox.context import Context
+from qabox.context import Context, check_env
 from qabox.errors import ConfigError, QaboxError
+from qabox.fleet import each_host
 
 
 def host_status(ctx: Context, host: str, env: str | None = None, alone: bool = False) -> dict:
@@ -26,7 +25,19 @@ def host_status(ctx: Context, host: str, env: str | None = None, alone: bool = F
         return {"host": host, "reachable": False, "error": e.message, "envs": []}
 
 
-def status(ctx: Context, hosts: list[str], env: str | None = None) -> list[dict]:
-    """Every named host's status, in the order named; a dead host delays no other."""
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(hosts)))) as pool:
-        return list(pool.map(lambda h: host_status(ctx, h, env, alone=len(hosts) == 1), hosts))
+def status(ctx: Context, hosts: list[str], env: str | None = None) -> dict:
+    """Every named host's status, in the order named (default: every host deployed
+    to from here); a dead host delays no other. ``problems`` are the envs' own
+    (a damaged state file, say), as ``host/env: problem`` lines."""
+    hosts = hosts or ctx.remembered_hosts()
+    if not hosts:
+        raise ConfigError("no hosts known yet: name one with --host NAME")
+    if env:
+        check_env(env)
+    outcomes = each_host(hosts, lambda h: host_status(ctx, h, env, alone=len(hosts) == 1))
+    for o in outcomes:
+        if o.error:
+            raise o.error
+    rows = [o.result for o in outcomes]
+    problems = [f"{h['host']}/{e['env']}: {p}" for h in rows for e in h["envs"] for p in e.get("problems") or []]
+    return {"hosts": rows, "problems": problems}

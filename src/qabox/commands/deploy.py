@@ -1,4 +1,4 @@
-"""``qabox deploy``: check a build, send it once, and switch the env to it.
+"""``qabox deploy``: check a build, send it once, and switch the env to it (on one host or many).
 
 Order matters for "nothing half-done": the build is checked locally before
 connecting, the lock is taken before anything is written, the upload lands in
@@ -18,9 +18,10 @@ from typing import Callable
 import paramiko
 from rich.filesize import decimal
 
-from qabox import build as builds
+from qabox import build_check
 from qabox.context import Context, check_env, whoami
 from qabox.errors import ConfigError, ConnectError, RemoteError
+from qabox.fleet import each_host
 from qabox.remote import Remote
 
 CHUNK = 1 << 20
@@ -69,7 +70,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
         raise ConfigError(f"--port {port} is out of range: use 1-65535")
     hooks.step("checking build")
     settings = ctx.settings(host)
-    build = builds.inspect(path, entry, settings.max_build_mb * 2**20, settings.max_build_members)
+    build = build_check.inspect(path, entry, settings.max_build_mb * 2**20, settings.max_build_members)
     hooks.step("connecting")
     with ctx.remote(host) as remote:
         hooks.step("waiting for the deploy lock")
@@ -105,6 +106,25 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
         seconds=round(time.monotonic() - started, 2), venv_created=data.get("venv_created", False),
         pruned=data.get("pruned", []), testers=data.get("testers", []),
     )
+
+
+def deploy_many(ctx: Context, hosts: list[str], build: Path, parallel: int, fail_fast: bool,
+                hooks_for: Callable[[str], Hooks], **options) -> list[dict]:
+    """Deploy one build to many hosts at once; a row per host, in the order given.
+    One host's failure never stops the others, unless ``fail_fast``."""
+    rows = []
+    for o in each_host(hosts, lambda host: deploy(ctx, host, build, hooks=hooks_for(host), **options),
+                       parallel, fail_fast):
+        if o.skipped:
+            rows.append({"host": o.host, "ok": False, "release": None, "result": "skipped (--fail-fast)",
+                         "seconds": 0.0})
+        elif o.error:
+            rows.append({"host": o.host, "ok": False, "release": None, "result": f"failed: {o.error.message}",
+                         "seconds": None})
+        else:
+            rows.append({"host": o.host, "ok": True, "release": o.result.release,
+                         "result": "deployed" if o.result.changed else "unchanged", "seconds": o.result.seconds})
+    return rows
 
 
 class Watchdog:
@@ -150,7 +170,7 @@ def check_space(remote: Remote, needed: int, free: int) -> None:
             f"deploy again", code="disk_full")
 
 
-def upload(remote: Remote, build: builds.Build, part_path: str, offset: int, hooks: Hooks) -> int:
+def upload(remote: Remote, build: build_check.Build, part_path: str, offset: int, hooks: Hooks) -> int:
     """Send the build to its ``.part`` file over SFTP, resuming after ``offset`` bytes.
 
     A write that makes no progress for STALL seconds (a cut link) fails the

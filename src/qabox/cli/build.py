@@ -1,0 +1,33 @@
+"""``qabox build``: what the build holds, and a warning for each file that looks like a secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.filesize import decimal
+
+from qabox.cli.output import err, out, reporting
+
+
+def build(
+    ctx: typer.Context,
+    src: Path = typer.Argument(Path("."), metavar="DIR", help="The project directory (default: here)."),
+    output: Path = typer.Option(Path("build.tar.gz"), "-o", "--output", metavar="FILE", help="The build file to write."),
+    python_version: Optional[str] = typer.Option(None, "--python-version", metavar="X.Y", help="The host's Python, e.g. 3.11 (see `qabox hosts check`)."),
+    platform: Optional[str] = typer.Option(None, "--platform", metavar="TAG", help="The host's platform tag, e.g. manylinux2014_x86_64."),
+):
+    """Pack a project into a build: its files and a wheelhouse of its requirements.
+
+    Example: qabox build . -o build.tar.gz --python-version 3.11
+    """
+    with reporting(ctx):
+        from qabox.commands.build import make
+
+        report = make(src, output, python_version, platform)
+        out.print(f"{report.path}: {report.files} files, {report.wheels} wheels, "
+                  f"{decimal(report.size)}, entry {report.entry}", markup=False, highlight=False)
+        for secret in report.secrets:
+            err.print(f"qabox: warning: {secret} looks like a secret and is in the build: "
+                      f"add it to .gitignore or [build] exclude in qabox.toml", markup=False, highlight=False)
