@@ -73,6 +73,17 @@ def test_the_cli_shows_it_as_one_line():
                            "is gone): pip install 'paramiko>=3.4.1,<6'\n")
 
 
+def test_invoke_loads_only_for_match_exec(tmp_path):
+    """paramiko imports invoke for ssh_config's `Match exec` only: qabox defers it, and the line still works."""
+    config = tmp_path / "ssh_config"
+    config.write_text('Match exec "test 1 = 1"\n  User matched\nHost *\n  Port 2222\n')
+    code = ("import sys; from qabox import ssh; loaded = 'invoke.tasks' in sys.modules; "
+            "import paramiko; c = paramiko.SSHConfig.from_path(sys.argv[1]).lookup('box'); "
+            "print(loaded, c['user'], c['port'], 'invoke.tasks' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "matched", "2222", "True"], out
+
+
 def test_pyproject_pins_what_the_check_names():
     assert f"paramiko{paramiko_compat.SUPPORTED}" in [d.partition(" ")[0] for d in PROJECT["dependencies"]]
     low, high = paramiko_compat.SUPPORTED.split(",")

@@ -28,9 +28,8 @@ import threading
 import time
 from typing import Callable
 
-import paramiko
-
 from qabox import paramiko_compat
+from qabox.paramiko_compat import paramiko
 
 READ_SIZE = 256 * 1024
 WAIT_FOR_LINK = 30.0  # how long a new connection waits for a link to the host

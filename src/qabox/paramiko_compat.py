@@ -10,10 +10,41 @@ pyproject.toml pins paramiko to the major versions CI tests (SUPPORTED).
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
 
-import paramiko
-import paramiko.common
+
+class _Invoke:
+    """Stands in for ``paramiko.config.invoke`` until a ``Match exec`` line runs."""
+
+    def __getattr__(self, name: str):
+        import invoke
+
+        paramiko.config.invoke = invoke
+        return getattr(invoke, name)
+
+
+def defer_invoke() -> None:
+    """paramiko.config imports invoke, a third of paramiko's import time, only to
+    run ssh_config's ``Match exec``: import paramiko without it, and load it when
+    such a line is evaluated. Every qabox module takes paramiko from here."""
+    defer = "paramiko" not in sys.modules and "invoke" not in sys.modules
+    if defer:
+        sys.modules["invoke"] = None  # `import invoke` fails, and paramiko goes on without it
+    try:
+        import paramiko.config
+    finally:
+        if defer:
+            del sys.modules["invoke"]
+    if defer and paramiko.config.invoke is None and importlib.util.find_spec("invoke") is not None:
+        paramiko.config.invoke, paramiko.config.invoke_import_error = _Invoke(), None
+
+
+defer_invoke()
+import paramiko  # noqa: E402
+import paramiko.common  # noqa: E402
+import paramiko.config  # noqa: E402
 
 from qabox.errors import QaboxError
 
@@ -28,6 +59,7 @@ TRANSPORT = ("_channel_handler_table", "_send_message", "_send_user_message", "_
              "_unlink_channel", "_sanitize_window_size", "_sanitize_packet_size", "lock", "_channels",
              "channel_events", "channels_seen", "clear_to_send", "clear_to_send_lock")
 COMMON = ("cMSG_CHANNEL_OPEN", "cMSG_CHANNEL_WINDOW_ADJUST", "cMSG_CHANNEL_FAILURE")
+CONFIG = ("invoke", "invoke_import_error")  # module globals defer_invoke sets
 
 
 class IncompatibleParamiko(QaboxError):
@@ -39,7 +71,7 @@ def check() -> None:
     sock = socket.socket()
     try:
         owners = (("Channel", paramiko.Channel(0), CHANNEL), ("Transport", paramiko.Transport(sock), TRANSPORT),
-                  ("paramiko.common", paramiko.common, COMMON))
+                  ("paramiko.common", paramiko.common, COMMON), ("paramiko.config", paramiko.config, CONFIG))
     finally:
         sock.close()
     for owner, obj, names in owners:

@@ -18,12 +18,11 @@ from contextlib import contextmanager
 from functools import cached_property
 from typing import Callable, Iterator
 
-import paramiko
-
 from qabox.agent.protocol import PROTOCOL
 from qabox.agent_zip import AGENT_HASH, AGENT_PYZ
 from qabox.errors import ConnectError, LockHeld, RemoteError
 from qabox.hosts import HostSettings
+from qabox.paramiko_compat import paramiko
 
 AGENT_MISSING = 97
 

@@ -16,9 +16,8 @@ import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import paramiko
-
 from qabox.errors import ConfigError, ConnectError, HostKeyError
+from qabox.paramiko_compat import paramiko
 
 DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
 

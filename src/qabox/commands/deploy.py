@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import paramiko
 from rich.filesize import decimal
 
 from qabox import build_check
 from qabox.context import Context, check_env, whoami
 from qabox.errors import ConfigError, ConnectError, RemoteError
 from qabox.fleet import each_host
+from qabox.paramiko_compat import paramiko
 from qabox.remote import Remote
 
 CHUNK = 1 << 20

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import paramiko
 from rich.filesize import decimal
 
 from qabox import ssh
@@ -18,6 +17,7 @@ from qabox.agent.protocol import PROTOCOL, Fail
 from qabox.context import Context
 from qabox.errors import ConnectError, HostKeyError, QaboxError
 from qabox.hosts import HOST_NAME
+from qabox.paramiko_compat import paramiko
 
 MIN_FREE = 500 * 10**6
 MAX_SKEW = 60.0
