@@ -29,7 +29,8 @@ def defer_invoke() -> None:
     """paramiko.config imports invoke, a third of paramiko's import time, only to
     run ssh_config's ``Match exec``: import paramiko without it, and load it when
     such a line is evaluated. Every qabox module takes paramiko from here."""
-    defer = "paramiko" not in sys.modules and "invoke" not in sys.modules
+    defer = ("paramiko" not in sys.modules and "invoke" not in sys.modules
+             and importlib.util.find_spec("invoke") is not None)
     if defer:
         sys.modules["invoke"] = None  # `import invoke` fails, and paramiko goes on without it
     try:
@@ -37,7 +38,7 @@ def defer_invoke() -> None:
     finally:
         if defer:
             del sys.modules["invoke"]
-    if defer and paramiko.config.invoke is None and importlib.util.find_spec("invoke") is not None:
+    if defer and paramiko.config.invoke is None:
         paramiko.config.invoke, paramiko.config.invoke_import_error = _Invoke(), None
 
 
