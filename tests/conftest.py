@@ -27,15 +27,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from lab.control import up as lab_up
+from lab.hosts import LAB as LAB_DIR, Host, env_slot, exec_command, remove_env
 from qabox.cli import app
 from qabox.pack import pack
 
 REPO = Path(__file__).resolve().parents[1]
-LAB_DIR = Path(os.environ.get("QABOX_LAB_DIR") or REPO / ".lab")
 LAB = REPO / "scripts" / "lab"
-# lab1's account and address in the lab's slot (scripts/lab: host n = 8 * slot + 1)
-LAB_N = 8 * int(os.environ.get("QABOX_LAB_SLOT") or 0) + 1
-LAB_USER, LAB_ADDR, LAB_HOME = f"qalab{LAB_N}", f"198.18.{LAB_N}.2", f"/home/qalab{LAB_N}"
+LAB1 = Host(1, slot=env_slot() or 0)  # lab1 in the slot $QABOX_LAB_SLOT asks for
+LAB_USER, LAB_ADDR, LAB_HOME = LAB1.user, LAB1.address, LAB1.home
 _envs = itertools.count(1)
 _ports = itertools.count(9100 + (os.getpid() % 50) * 20)
 
@@ -43,7 +43,7 @@ _ports = itertools.count(9100 + (os.getpid() % 50) * 20)
 @pytest.fixture(scope="session")
 def lab() -> Path:
     """The lab is up (started once per session, left up for the next run)."""
-    subprocess.run([sys.executable, str(LAB), "up"], check=True, stdout=subprocess.DEVNULL)
+    lab_up()
     return LAB_DIR
 
 
@@ -67,14 +67,6 @@ def env_name():
     name = f"t{os.getpid() % 1000}x{next(_envs)}"
     yield name
     remove_env("lab1", name)
-
-
-def remove_env(host: str, env: str, user: str = LAB_USER) -> None:
-    """Stop an env's supervisor and app on a lab host and delete its files."""
-    # [s] keeps pkill from matching this very shell's command line
-    script = (f"pkill -KILL -f 'supervi[s]e [^ ]+ {env} '; pkill -KILL -f '/env[s]/{env}/'; "
-              f"rm -rf /home/{user}/.qabox/envs/{env}")
-    in_host(host, "sh", "-c", script)
 
 
 @pytest.fixture
@@ -176,8 +168,7 @@ def qabox(*args: str, input: str | None = None) -> Result:
 
 def in_host(host: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """Run a command inside a lab host's network namespace (its own loopback)."""
-    return subprocess.run([sys.executable, str(LAB), "exec", host, "--", *cmd],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(exec_command(host, cmd), capture_output=True, text=True, timeout=timeout)
 
 
 def http_get(host: str, port: int, path: str = "/") -> tuple[int, str]:

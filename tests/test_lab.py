@@ -1,27 +1,23 @@
-"""Tests for scripts/lab, the OpenSSH test hosts the rest of the suite deploys to.
+"""Tests for scripts/lab (the lab package), the OpenSSH test hosts the rest of the suite deploys to.
 
 The suite shares one lab (the default lab dir), so these tests bring it up but
 never take it down.
 """
-import importlib.machinery
-import importlib.util
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-LAB_SCRIPT = REPO / "scripts" / "lab"
-LAB_DIR = Path(os.environ.get("QABOX_LAB_DIR") or REPO / ".lab")
+from conftest import LAB, LAB1, LAB_DIR, wait_until
+from lab import hosts as lab_module
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the namespace lab needs root")
 
 
 def lab(*args, timeout=120):
     """Run scripts/lab and capture its output."""
-    return subprocess.run([str(LAB_SCRIPT), *args], capture_output=True, text=True,
+    return subprocess.run([str(LAB), *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -53,7 +49,7 @@ def test_too_many_hosts_is_a_clean_error():
 
 @needs_root
 def test_up_prints_ssh_config(lab_up):
-    assert "Host lab1\n  HostName 198.18.1.2\n" in lab_up.stdout
+    assert f"Host lab1\n  HostName {LAB1.address}\n" in lab_up.stdout
     assert f"IdentityFile {LAB_DIR.absolute()}/keys/deploy" in lab_up.stdout
     assert (LAB_DIR / "ssh_config").read_text() == lab_up.stdout
 
@@ -62,7 +58,7 @@ def test_up_prints_ssh_config(lab_up):
 def test_status_json_reports_lab1_up(lab_up):
     lab1 = next(row for row in status() if row["name"] == "lab1")
     assert lab1["up"] and lab1["netns"] and lab1["reachable"]
-    assert lab1["address"] == "198.18.1.2" and lab1["user"] == "qalab1"
+    assert lab1["address"] == LAB1.address and lab1["user"] == LAB1.user
     assert lab1["sshd_pid"] > 0
 
 
@@ -73,14 +69,14 @@ def test_ssh_login_with_strict_host_key_checking(lab_up):
          "id -un; python3 -c 'print(6 * 7)'"],
         capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["qalab1", "42"]
+    assert result.stdout.split() == [LAB1.user, "42"]
 
 
 @needs_root
 def test_exec_runs_in_the_host_namespace(lab_up):
     result = lab("exec", "lab1", "--", "ip", "-brief", "addr", "show", "eth0")
     assert result.returncode == 0, result.stderr
-    assert "198.18.1.2/24" in result.stdout
+    assert f"{LAB1.address}/24" in result.stdout
 
 
 @needs_root
@@ -95,19 +91,32 @@ def test_up_twice_is_idempotent(lab_up):
 
 
 @needs_root
+def test_remove_env_kills_its_supervisor_and_apps_and_deletes_its_files(lab_up):
+    env, base = f"labtest{os.getpid()}", f"{LAB1.home}/.qabox"
+    app = f"{base}/envs/{env}/venvs/v1/bin/python"  # what an app runs from
+    assert subprocess.run(["su", LAB1.user, "-c", f"mkdir -p {os.path.dirname(app)} && cp /bin/sleep {app}"]
+                          ).returncode == 0
+    supervisor, apps, other = (subprocess.Popen(argv, user=LAB1.user, cwd="/") for argv in (
+        ["/usr/bin/python3", "-c", "import time; time.sleep(60)", "supervise", ".qabox", env, "3"],
+        [app, "60"], ["sleep", "60"]))
+    try:
+        host = lab_module.find_host("lab1")
+        assert wait_until(lambda: len(lab_module.env_pids(host, env)) == 2, timeout=10)
+        lab_module.remove_env("lab1", env)
+        assert supervisor.wait(10) == apps.wait(10) == -9
+        assert not os.path.exists(f"{base}/envs/{env}")
+        assert other.poll() is None  # the account's other processes live on
+    finally:
+        for proc in (supervisor, apps, other):
+            proc.kill()
+            proc.wait()
+
+
+@needs_root
 def test_unknown_host_is_a_clean_error(lab_up):
     result = lab("exec", "lab99", "--", "true")
     assert result.returncode == 1
     assert result.stderr.startswith("lab: ") and "Traceback" not in result.stderr
-
-
-def load_lab_module():
-    """scripts/lab as a module, for its pure functions (it has no .py suffix)."""
-    loader = importlib.machinery.SourceFileLoader("qabox_lab_script", str(LAB_SCRIPT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
 
 
 LINKS = """1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN
@@ -122,13 +131,11 @@ ADDRESSES = """2: eth0    inet 192.0.2.2/24 brd 192.0.2.255 scope global eth0
 
 
 def test_used_numbers_come_from_links_addresses_and_routes():
-    lab_module = load_lab_module()
     assert lab_module.used_numbers(LINKS, ADDRESSES) == {1, 12, 20}
     assert lab_module.used_numbers("", "") == set()
 
 
 def test_a_slot_is_free_only_when_none_of_its_numbers_is_used():
-    lab_module = load_lab_module()
     used = lab_module.used_numbers(LINKS, ADDRESSES)  # 1 (slot 0), 12 (slot 1), 20 (slot 2)
     assert [lab_module.slot_free(slot, used) for slot in range(4)] == [False, False, False, True]
     assert lab_module.slot_free(0, {9, 17})  # neighbours' numbers do not count
@@ -140,14 +147,14 @@ def test_a_slot_is_free_only_when_none_of_its_numbers_is_used():
     (30, ("lab1", "qabox-lab241", "qlab241", "qalab241", "198.18.241.2")),
 ])
 def test_slot_names_keep_slot_0_as_it_was(slot, names):
-    host = load_lab_module().Host(1, slot=slot)
+    host = lab_module.Host(1, slot=slot)
     assert (host.name, host.ns, host.veth, host.user, host.address) == names
     assert len(host.veth) <= 15  # a Linux interface name's limit
 
 
 def test_pick_slot_keeps_the_recorded_slot_and_checks_the_asked_one(monkeypatch):
-    lab_module = load_lab_module()
     monkeypatch.setattr(lab_module, "machine_used_numbers", lambda: {1, 2, 9})
+    monkeypatch.setattr(lab_module, "port_open", lambda host, timeout: True)  # their sshds answer
     monkeypatch.delenv("QABOX_LAB_SLOT", raising=False)
     assert lab_module.pick_slot({"mode": "netns", "hosts": 1}) == 0  # before slots: slot 0
     assert lab_module.pick_slot({"mode": "netns", "hosts": 1, "slot": 3}) == 3
@@ -170,15 +177,15 @@ def test_a_second_lab_takes_a_free_slot_and_down_leaves_the_first_alone(lab_up, 
     env.pop("QABOX_LAB_SLOT", None)
 
     def second(*args):
-        return subprocess.run([str(LAB_SCRIPT), *args], capture_output=True, text=True,
+        return subprocess.run([str(LAB), *args], capture_output=True, text=True,
                               timeout=120, env=env)
 
-    before = status()
+    before, ours = status(), json.loads((LAB_DIR / "state.json").read_text())["slot"]
     up = second("up")
     try:
         assert up.returncode == 0, up.stderr
         slot = json.loads((tmp_path / "lab" / "state.json").read_text())["slot"]
-        assert slot > 0  # the suite's lab holds slot 0
+        assert slot != ours  # the suite's lab holds its slot
         n = slot * 8 + 1
         assert f"lab1: started at qalab{n}@198.18.{n}.2:22" in up.stderr
         login = subprocess.run(
