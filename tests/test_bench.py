@@ -76,7 +76,7 @@ def test_quick_supervision_bench_reports_load_restarts_and_latency():
     # the baseline really serves one request at a time: 10 testers wait for each other
     assert rows["p95 10 testers / 1 tester"]["baseline"] > 5
     assert_gone(env + "s")
-    assert subprocess.run(["pgrep", "-f", "qabox-bench-.*/single_threaded.py"]).returncode == 1
+    assert subprocess.run(["pgrep", "-f", f"{REPO}/benchmarks/programs/single_threaded.py"]).returncode == 1
 
 
 TUNNEL_WAYS = ("qabox tunnel", "sshtunnel", "ssh -L")
@@ -98,3 +98,18 @@ def test_quick_tunnel_bench_compares_three_forwards_and_cleans_up():
     assert env + "t" not in testers
     # no forward outlives the bench: all three name the tester's key file in their command line
     assert subprocess.run(["pgrep", "-f", "qabox-bench-[^ ]*/tester"]).returncode == 1
+
+
+CLI_FIGURES = {"qabox --help, wall", "qabox status --host lab1, wall",
+               "agent status call, before the .pyz", "agent status call, now"}
+
+
+def test_quick_cli_bench_times_help_status_and_both_agents():
+    """--help, status against ssh true, and the agent before the .pyz against now; the
+    base dir they used on lab1 is gone."""
+    rows, env = run_quick_bench("cli")
+    assert_positive(rows, CLI_FIGURES)
+    assert "ssh lab1 true" in rows["qabox status --host lab1, wall"]["note"]
+    assert "agent-before.py of f0cf96f" in rows["agent status call, before the .pyz"]["note"]
+    assert rows["agent status call, now"]["ratio"] > 0
+    assert not Path(f"{LAB_HOME}/.qabox-{env}c").exists()

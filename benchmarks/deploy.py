@@ -1,0 +1,134 @@
+"""The deploy section: first, unchanged and changed deploys of examples/notes
+against scp + untar of the same build with OpenSSH."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+from qabox.context import Context
+from qabox.commands.deploy import Hooks, deploy
+
+from .harness import MB, Bench, BenchError, Row, compared, run, timed
+from .target import HOST, REPO, SSH_CONFIG, DeployTarget, ssh
+
+
+class StepClock:
+    """Times between a deploy's progress hooks: each phase runs until the next mark."""
+
+    UPLOADING, UPLOADED = "uploading", "after upload (acks, agent start, sha256)"
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.marks: list[tuple[float, str]] = []
+
+    def mark(self, label: str) -> None:
+        self.marks.append((time.perf_counter() - self.started, label))
+
+    def upload(self, sent: int, total: int) -> None:
+        """Mark the first block handed to SSH, and the last one."""
+        if not any(label == self.UPLOADING for _, label in self.marks):
+            self.mark(self.UPLOADING)
+        if sent == total:
+            self.mark(self.UPLOADED)
+
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase, named by the mark that starts it, in order."""
+        pairs = zip(self.marks, self.marks[1:])
+        return {label: end - start for (start, label), (end, _) in pairs}
+
+
+
+def deploy_with_clock(target: DeployTarget, build: Path) -> StepClock:
+    """Deploy in-process, timestamping the progress hooks to see where time goes."""
+    clock = StepClock()
+    deploy(Context.create(), HOST, build, env=target.env, port=target.port,
+           hooks=Hooks(step=clock.mark, upload=clock.upload))
+    clock.mark("done")
+    return clock
+
+
+def baseline_copy(build: Path) -> tuple[float, float]:
+    """scp the build, then untar it over ssh: (scp seconds, scp + untar seconds)."""
+    name = f"/tmp/bench{os.getpid()}"
+    started = time.perf_counter()
+    run("scp", "-q", "-F", SSH_CONFIG, build, f"{HOST}:{name}.tar.gz", timeout=600)
+    copied = time.perf_counter()
+    ssh(f"rm -rf {name}.d && mkdir {name}.d && tar -xzf {name}.tar.gz -C {name}.d")
+    return copied - started, time.perf_counter() - started
+
+
+def remove_baseline_files() -> None:
+    """Delete what baseline_copy left on the host."""
+    ssh(f"rm -rf /tmp/bench{os.getpid()}.tar.gz /tmp/bench{os.getpid()}.d")
+
+
+def medians(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Per-key medians of several runs' phase timings, in the first run's order."""
+    return {key: statistics.median(s[key] for s in samples if key in s) for key in samples[0]}
+
+
+def section(bench: Bench) -> list[Row]:
+    """First, unchanged and changed deploys of examples/notes against scp + untar."""
+    target = DeployTarget(bench, REPO / "examples" / "notes", assets_mb=4 if bench.quick else 40)
+    build = target.make_build("first")
+    changes = [target.make_build(f"change{i}") for i in range(bench.repeats)]
+    size = build.stat().st_size
+    try:
+        copies = [baseline_copy(build) for _ in range(bench.repeats)]
+        ssh_noop = statistics.median(timed(lambda: ssh("true")) for _ in range(bench.repeats))
+
+        firsts, clocks = [], []
+        for _ in range(bench.repeats):
+            target.reset()
+            firsts.append(target.deploy_cli(build))
+        for _ in range(bench.repeats):
+            target.reset()
+            clocks.append(deploy_with_clock(target, build))
+        unchanged = [target.deploy_cli(build) for _ in range(bench.repeats)]
+        changed = [target.deploy_cli(b) for b in changes]
+    finally:
+        target.reset()
+        remove_baseline_files()
+
+    scp = statistics.median(c[0] for c in copies)
+    copy = statistics.median(c[1] for c in copies)
+    phases = medians([c.phases() for c in clocks])
+    if StepClock.UPLOADING not in phases:
+        raise BenchError("the first deploy uploaded nothing: was the build on the host already?")
+    upload = phases[StepClock.UPLOADING]
+    rows = [Row("build size", size / MB, "MB", note="changed builds add one small file")]
+    rows += deploy_rows("first deploy", firsts, copy)
+    rows += deploy_rows("unchanged redeploy", unchanged, copy)
+    rows += deploy_rows("changed redeploy", changed, copy)
+    rows += [
+        Row("scp + untar (baseline)", copy, "s", note=f"scp alone {scp:.2f} s"),
+        Row("ssh lab1 true (floor)", ssh_noop, "s", note="one OpenSSH login and command"),
+        compared("upload throughput", size / MB / upload, "MB/s", size / MB / scp,
+                 note=scp_note(size, scp, ssh_noop)),
+    ]
+    total = sum(phases.values())
+    rows += [Row(f"  first deploy: {label}", seconds, "s", note=f"{seconds / total:.0%}")
+             for label, seconds in phases.items()]
+    return rows
+
+
+def scp_note(size: int, scp: float, login: float) -> str:
+    """qabox's upload phase excludes its login, scp's time does not: say what that is worth."""
+    note = "first deploy's upload vs scp, whose time includes its login"
+    if scp > 2 * login:  # else the difference is mostly noise
+        note += f" ({size / MB / (scp - login):.0f} MB/s without)"
+    return note
+
+
+def deploy_rows(name: str, results: list[tuple[float, dict]], baseline: float) -> list[Row]:
+    """Wall time (what users wait, start-up included) and qabox's own `seconds`."""
+    wall = statistics.median(r[0] for r in results)
+    reported = statistics.median(r[1]["seconds"] for r in results)
+    sent = statistics.median(r[1]["sent_bytes"] for r in results)
+    venvs = sum(r[1]["venv_created"] for r in results)
+    facts = f"sent {f'{sent / MB:.1f} MB' if sent else '0 B'}, new venv {venvs}/{len(results)}"
+    return [compared(f"{name}, wall", wall, "s", baseline, note=facts),
+            compared(f"{name}, reported", reported, "s", baseline, note="JSON `seconds`")]
+
