@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(SECTIONS)
     try:
         lab_up()
-        with tempfile.TemporaryDirectory(prefix="qabox-bench-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"qabox-bench{os.getpid()}-") as tmp:
             os.environ["QABOX_STATE_DIR"] = str(Path(tmp) / "state")
             bench = Bench(quick=args.quick, tmp=Path(tmp))
             results = {name: SECTIONS[name](bench) for name in names}

@@ -96,8 +96,9 @@ def test_quick_tunnel_bench_compares_three_forwards_and_cleans_up():
     assert_gone(env + "t")
     testers = json.loads((LAB_ENVS.parent / "testers.json").read_text())
     assert env + "t" not in testers
-    # no forward outlives the bench: all three name the tester's key file in their command line
-    assert subprocess.run(["pgrep", "-f", "qabox-bench-[^ ]*/tester"]).returncode == 1
+    # no forward outlives the bench: all three name the tester's key file in their command line,
+    # in the bench's temp dir (named after its pid, so that other benches here do not count)
+    assert subprocess.run(["pgrep", "-f", f"qabox-{env}-[^ ]*/tester"]).returncode == 1
 
 
 CLI_FIGURES = {"qabox --help, wall", "qabox status --host lab1, wall",
