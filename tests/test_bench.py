@@ -102,15 +102,19 @@ def test_quick_tunnel_bench_compares_three_forwards_and_cleans_up():
 
 
 CLI_FIGURES = {"qabox --help, wall", "qabox status --host lab1, wall",
+               "qabox status --host lab1, wall, before the .pyz",
                "agent status call, before the .pyz", "agent status call, now"}
 
 
-def test_quick_cli_bench_times_help_status_and_both_agents():
-    """--help, status against ssh true, and the agent before the .pyz against now; the
-    base dir they used on lab1 is gone."""
+def test_quick_cli_bench_times_help_status_and_the_agent_before_and_after_the_pyz():
+    """--help; status against ssh true, now and with the client of before the .pyz; the
+    agent call on the host before and after; the base dirs they used on lab1 are gone."""
     rows, env = run_quick_bench("cli")
     assert_positive(rows, CLI_FIGURES)
     assert "ssh lab1 true" in rows["qabox status --host lab1, wall"]["note"]
-    assert "agent-before.py of f0cf96f" in rows["agent status call, before the .pyz"]["note"]
+    assert "the wall before the .pyz" in rows["qabox status --host lab1, wall"]["note"]
+    assert "agent.py of f0cf96f" in rows["agent status call, before the .pyz"]["note"]
+    assert ".pyz" in rows["agent status call, now"]["note"]
     assert rows["agent status call, now"]["ratio"] > 0
-    assert not Path(f"{LAB_HOME}/.qabox-{env}c").exists()
+    for base in "bc":
+        assert not Path(f"{LAB_HOME}/.qabox-{env}{base}").exists()

@@ -5,6 +5,7 @@ never take it down.
 """
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -92,24 +93,25 @@ def test_up_twice_is_idempotent(lab_up):
 
 @needs_root
 def test_remove_env_kills_its_supervisor_and_apps_and_deletes_its_files(lab_up):
-    env, base = f"labtest{os.getpid()}", f"{LAB1.home}/.qabox"
-    app = f"{base}/envs/{env}/venvs/v1/bin/python"  # what an app runs from
+    env, base = "labtest", f".labtest{os.getpid()}"  # a base of its own, not the suite's .qabox
+    app = f"{LAB1.home}/{base}/envs/{env}/venvs/v1/bin/python"  # what an app runs from
     assert subprocess.run(["su", LAB1.user, "-c", f"mkdir -p {os.path.dirname(app)} && cp /bin/sleep {app}"]
                           ).returncode == 0
     supervisor, apps, other = (subprocess.Popen(argv, user=LAB1.user, cwd="/") for argv in (
-        ["/usr/bin/python3", "-c", "import time; time.sleep(60)", "supervise", ".qabox", env, "3"],
+        ["/usr/bin/python3", "-c", "import time; time.sleep(60)", "supervise", base, env, "3"],
         [app, "60"], ["sleep", "60"]))
     try:
         host = lab_module.find_host("lab1")
         assert wait_until(lambda: len(lab_module.env_pids(host, env)) == 2, timeout=10)
-        lab_module.remove_env("lab1", env)
+        lab_module.remove_env("lab1", env, base)
         assert supervisor.wait(10) == apps.wait(10) == -9
-        assert not os.path.exists(f"{base}/envs/{env}")
+        assert not os.path.exists(f"{LAB1.home}/{base}/envs/{env}")
         assert other.poll() is None  # the account's other processes live on
     finally:
         for proc in (supervisor, apps, other):
             proc.kill()
             proc.wait()
+        shutil.rmtree(f"{LAB1.home}/{base}")
 
 
 @needs_root
