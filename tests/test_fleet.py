@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import LAB, LAB_ADDR, LAB_N, LAB_USER, json_data, qabox, remove_env
+from conftest import LAB, LAB_ADDR, LAB_USER, json_data, qabox, remove_env
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -75,10 +75,9 @@ def test_deploy_to_a_group_in_parallel(four_hosts, tmp_path, monkeypatch, notes_
         rows = {r["host"]: r for r in json_data(result.stdout)["hosts"]}
         assert result.code == 1 and rows["lab1"]["ok"] and not rows["lab2"]["ok"]
     finally:
-        for host in four_hosts:
-            user = f"qalab{LAB_N + int(host[3:]) - 1}"  # labN's account in this lab's slot
-            remove_env(host, env_name, user=user)
-            remove_env(host, env_name + "p", user=user)
+        for host in four_hosts:  # the lab knows labN's account in this lab's slot
+            remove_env(host, env_name)
+            remove_env(host, env_name + "p")
 
 
 def test_each_host_keeps_the_order_the_bound_and_fail_fast():
