@@ -1,5 +1,5 @@
-"""The supervision section: failed requests through a redeploy, kill -9 to
-serving again, and concurrent testers on a slow page against the same app on
+"""The supervision section: failed requests through a redeploy and through
+an upgrade of the host agent, kill -9 to serving again, and concurrent testers on a slow page against the same app on
 Werkzeug's single-threaded server, with the testers' clients inside lab1."""
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from .harness import Bench, BenchError, Row, compared, percentile, run, target_note, timed
-from .target import PROGRAMS, REPO, DeployTarget, host_program, in_lab_host
+from .target import HOST, PROGRAMS, REPO, DeployTarget, host_program, in_lab_host
 
 LOAD_CLIENTS, LOAD_RATE = 4, 15  # 4 testers at ~15 requests/s each: 60 req/s
 LOAD_SECONDS = 12  # at least; the load also outlasts the redeploy by a second
@@ -111,6 +112,19 @@ def redeploy_under_load(lab: LabHost, target: DeployTarget, build: Path) -> dict
     return dict(stats, deploy=deploy, restart=restart)
 
 
+def upgrade_under_load(lab: LabHost, target: DeployTarget) -> dict:
+    """Restart with another build of the agent, then with qabox's own, while
+    testers keep sending requests: each time the env's supervisor hands over to
+    the new agent's, which adopts the running app."""
+    other = [sys.executable, PROGRAMS / "other_agent.py", "restart", "--host", HOST, "--env", target.env]
+    with lab.load(target.port) as load:
+        time.sleep(1)
+        upgrades = [timed(lambda: run(*other)), timed(lambda: target.cli("restart"))]
+        time.sleep(max(1.0, LOAD_SECONDS - (time.monotonic() - load.started)))
+        stats = load.stop()
+    return dict(stats, upgrades=upgrades)
+
+
 def kill_to_serving(lab: LabHost, target: DeployTarget) -> float:
     """Seconds from kill -9 of the app to a new process answering.
 
@@ -142,13 +156,14 @@ def section(bench: Bench) -> list[Row]:
     try:
         target.deploy_cli(first)
         load = redeploy_under_load(lab, target, changed)
+        upgrade = upgrade_under_load(lab, target)
         kills = [kill_to_serving(lab, target) for _ in range(bench.repeats)]
         qabox = testers_latency(bench, lab, target.port)
         with lab.single_threaded_server(target.venv_python(), target.src) as port:
             single = testers_latency(bench, lab, port)
     finally:
         target.reset()
-    return load_rows(load) + [kill_row(kills)] + latency_rows(qabox, single)
+    return load_rows(load) + upgrade_rows(upgrade) + [kill_row(kills)] + latency_rows(qabox, single)
 
 
 def load_rows(load: dict) -> list[Row]:
@@ -165,6 +180,18 @@ def load_rows(load: dict) -> list[Row]:
         Row("  slowest request", load["slowest"], "s"),
         Row("  deploy meanwhile, wall", load["deploy"], "s", note="changed build, same requirements"),
         Row("  restart meanwhile, wall", load["restart"], "s"),
+    ]
+
+
+def upgrade_rows(load: dict) -> list[Row]:
+    """What the testers saw while two agent builds took over the env in turn."""
+    failed = f"; first error: {load['errors'][0]}" if load["errors"] else ""
+    return [
+        Row("agent upgrade under load: requests", load["sent"], "req",
+            note=f"{LOAD_CLIENTS} clients in lab1 for {load['seconds']:.1f} s; restart with another "
+                 f"agent build ({load['upgrades'][0]:.1f} s), then with this one ({load['upgrades'][1]:.1f} s)"),
+        Row("  failed during the upgrades", load["failed"], "req",
+            note=target_note(load["failed"] == 0 and load["sent"] >= 500, "0 of >= 500") + failed),
     ]
 
 
