@@ -166,16 +166,21 @@ def section(bench: Bench) -> list[Row]:
     return load_rows(load) + upgrade_rows(upgrade) + [kill_row(kills)] + latency_rows(qabox, single)
 
 
+def sent_and_failed(name: str, failed_name: str, load: dict, note: str) -> list[Row]:
+    """The requests testers sent while qabox changed the env under them, and how many failed."""
+    first = f"; first error: {load['errors'][0]}" if load["errors"] else ""
+    return [
+        Row(name, load["sent"], "req", note=f"{LOAD_CLIENTS} clients in lab1 for {load['seconds']:.1f} s{note}"),
+        Row(failed_name, load["failed"], "req",
+            note=target_note(load["failed"] == 0 and load["sent"] >= 500, "0 of >= 500") + first),
+    ]
+
+
 def load_rows(load: dict) -> list[Row]:
     """What the testers saw while qabox deployed and restarted under them."""
     rate = load["sent"] / load["seconds"]
-    failed = f"; first error: {load['errors'][0]}" if load["errors"] else ""
-    return [
-        Row("redeploy under load: requests", load["sent"], "req",
-            note=f"{LOAD_CLIENTS} clients in lab1 for {load['seconds']:.1f} s, "
-                 f"answers {' then '.join(load['answers'])}"),
-        Row("  failed requests", load["failed"], "req",
-            note=target_note(load["failed"] == 0 and load["sent"] >= 500, "0 of >= 500") + failed),
+    return sent_and_failed("redeploy under load: requests", "  failed requests", load,
+                           f", answers {' then '.join(load['answers'])}") + [
         Row("  request rate", rate, "req/s", note=target_note(rate >= 50, ">= 50")),
         Row("  slowest request", load["slowest"], "s"),
         Row("  deploy meanwhile, wall", load["deploy"], "s", note="changed build, same requirements"),
@@ -185,14 +190,9 @@ def load_rows(load: dict) -> list[Row]:
 
 def upgrade_rows(load: dict) -> list[Row]:
     """What the testers saw while two agent builds took over the env in turn."""
-    failed = f"; first error: {load['errors'][0]}" if load["errors"] else ""
-    return [
-        Row("agent upgrade under load: requests", load["sent"], "req",
-            note=f"{LOAD_CLIENTS} clients in lab1 for {load['seconds']:.1f} s; restart with another "
-                 f"agent build ({load['upgrades'][0]:.1f} s), then with this one ({load['upgrades'][1]:.1f} s)"),
-        Row("  failed during the upgrades", load["failed"], "req",
-            note=target_note(load["failed"] == 0 and load["sent"] >= 500, "0 of >= 500") + failed),
-    ]
+    first, then = load["upgrades"]
+    return sent_and_failed("agent upgrade under load: requests", "  failed during the upgrades", load,
+                           f"; restart with another agent build ({first:.1f} s), then with this one ({then:.1f} s)")
 
 
 def kill_row(kills: list[float]) -> Row:
