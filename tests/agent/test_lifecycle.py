@@ -95,6 +95,9 @@ def test_a_new_tester_gets_a_port_the_running_app_serves_and_loses_it_when_remov
     local, port = box["host"], box["port"]
     serving = status(local)["pid"]
     key = new_key(tmp_path / "ann")
+    entry = Path(local.argv[-1]).with_name("current")
+    if entry.is_symlink():
+        entry.unlink()  # as if the push of this agent had been cut before its install
     added = local.call("tester-add", name="ann", key=key.with_suffix(".pub").read_text(),
                        sshd="SSH-2.0-OpenSSH_9.2p1", by="tests")
     assert added["ok"] and added["changed"], added
@@ -103,7 +106,8 @@ def test_a_new_tester_gets_a_port_the_running_app_serves_and_loses_it_when_remov
     assert local_get(tester_port) == local_get(port)  # handed to the app as it runs: no restart
     assert status(local)["pid"] == serving
     keys = (local.home / ".ssh" / "authorized_keys").read_text()
-    assert f'permitopen="127.0.0.1:{tester_port}"' in keys and "tester-session" in keys and "qabox-tester:ann" in keys
+    assert f'permitopen="127.0.0.1:{tester_port}"' in keys and "qabox-tester:ann" in keys
+    assert f" {entry} tester-session " in keys and entry.resolve() == Path(local.argv[-1])  # the stable entry
     assert [t["name"] for t in local.data("tester-list")["testers"]] == ["ann"]
     assert local.data("status", env=ENV)["envs"][0]["requests"] == {"ann": 1}
     removed = local.call("tester-remove", name="ann")

@@ -70,18 +70,7 @@ def cmd_install(req, io) -> dict:
     older agent to ``current``, and remove the versions nothing runs."""
     from . import boot, testers
 
-    folder = os.path.dirname(ARCHIVE)
-    link = os.path.join(folder, ENTRY)
-    changed = False
-    if os.path.islink(link) and os.readlink(link) == name():
-        pass
-    else:
-        tmp = "%s.%d.tmp" % (link, os.getpid())
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.symlink(name(), tmp)  # relative: the directory can move with its base
-        os.replace(tmp, link)
-        changed = True
+    changed = point_entry()
     for move in (testers.point_keys_at_entry, lambda base: boot.set_cron(base, only_if_present=True)):
         try:
             changed = move(req["base"]) or changed
@@ -89,6 +78,20 @@ def cmd_install(req, io) -> dict:
             pass  # a damaged tester list, no cron: what names the old agent keeps it (see prune)
     removed = prune()
     return {"agent": name(), "removed": removed, "changed": changed or bool(removed)}
+
+
+def point_entry(switch: bool = True) -> bool:
+    """Point ``current`` at this agent (or, not switching, only if it leads
+    nowhere: a push cut before its install). True if it changed."""
+    link = entry()
+    if os.path.islink(link) and os.readlink(link) == name() or not switch and os.path.exists(link):
+        return False
+    tmp = "%s.%d.tmp" % (link, os.getpid())
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(name(), tmp)  # relative: the directory can move with its base
+    os.replace(tmp, link)
+    return True
 
 
 def named_elsewhere() -> str:

@@ -34,7 +34,10 @@ def set_cron(base: str, only_if_present: bool = False) -> bool:
                               tag)
     listing = subprocess.run(["crontab", "-l"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     lines = listing.stdout.decode().splitlines() if listing.returncode == 0 else []
-    if line in lines or (only_if_present and not any(x.endswith(tag) for x in lines)):
+    if only_if_present and not any(x.endswith(tag) for x in lines):
+        return False
+    agents.point_entry(switch=False)  # the line names it: it must lead to an agent
+    if line in lines:
         return False
     lines = [x for x in lines if not x.endswith(tag)] + [line]
     done = subprocess.run(["crontab", "-"], input=("\n".join(lines) + "\n").encode(),

@@ -180,6 +180,8 @@ def write_authorized_keys(base: str, testers: dict) -> bool:
 
     kept = [line for line in lines if not ours(line)]
     mine = [authorized_line(base, name, testers[name]) for name in sorted(testers)]
+    if mine:
+        agents.point_entry(switch=False)  # the lines name it: it must lead to an agent
     if kept + mine == lines:
         return False
     tmp = "%s.%d.tmp" % (path, os.getpid())
