@@ -12,6 +12,7 @@ import threading
 import time
 
 from . import agents
+from .appenv import app_environ, venv_python
 from .control import app_request, env_apps
 from .envs import START_TIMEOUT, Env, link_current
 from .files import is_port, iso, makedirs, now, rotate, tail, write_json
@@ -58,22 +59,12 @@ class AppProcess:
             "base": env.base,
             "env": env.name,
         }
-        python = env.path("venvs", info["venv"], "bin", "python")
-        child_env = dict(os.environ)
-        for name in ("FLASK_DEBUG", "WERKZEUG_RUN_MAIN", "WERKZEUG_SERVER_FD"):
-            child_env.pop(name, None)
-        child_env.update(
-            QABOX_DATA_DIR=env.path("data"),
-            QABOX_ENV=env.name,
-            QABOX_RELEASE=release,
-            PYTHONUNBUFFERED="1",
-            PATH=os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
-        )
+        python = venv_python(env, info)
         log = os.open(env.path("logs", release + ".log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             proc = subprocess.Popen(
                 [python, agents.archive(), "serve", json.dumps(spec)],
-                cwd=spec["release_dir"], env=child_env,
+                cwd=spec["release_dir"], env=app_environ(env, release, info),
                 pass_fds=list(sockets.values()) + [probe.fileno()],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
