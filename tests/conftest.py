@@ -315,7 +315,7 @@ class Host:
             proc.stderr.close()
             proc.stdout.close()
 
-    def deploy(self, build: Path, env: str, port: int, sent: bytes | None = None) -> dict:
+    def deploy(self, build: Path, env: str, port: int, sent: bytes | None = None, **extra) -> dict:
         """qabox deploy's steps, with no check on this side: lock, upload-state, the bytes
         (the build's, or ``sent``) to its .part as SFTP writes them, deploy. Its result."""
         sha = hashlib.sha256(build.read_bytes()).hexdigest()
@@ -325,7 +325,7 @@ class Host:
             if not state["data"]["have"]:
                 Path(state["data"]["part_path"]).write_bytes(build.read_bytes() if sent is None else sent)
             return call("deploy", env=env, sha256=sha, file=build.name, entry="wsgi:app", health="/",
-                        port=port, by="tests", start_timeout=20)
+                        port=port, by="tests", start_timeout=20, **extra)
 
     def processes(self) -> list[int]:
         """Pids of processes running for this host's base (supervisors, apps)."""
@@ -357,7 +357,8 @@ WSGI_APP = """
 import os
 
 def app(environ, start_response):
-    answers = {"/pid": str(os.getpid()), "/release": os.environ["QABOX_RELEASE"]}
+    answers = {"/pid": str(os.getpid()), "/release": os.environ["QABOX_RELEASE"],
+               "/env": repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("CFG_")))}
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [answers.get(environ["PATH_INFO"], "VERSION").encode()]
 """

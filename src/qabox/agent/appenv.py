@@ -4,9 +4,9 @@ release hooks alike)."""
 
 import os
 
+from .config import environment
 from .envs import Env
-
-NEVER_PASSED = ("FLASK_DEBUG", "WERKZEUG_RUN_MAIN", "WERKZEUG_SERVER_FD")  # debugger or reloader switches
+from .rules import DEBUG_SWITCHES
 
 
 def venv_python(env: Env, info: dict) -> str:
@@ -16,9 +16,12 @@ def venv_python(env: Env, info: dict) -> str:
 
 def app_environ(env: Env, release: str, info: dict) -> dict:
     """The environment of a process of the app: the agent's own, less the
-    debugger's switches, with the env's data dir and the venv first on PATH."""
+    debugger's switches, then the app's configuration (the release's qabox.toml
+    defaults < the hosts file's < ``qabox config``'s), then the env's data dir
+    and the venv first on PATH (names configuration may not set)."""
     python = venv_python(env, info)
-    environ = {key: value for key, value in os.environ.items() if key not in NEVER_PASSED}
+    environ = {key: value for key, value in os.environ.items() if key not in DEBUG_SWITCHES}
+    environ.update(environment(env, info))
     environ.update(
         QABOX_DATA_DIR=env.path("data"),
         QABOX_ENV=env.name,

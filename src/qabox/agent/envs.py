@@ -1,6 +1,7 @@
 """One env's layout under the base directory, and its recorded settings.
 
     envs/<env>/env.json        the env's port, whether stopped, its timings
+    envs/<env>/config.json     the app's configuration (see config)
     envs/<env>/deploy.lock     held by a ``session`` for a deploy's life
     envs/<env>/releases/<id>/  extracted builds, each with release.json
     envs/<env>/current         symlink to the serving release
@@ -80,7 +81,7 @@ class Env:
     def problems(self) -> list:
         """What is damaged among the env's files, each naming the file and what to do."""
         current = self.current()
-        paths = [self.path("env.json"), self.path("state.json")]
+        paths = [self.path("env.json"), self.path("state.json"), self.path("config.json")]
         if current:
             paths.append(os.path.join(self.release_dir(current), RELEASE_FILE))
         found = []

@@ -6,7 +6,7 @@ import shutil
 import time
 
 from .protocol import Fail
-from .rules import RELEASE_FILE
+from .rules import RELEASE_FILE, environment_problems
 
 
 LOG_TAIL = 30
@@ -61,6 +61,10 @@ def is_text(value) -> bool:
     return isinstance(value, str)
 
 
+def is_environment(value) -> bool:
+    return not environment_problems(value)
+
+
 # What an env's own files may hold (each a JSON object; any key may be null),
 # and what to do about one that is damaged.
 RECORDS = {
@@ -73,8 +77,11 @@ RECORDS = {
                     "updated_at": is_number},
                    "delete it, and the env's supervisor writes it anew"),
     RELEASE_FILE: ({"release": is_text, "sha256": is_text, "file": is_text, "entry": is_text,
-                    "health": is_text, "venv": is_text, "deployed_at": is_text, "deployed_by": is_text},
+                    "health": is_text, "venv": is_text, "deployed_at": is_text, "deployed_by": is_text,
+                    "environment": is_environment},
                    "deploy again, or roll back to another release"),
+    "config.json": ({"values": is_environment, "hosts_file": is_environment},
+                    "delete it, then set the env's configuration again with `qabox config set`"),
 }
 
 

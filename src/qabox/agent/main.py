@@ -29,6 +29,8 @@ COMMANDS = {  # request name: (module, function), imported when it runs
     "restart": ("releases", "cmd_restart"),
     "releases": ("releases", "cmd_releases"),
     "on-boot": ("boot", "cmd_on_boot"),
+    "config-change": ("config", "cmd_config_change"),
+    "config-list": ("config", "cmd_config_list"),
     "tester-add": ("testers", "cmd_tester_add"),
     "tester-remove": ("testers", "cmd_tester_remove"),
     "tester-list": ("testers", "cmd_tester_list"),

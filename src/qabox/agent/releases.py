@@ -8,6 +8,7 @@ import time
 
 from . import agents, testers
 from .builds import drop_build, extract, take_build
+from .config import checked, record_hosts_file
 from .control import ensure_supervisor, env_apps, foreign_listeners, revive, supervisor_call, supervisor_ping, \
     supervisor_state
 from .envs import START_TIMEOUT, Env, all_envs, existing_env, update_settings
@@ -48,7 +49,9 @@ def cmd_deploy(req, io) -> dict:
     if not HEALTH_PATH.fullmatch(health):
         raise Fail("bad_build", "the health path %r is not a URL path: use one like \"/health\" "
                    "(printable characters, no spaces) in the build's qabox.toml" % health)
-    if current and env.release_info(current).get("sha256") == sha:
+    defaults = checked(req.get("environment") or {}, "[app.environment] in the build's qabox.toml")
+    hosts_changed = record_hosts_file(env, req.get("hosts_environment"))
+    if not hosts_changed and current and env.release_info(current).get("sha256") == sha:
         pong = supervisor_ping(env)
         if pong and pong.get("state") == "running" and pong.get("port") == settings["port"]:
             return {"release": current, "previous": current, "port": settings["port"],
@@ -74,6 +77,7 @@ def cmd_deploy(req, io) -> dict:
             "venv": key,
             "deployed_at": iso(now()),
             "deployed_by": req.get("by"),
+            "environment": defaults,
         }
         write_json(os.path.join(tmp, RELEASE_FILE), info)
         os.rename(tmp, rdir)

@@ -18,6 +18,7 @@ ENV_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 RELEASE_ID = re.compile(r"\d{8}-\d{6}(-\d+)?")
 HEALTH_PATH = re.compile(r"/[\x21-\x7e]*")  # fullmatch; printable, no spaces: pasted into a request line
+CONFIG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: a name any shell can export
 RELEASE_FILE = "release.json"  # qabox's record in each release: a build may not bring its own
 DEFAULT_MAX_BYTES = 2 * 1024**3
 DEFAULT_MAX_MEMBERS = 50000
@@ -251,3 +252,34 @@ def check_sshd(banner: str) -> None:
                    "listeners on the host (permitlisten came in 7.8), so a tester could take over "
                    "other testers' ports: no tester key was added; have the host's admin upgrade "
                    "openssh-server to 7.8 or newer" % found.groups())
+
+
+# Names of the app's environment that qabox sets itself (QABOX_*, PATH with the
+# venv first, PYTHONUNBUFFERED), that would make the venv's python another
+# (PYTHONHOME, PYTHONPATH...: every PYTHON* variable changes how python runs,
+# not the app), or that would turn on Werkzeug's debugger or reloader.
+DEBUG_SWITCHES = ("FLASK_DEBUG", "WERKZEUG_RUN_MAIN", "WERKZEUG_SERVER_FD")  # never passed to the app
+RESERVED_NAMES = ("PATH",) + DEBUG_SWITCHES
+RESERVED_PREFIXES = ("QABOX_", "PYTHON")
+
+
+def config_name_problem(name) -> "str | None":
+    """Why ``name`` cannot be one of the app's environment variables, or None.
+    The message names the name only, never a value."""
+    if not isinstance(name, str) or not CONFIG_NAME.fullmatch(name):
+        return "%.60r is not an environment variable name: use letters, digits and _, not starting " \
+               "with a digit" % (name,)
+    if name in RESERVED_NAMES or name.startswith(RESERVED_PREFIXES):
+        return "%s is set by qabox itself (QABOX_*, PATH, PYTHON*, FLASK_DEBUG and Werkzeug's switches " \
+               "are reserved): pick another name" % name
+    return None
+
+
+def environment_problems(table) -> list:
+    """What is wrong with a table of environment variables (names to text)."""
+    if not isinstance(table, dict):
+        return ["it is not a table of NAME = \"text\""]
+    problems = [config_name_problem(name) for name in sorted(table, key=str)]
+    problems += ["the value of %s is not text" % name for name, value in sorted(table.items())
+                 if CONFIG_NAME.fullmatch(name) and not isinstance(value, str)]
+    return [p for p in problems if p]
