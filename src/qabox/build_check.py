@@ -35,6 +35,7 @@ class Build:
     entry: str
     health: str
     members: int
+    environment: dict  # [app.environment]: the app's non-secret defaults
 
 
 def normalise(name: str) -> str:
@@ -85,8 +86,12 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
     if not isinstance(health, str) or not rules.HEALTH_PATH.fullmatch(health):
         raise BuildError(f"qabox.toml in {path.name}: [app] health = {health!r} is not a URL path: use one "
                          f"like \"/health\" (printable characters, no spaces)")
+    environment = app.get("environment", {})
+    problems = rules.environment_problems(environment)
+    if problems:
+        raise BuildError(f"qabox.toml in {path.name}: [app.environment]: {'; '.join(problems)}")
     return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
-                 health=health, members=len(members))
+                 health=health, members=len(members), environment=environment)
 
 
 def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:

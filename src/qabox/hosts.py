@@ -49,6 +49,10 @@ class HostSettings:
     testers: dict = field(default_factory=dict)
     source: Path | None = None
 
+    def env_environment(self, env: str) -> dict:
+        """The app's environment defaults the hosts file gives an env (``[envs.NAME.environment]``)."""
+        return self.envs.get(env, {}).get("environment", {})
+
     def env_port(self, env: str) -> int | None:
         """The port the hosts file sets for an env (``port`` is main's), if any."""
         port = self.envs.get(env, {}).get("port")
@@ -71,7 +75,7 @@ KEYS = {
     "testers": (dict, lambda v: True, "a table of testers"),
 }
 TABLE_KEYS = {
-    "envs": {"port": KEYS["port"]},
+    "envs": {"port": KEYS["port"], "environment": (dict, lambda v: True, "a table of NAME = \"text\"")},
     "testers": {"port": KEYS["port"], "key": (str, lambda v: bool(v.strip()), "a private key file")},
 }
 
@@ -113,6 +117,9 @@ def load_settings(name: str, hosts_dir: Path) -> HostSettings:
                 kind_, valid, what = known[key]
                 if isinstance(value, bool) or not isinstance(value, kind_) or not valid(value):
                     raise ConfigError(f"{where}: [{kind}.{entry}] {key} = {value!r} is not {what}")
+                problems = rules.environment_problems(value) if key == "environment" else []
+                if problems:  # names only: a value is never shown
+                    raise ConfigError(f"{where}: [{kind}.{entry}.environment]: {'; '.join(problems)}")
     return HostSettings(name=name, source=path, **values)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from qabox.cli import build, deploy, hosts, lifecycle, logs, status, testers, tunnel
+from qabox.cli import build, config, deploy, hosts, lifecycle, logs, status, testers, tunnel
 from qabox.cli.options import main_options
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.command("tunnels")(tunnel.tunnels_list)
 app.command("build")(build.build)
 app.add_typer(hosts.app, name="hosts")
 app.add_typer(testers.app, name="testers")
+app.add_typer(config.app, name="config")
 
 
 def main() -> None:

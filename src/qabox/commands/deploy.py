@@ -96,6 +96,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
                 max_members=settings.max_build_members,
                 health_interval=settings.health_interval,
                 log_max_bytes=int(settings.log_max_mb * 2**20),
+                environment=build.environment, hosts_environment=settings.env_environment(env),
             )
             if on_boot:
                 session.call("on-boot")

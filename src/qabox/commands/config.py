@@ -1,0 +1,62 @@
+"""``qabox config``: the app's environment variables per env, kept on the host.
+
+Values travel in the JSON request on the agent's stdin, never in a command
+line; qabox's own messages name variables, never their values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qabox.agent import rules
+from qabox.context import Context, check_env, whoami
+from qabox.errors import ConfigError
+
+
+def check_names(names) -> None:
+    """Refuse the first name the app's environment cannot have, saying why."""
+    for name in names:
+        problem = rules.config_name_problem(name)
+        if problem:
+            raise ConfigError(problem)
+
+
+def read_dotenv(path: Path) -> dict:
+    """The variables of a dotenv file (``python-dotenv``'s syntax: quotes, ``export``,
+    multi-line quoted values, ``${VAR}`` from the file itself)."""
+    from dotenv import dotenv_values
+
+    if not path.is_file():
+        raise ConfigError(f"--from-file {path}: there is no such file: name a dotenv file (KEY=VALUE lines)")
+    values = dotenv_values(path, interpolate=True)
+    missing = [name for name, value in values.items() if value is None]
+    if missing:
+        raise ConfigError(f"--from-file {path}: {missing[0]} has no value: write {missing[0]}=VALUE there "
+                          f"(or {missing[0]}= for an empty one)")
+    return dict(values)
+
+
+def change(ctx: Context, host: str, env: str, values: dict | None = None, unset: list | None = None,
+           restart: bool = True, lock_timeout: float = 60) -> dict:
+    """Set and unset variables under the env's deploy lock, then (unless not ``restart``)
+    restart its app as ``qabox restart`` does, with no failed requests. The agent's
+    answer (``names`` changed, ``not_set``, ``release``), with ``restarted``: the
+    restart's result, or None."""
+    check_env(env)
+    values, unset = values or {}, unset or []
+    check_names([*values, *unset])
+    hosts_environment = ctx.settings(host).env_environment(env)
+    with ctx.remote(host) as remote, remote.session(env, lock_timeout, whoami(), create=True) as session:
+        result = session.call("config-change", env=env, set=values, unset=unset,
+                              hosts_environment=hosts_environment)
+        applies = result.pop("restart") and result["changed"]
+        result["restarted"] = session.call("restart", timeout=120, env=env) if restart and applies else None
+        result["deferred"] = bool(applies and not restart)
+    return result
+
+
+def listing(ctx: Context, host: str, env: str, show: bool = False) -> dict:
+    """The env's configured variables with their source; values only with ``show``."""
+    check_env(env)
+    with ctx.remote(host) as remote:
+        return remote.call("config-list", env=env, show=show)
