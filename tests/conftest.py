@@ -317,7 +317,8 @@ class Host:
 
     def deploy(self, build: Path, env: str, port: int, sent: bytes | None = None, **extra) -> dict:
         """qabox deploy's steps, with no check on this side: lock, upload-state, the bytes
-        (the build's, or ``sent``) to its .part as SFTP writes them, deploy. Its result."""
+        (the build's, or ``sent``) to its .part as SFTP writes them, deploy (``extra``: more of
+        its args). Its result."""
         sha = hashlib.sha256(build.read_bytes()).hexdigest()
         with self.session(env) as call:
             state = call("upload-state", env=env, sha256=sha)
@@ -385,6 +386,14 @@ def host(agent_cmd, tmp_path):
     home = tmp_path / "host"
     home.mkdir()
     local = Host(agent_cmd(), home)
+    yield local
+    local.kill_all()
+
+
+@pytest.fixture(scope="module")
+def module_host(agent_cmd, tmp_path_factory):
+    """An empty host for a module's tests, which use it in order; what it started is killed after."""
+    local = Host(agent_cmd(), tmp_path_factory.mktemp("host"))
     yield local
     local.kill_all()
 

@@ -18,18 +18,14 @@ SECRET = "s3cr=t\nline two = with 'quotes' and $HOME"
 
 
 @pytest.fixture(scope="module")
-def box(agent_cmd, tmp_path_factory):
+def box(module_host, tmp_path_factory):
     """A host with a release whose qabox.toml had CFG_A and CFG_B as defaults."""
-    top = tmp_path_factory.mktemp("cfgbox")
-    (top / "home").mkdir()
-    local = Host(agent_cmd(), top / "home")
     port = free_port()
-    first = local.deploy(wsgi_build(top / "v1.tar.gz"), ENV, port,
-                         environment={"CFG_A": "from toml", "CFG_B": "from toml"},
-                         hosts_environment={"CFG_B": "from hosts", "CFG_C": "from hosts"})
+    first = module_host.deploy(wsgi_build(tmp_path_factory.mktemp("cfgbox") / "v1.tar.gz"), ENV, port,
+                               environment={"CFG_A": "from toml", "CFG_B": "from toml"},
+                               hosts_environment={"CFG_B": "from hosts", "CFG_C": "from hosts"})
     assert first["ok"], first
-    yield {"host": local, "port": port}
-    local.kill_all()
+    return {"host": module_host, "port": port}
 
 
 def served(port: int) -> dict:

@@ -18,16 +18,13 @@ ENV = "main"
 
 
 @pytest.fixture(scope="module")
-def box(agent_cmd, tmp_path_factory):
+def box(module_host, tmp_path_factory):
     """One host for the module's tests, in order: a release of v1 serving, and a build of v2."""
     top = tmp_path_factory.mktemp("box")
-    (top / "home").mkdir()
-    local = Host(agent_cmd(), top / "home")
     builds = {v: wsgi_build(top / f"{v}.tar.gz", v) for v in ("v1", "v2")}
     port = free_port()
-    first = local.deploy(builds["v1"], ENV, port)
-    yield {"host": local, "builds": builds, "port": port, "first": first}
-    local.kill_all()
+    first = module_host.deploy(builds["v1"], ENV, port)
+    return {"host": module_host, "builds": builds, "port": port, "first": first}
 
 
 def status(local: Host) -> dict:
