@@ -108,7 +108,10 @@ def test_the_agent_runs_on_every_python_and_loads_only_the_standard_library(pyth
         (env,) = local.data("status", env="main")["envs"]
         assert env["state"] == "running" and env["health"]["code"] == 200
         with local.session("main") as call:
+            assert call("config-change", env="main", set={"CFG_A": "a=1\nb"})["data"]["restart"]
             assert call("stop", env="main")["changed"]
+        assert local.data("config-list", env="main", show=True)["variables"] == [
+            {"name": "CFG_A", "source": "config", "value": "a=1\nb"}]
         assert local_get(port)[0] == 0 and wait_until(lambda: not local.processes(), 10)
     finally:
         local.kill_all()
