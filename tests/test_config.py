@@ -143,13 +143,13 @@ def test_precedence_from_file_no_restart_and_unset(flask_build, env_name, port, 
     assert get(port, "/env/LAYER") == "from the hosts file"  # qabox.toml < hosts file
 
     dotenv = tmp_path / ".env"
-    dotenv.write_text('# a comment\nexport LAYER="from .env"\nMULTI="one=1\ntwo=2"\nEMPTY=\n')
+    dotenv.write_text('# a comment\nexport LAYER="from .env"\nMULTI="one=1\ntwo=2"\nEMPTY=\nLITERAL=${HOME}\n')
     deferred = config("set", "--from-file", dotenv, "--no-restart", env=env_name)
     assert deferred.code == 0 and "not restarted (--no-restart)" in deferred.stdout, deferred
     assert get(port, "/env/LAYER") == "from the hosts file"  # not yet
     assert qabox("restart", "--host", "lab1", "--env", env_name).code == 0
     assert get(port, "/env/LAYER") == "from .env" and get(port, "/env/MULTI") == "one=1\ntwo=2"
-    assert get(port, "/env/EMPTY") == ""
+    assert get(port, "/env/EMPTY") == "" and get(port, "/env/LITERAL") == "${HOME}"
 
     unset = config("unset", "LAYER", "COLOR", "NEVER_SET", env=env_name)
     assert unset.code == 0 and f"lab1/{env_name}: not set: NEVER_SET" in unset.stdout, unset

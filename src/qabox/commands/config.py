@@ -23,12 +23,13 @@ def check_names(names) -> None:
 
 def read_dotenv(path: Path) -> dict:
     """The variables of a dotenv file (``python-dotenv``'s syntax: quotes, ``export``,
-    multi-line quoted values, ``${VAR}`` from the file itself)."""
+    multi-line quoted values), taken as written: ``${VAR}`` is not expanded, since
+    it would bring in this machine's environment, not the host's."""
     from dotenv import dotenv_values
 
     if not path.is_file():
         raise ConfigError(f"--from-file {path}: there is no such file: name a dotenv file (KEY=VALUE lines)")
-    values = dotenv_values(path, interpolate=True)
+    values = dotenv_values(path, interpolate=False)
     missing = [name for name, value in values.items() if value is None]
     if missing:
         raise ConfigError(f"--from-file {path}: {missing[0]} has no value: write {missing[0]}=VALUE there "
