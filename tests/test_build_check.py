@@ -89,3 +89,12 @@ def test_a_build_may_not_bring_its_own_release_json(tmp_path):
         with pytest.raises(BuildError, match="qabox writes each release.s own release.json there"):
             build_check.inspect(path)
     assert build_check.inspect(tar_of(tmp_path, {"app.py": "", "static/release.json": "{}"}))
+
+
+def test_app_environment_defaults(tmp_path):
+    toml = '[app]\nentry = "app:app"\n[app.environment]\nLOG_LEVEL = "info"\n'
+    assert build_check.inspect(tar_of(tmp_path, {"app.py": "", "qabox.toml": toml})).environment == {"LOG_LEVEL": "info"}
+    assert build_check.inspect(tar_of(tmp_path, {"app.py": ""}, "c.tar")).environment == {}
+    bad = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app.environment]\n"A-B" = "x"\n'}, "d.tar")
+    with pytest.raises(BuildError, match=r"qabox.toml in d.tar: \[app.environment\]: 'A-B' is not an environment"):
+        build_check.inspect(bad)

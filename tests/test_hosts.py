@@ -69,3 +69,12 @@ def test_repo_example_documents_every_key():
     text = (Path(__file__).parents[1] / "hosts" / "example.toml").read_text()
     for key in KEYS:
         assert f"{key} =" in text or f"[{key}." in text, key
+
+
+def test_env_environment_tables(tmp_path):
+    s = load_settings("oldbox", write(tmp_path, '[envs.qa.environment]\nAPP_MODE = "qa"\nMULTI = """a\nb=c"""\n'))
+    assert (s.env_environment("qa"), s.env_environment("main")) == ({"APP_MODE": "qa", "MULTI": "a\nb=c"}, {})
+    with pytest.raises(ConfigError, match=r"\[envs.qa.environment\]: PYTHONPATH is set by qabox itself"):
+        load_settings("oldbox", write(tmp_path, '[envs.qa.environment]\nPYTHONPATH = "/secret/path"\n'))
+    with pytest.raises(ConfigError, match=r"\[envs.qa.environment\]: the value of N is not text$"):
+        load_settings("oldbox", write(tmp_path, '[envs.qa.environment]\nN = 3\n'))

@@ -77,6 +77,7 @@ def cmd_config_change(req, io) -> dict:
     problems = [p for p in map(config_name_problem, unset) if p]
     if problems:
         raise Fail("bad_config", "config unset: %s; nothing was changed" % "; ".join(problems))
+    hosts_changed = record_hosts_file(env, req.get("hosts_environment"))  # checked before anything is written
     record = stored(env)
     before = record.get("values") or {}
     after = dict(before, **values)
@@ -86,7 +87,6 @@ def cmd_config_change(req, io) -> dict:
     if names:
         record["values"] = after
         save(env, record)
-    hosts_changed = record_hosts_file(env, req.get("hosts_environment"))
     release = env.current()
     return {"changed": bool(names) or hosts_changed, "names": names,
             "not_set": sorted(set(unset) - set(before)), "release": release,
