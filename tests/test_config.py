@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -101,7 +102,17 @@ def test_set_from_stdin_restarts_with_no_failed_request_and_the_secret_never_sho
     seconds = time.monotonic() - started
     print(f"\nconfig set to serving the new value: {seconds:.2f} s")
     assert result.stdout.startswith(f"lab1/{env_name}: set FLASK_GREETING; release ") and "restarted (pid" in result.stdout
+    during, done = [], threading.Event()
+
+    def watch():  # every process's argv on the host while the secret is being set
+        while not done.is_set():
+            during.append(in_host("lab1", "ps", "axww").stdout)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     secret = config("set", "SECRET_KEY", input=SECRET + "\n", env=env_name)  # stdin is not a terminal here
+    done.set()
+    watcher.join()
     assert secret.code == 0 and SECRET not in secret.stdout + secret.stderr, secret
     assert get(port, "/key") == sha256(SECRET)  # the one trailing newline dropped, the one inside kept
     stats = json.loads(load.communicate(timeout=60)[0])
@@ -120,8 +131,9 @@ def test_set_from_stdin_restarts_with_no_failed_request_and_the_secret_never_sho
     errors = [config("set", f"BAD-NAME={SECRET}", env=env_name), config("set", f"PATH={SECRET}", env=env_name),
               config("set", f"OK={SECRET}", env="no/such"), config("unset", "QABOX_ENV", env=env_name)]
     assert all(e.code == 2 for e in errors), errors
+    assert len(during) >= 2, during
     seen = [
-        in_host("lab1", "ps", "axww").stdout,
+        in_host("lab1", "ps", "axww").stdout, *during,
         in_host("lab1", "sh", "-c", f"cat {LAB_HOME}/.qabox/envs/{env_name}/logs/*").stdout,
         qabox("logs", "--host", "lab1", "--env", env_name, "-n", "1000").stdout,
         qabox("status", "--host", "lab1", "--env", env_name, "--json").stdout,
