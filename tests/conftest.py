@@ -315,9 +315,10 @@ class Host:
             proc.stderr.close()
             proc.stdout.close()
 
-    def deploy(self, build: Path, env: str, port: int, sent: bytes | None = None) -> dict:
+    def deploy(self, build: Path, env: str, port: int, sent: bytes | None = None, **args) -> dict:
         """qabox deploy's steps, with no check on this side: lock, upload-state, the bytes
-        (the build's, or ``sent``) to its .part as SFTP writes them, deploy. Its result."""
+        (the build's, or ``sent``) to its .part as SFTP writes them, deploy (with ``args``
+        besides the usual ones). Its result."""
         sha = hashlib.sha256(build.read_bytes()).hexdigest()
         with self.session(env) as call:
             state = call("upload-state", env=env, sha256=sha)
@@ -325,7 +326,7 @@ class Host:
             if not state["data"]["have"]:
                 Path(state["data"]["part_path"]).write_bytes(build.read_bytes() if sent is None else sent)
             return call("deploy", env=env, sha256=sha, file=build.name, entry="wsgi:app", health="/",
-                        port=port, by="tests", start_timeout=20)
+                        port=port, by="tests", start_timeout=20, **args)
 
     def processes(self) -> list[int]:
         """Pids of processes running for this host's base (supervisors, apps)."""
