@@ -35,6 +35,8 @@ class Build:
     entry: str
     health: str
     members: int
+    release_hooks: list[str]
+    release_timeout: float
 
 
 def normalise(name: str) -> str:
@@ -85,8 +87,16 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
     if not isinstance(health, str) or not rules.HEALTH_PATH.fullmatch(health):
         raise BuildError(f"qabox.toml in {path.name}: [app] health = {health!r} is not a URL path: use one "
                          f"like \"/health\" (printable characters, no spaces)")
+    try:
+        hooks = rules.release_hooks(app.get("release", []))
+    except rules.Fail as e:
+        raise BuildError(f"qabox.toml in {path.name}: {e.message}") from None
+    timeout = app.get("release_timeout", rules.RELEASE_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise BuildError(f"qabox.toml in {path.name}: [app] release_timeout = {timeout!r} is not a number of "
+                         f"seconds above 0")
     return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
-                 health=health, members=len(members))
+                 health=health, members=len(members), release_hooks=hooks, release_timeout=float(timeout))
 
 
 def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:

@@ -11,7 +11,8 @@ a terminal's bytes arrive exactly as written:
   "tty": {"rows", "cols", "term"} or null}}``, then, while the command runs,
   ``{"in": BASE64}`` (its stdin), ``{"eof": 1}`` (stdin ended),
   ``{"resize": [rows, cols]}`` and heartbeats ``{}``;
-- the agent answers ``{"out": BASE64}`` and ``{"err": BASE64}`` (with a tty,
+- the agent answers ``{"started": {"release": R}}`` once the command runs
+  (qabox sends its stdin from then on), ``{"out": BASE64}`` and ``{"err": BASE64}`` (with a tty,
   the terminal's output, all as ``out``), ``{"hb": 1}`` after 5 s of silence,
   then the result ``{"ok": true, "data": {"exit": N, "release": R}}``, N the
   command's exit status (128 + the signal that ended it), or a refusal
@@ -135,6 +136,7 @@ def cmd_run(req, io) -> dict:
         proc = spawn(env, release, info, cwd, argv, "run", None, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE)
         fds, stdin_fd = {proc.stdout.fileno(): "out", proc.stderr.fileno(): "err"}, proc.stdin.fileno()
+    io.emit({"started": {"release": release}})
     threading.Thread(target=feed, args=(io, stdin_fd, bool(tty)), daemon=True).start()
     pump(proc, fds, lambda kind, data: io.emit({kind: base64.b64encode(data).decode("ascii")}), io)
     return {"exit": exit_status(proc), "release": release}
