@@ -4,16 +4,18 @@ runs it: a real deploy of a bare WSGI app, real hook processes, no SSH."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Host, free_port, local_get, wsgi_build
+from conftest import Host, free_port, local_get, wait_until, wsgi_build
 
 pytestmark = pytest.mark.network  # the app server's wheels, downloaded once into .cache/wheels
 ENV = "main"
@@ -22,13 +24,20 @@ MIGRATE = ("python -c \"import os, sys; print('migrating', sys.executable); "
            "+ ' ' + os.getcwd() + '\\n')\"")
 
 
-@pytest.fixture(scope="module")
-def box(agent_cmd, tmp_path_factory):
-    """One host for the module's tests: v1 deployed with a migration-like hook, builds of v2 and v3."""
+PYTHON36 = "/root/.pyenv/versions/3.6.15/bin/python"  # the oldest python a host may have
+
+
+@pytest.fixture(scope="module", params=[None, PYTHON36], ids=["python", "python3.6"])
+def box(agent_cmd, tmp_path_factory, request):
+    """One host for the module's tests, its agent on this python or on 3.6: v1 deployed
+    with a migration-like hook, builds of v2 and v3."""
+    if request.param and not os.path.exists(request.param):
+        pytest.skip(f"no {request.param} on this machine")
     top = tmp_path_factory.mktemp("box")
     (top / "home").mkdir()
-    local = Host(agent_cmd(), top / "home")
-    builds = {v: wsgi_build(top / f"{v}.tar.gz", v) for v in ("v1", "v2", "v3")}
+    local = Host(agent_cmd(request.param or sys.executable), top / "home")
+    target = "3.6" if request.param else None
+    builds = {v: wsgi_build(top / f"{v}.tar.gz", v, python=target) for v in ("v1", "v2", "v3")}
     port = free_port()
     first = local.deploy(builds["v1"], ENV, port, release_hooks=[MIGRATE, "python -c 'print(1 + 1)'"])
     yield {"host": local, "builds": builds, "port": port, "first": first}
@@ -143,3 +152,31 @@ def test_run_refuses_a_command_it_cannot_find_and_an_env_with_nothing_deployed(b
     _, _, result = run(local, ["true"], env="fresh")
     assert result["error"] == {"code": "no_release", "message": "nothing is deployed to env fresh: deploy a "
                                                                 "build first, then run commands in it"}
+
+
+def test_a_hook_whose_client_went_away_is_ended_with_its_group_and_its_release_removed(box, tmp_path):
+    local = box["host"]
+    pids = tmp_path / "pids"
+    hanging = ("python -c \"import os, subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
+               f"open(sys.argv[1], 'w').write('%d %d' % (os.getpid(), child.pid)); time.sleep(60)\" {pids}")
+    build = box["builds"]["v3"]
+    sha = hashlib.sha256(build.read_bytes()).hexdigest()
+    agent = subprocess.Popen(local.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=local.environ)
+    for cmd, args in (("session", dict(env=ENV, timeout=10, by="tests")), ("upload-state", dict(env=ENV, sha256=sha))):
+        agent.stdin.write((local.request(cmd, **args) + "\n").encode())
+        agent.stdin.flush()
+        answer = json.loads(agent.stdout.readline())
+        assert answer["ok"], answer
+    if not answer["data"]["have"]:
+        Path(answer["data"]["part_path"]).write_bytes(build.read_bytes())
+    agent.stdin.write((local.request("deploy", env=ENV, sha256=sha, file=build.name, entry="wsgi:app", port=box["port"],
+                                     by="tests", release_hooks=[hanging]) + "\n").encode())
+    agent.stdin.flush()
+    assert wait_until(pids.exists, 60)
+    agent.stdin.close()  # qabox went away
+    assert agent.wait(30) == 0
+    for pid in map(int, pids.read_text().split()):
+        assert wait_until(lambda: not os.path.exists(f"/proc/{pid}")
+                          or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", 10), pid
+    assert len(local.data("releases", env=ENV)["releases"]) == 1 and local_get(box["port"]) == (200, "v1")
+    assert [p.name for p in env_dir(local, "releases").iterdir()] == [box["first"]["data"]["release"]]
