@@ -4,17 +4,21 @@ shape), one-off commands through the real CLI process, with and without a pty.""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
+import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import LAB_USER, REPO, http_get, json_data, qabox, remove_env
+from conftest import LAB_USER, REPO, http_get, in_host, json_data, qabox, remove_env, wait_until
 from qabox.pack import pack
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -145,10 +149,14 @@ def test_run_refuses_when_nothing_is_deployed(env_name, flaskr):
                                     f"first, then run commands in it\n")
 
 
-def in_terminal(argv: list[str], answers: dict[bytes, bytes], timeout: float = 60) -> tuple[int, bytes]:
-    """Run ``argv`` on a real pty here, typing each answer once its prompt shows; (exit status, output)."""
+def in_terminal(argv: list[str], answers: dict[bytes, bytes], timeout: float = 60,
+                resize: tuple[bytes, int, int] | None = None) -> tuple[int, bytes]:
+    """Run ``argv`` on a real 80x24 pty here, typing each answer once its prompt shows (and
+    resizing the terminal to ``resize``'s rows and columns a second before the answer
+    to its prompt); (exit status, output)."""
     pid, fd = pty.fork()
     if pid == 0:
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
         os.execv(argv[0], argv)
     output, deadline = b"", time.monotonic() + timeout
     pending = dict(answers)
@@ -161,6 +169,10 @@ def in_terminal(argv: list[str], answers: dict[bytes, bytes], timeout: float = 6
             if not chunk:
                 break
             output += chunk
+            if resize and resize[0] in output:
+                fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", resize[1], resize[2], 0, 0))  # SIGWINCH
+                resize = None
+                time.sleep(1)
             for prompt in list(pending):
                 if prompt in output:
                     os.write(fd, pending.pop(prompt))
@@ -174,11 +186,29 @@ def qabox_argv(env: str, *argv: str) -> list[str]:
 
 
 def test_run_under_a_terminal_gets_a_tty_whose_prompts_read_what_is_typed(deployed):
-    code = ("import sys; print('tty:', sys.stdin.isatty(), sys.stdout.isatty()); "
+    code = ("import os, sys; print('tty:', sys.stdin.isatty(), sys.stdout.isatty(), tuple(os.get_terminal_size())); "
             "name = input('Username: '); print('created', name); sys.exit(4)")
     status, output = in_terminal(qabox_argv(deployed["env"], "python", "-c", code), {b"Username: ": b"alice\r"})
     assert status == 4, output
-    assert b"tty: True True\r\n" in output and b"created alice\r\n" in output, output
+    assert b"tty: True True (80, 24)\r\n" in output and b"created alice\r\n" in output, output
+
+
+def test_resizing_the_terminal_resizes_the_commands(deployed):
+    code = "import os; input('size> '); print('now', tuple(os.get_terminal_size()))"
+    status, output = in_terminal(qabox_argv(deployed["env"], "python", "-c", code), {b"size> ": b"\r"},
+                                 resize=(b"size> ", 41, 123))
+    assert status == 0 and b"now (123, 41)\r\n" in output, output
+
+
+def test_ctrl_c_without_a_terminal_ends_the_command_on_the_host(deployed):
+    code = "import os, time; print(os.getpid(), flush=True); time.sleep(60)"
+    proc = subprocess.Popen(qabox_argv(deployed["env"], "python", "-c", code), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pid = int(proc.stdout.readline())
+    assert in_host("lab1", "kill", "-0", str(pid)).returncode == 0  # it runs there
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(15) == 130 and proc.stderr.read() == b"qabox: interrupted\n"
+    assert wait_until(lambda: in_host("lab1", "kill", "-0", str(pid)).returncode != 0, 15)
 
 
 def test_ctrl_c_under_a_terminal_interrupts_the_command_on_the_host(deployed):
