@@ -102,9 +102,11 @@ def test_a_failing_hook_fails_the_deploy_with_its_last_lines_and_the_old_release
 def test_a_hook_that_outlasts_release_timeout_is_killed_with_its_group_and_fails_the_deploy(box, tmp_path):
     local = box["host"]
     pids = tmp_path / "pids"
+    # it closes its output, so only the timeout can end it; its child is ended with it
     hanging = ("python -c \"import os, subprocess, sys, time; print('waiting for the lock', flush=True); "
-               "child = subprocess.Popen(['sleep', '60']); open(sys.argv[1], 'w').write('%d %d' % "
-               f"(os.getpid(), child.pid)); time.sleep(60)\" {shlex.quote(str(pids))}")
+               "child = subprocess.Popen(['sleep', '60'], stdout=subprocess.DEVNULL); "
+               "open(sys.argv[1], 'w').write('%d %d' % (os.getpid(), child.pid)); os.close(1); os.close(2); "
+               f"time.sleep(60)\" {shlex.quote(str(pids))}")
     started = time.monotonic()
     result = local.deploy(box["builds"]["v3"], ENV, box["port"], release_hooks=[hanging], release_timeout=2)
     assert time.monotonic() - started < 15

@@ -63,11 +63,11 @@ def spawn(env, release: str, info: dict, cwd: str, argv: list, what: str, extra:
 
 def pump(proc: subprocess.Popen, fds: dict, on_output, io, deadline: float = float("inf")) -> bool:
     """Pass what the process writes on ``fds`` ({fd: kind}) to ``on_output(kind, bytes)``
-    until they end; False if ``deadline`` came first (the group is then ended).
-    A client gone away ends the group too, and is a Fail."""
+    until they end and the process has exited; False if ``deadline`` came first (the
+    group is then ended). A client gone away ends the group too, and is a Fail."""
     fds = dict(fds)
     said = time.monotonic()
-    while fds:
+    while fds or proc.poll() is None:
         if io.gone.is_set() or time.monotonic() > deadline:
             stop_group(proc.pid, HOOK_STOP_TIMEOUT)
             proc.wait()
@@ -87,7 +87,6 @@ def pump(proc: subprocess.Popen, fds: dict, on_output, io, deadline: float = flo
         if time.monotonic() - said > HEARTBEAT:  # lets qabox tell a quiet command from a dead link
             io.emit({"hb": 1})
             said = time.monotonic()
-    proc.wait()
     return True
 
 
