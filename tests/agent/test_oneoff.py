@@ -148,9 +148,11 @@ def test_run_with_a_tty_gives_the_command_a_terminal(box):
 def test_run_refuses_a_command_it_cannot_find_and_an_env_with_nothing_deployed(box):
     local = box["host"]
     _, _, result = run(local, ["no-such-command", "x"])
-    assert result["error"]["code"] == "no_command" and "cannot run no-such-command" in result["error"]["message"]
-    first = local.deploy(box["builds"]["v2"], "fresh", free_port(), release_hooks=["false"])
-    assert first["error"]["code"] == "hook_failed", first
+    assert result["error"]["code"] == "no_command" and "cannot run no-such-command (not found)" in result["error"]["message"]
+    first = local.deploy(box["builds"]["v2"], "fresh", free_port(), release_hooks=["no-such-tool migrate"])
+    assert first["error"]["code"] == "no_command", first
+    assert first["error"]["message"].startswith("release hook `no-such-tool migrate`: cannot run no-such-tool "
+                                                "(not found) in release ")
     _, _, result = run(local, ["true"], env="fresh")
     assert result["error"] == {"code": "no_release", "message": "nothing is deployed to env fresh: deploy a "
                                                                 "build first, then run commands in it"}

@@ -58,7 +58,9 @@ def spawn(env, release: str, info: dict, cwd: str, argv: list, what: str, extra:
         return subprocess.Popen(argv, cwd=cwd, env=environ, start_new_session=True, **popen)
     except (FileNotFoundError, PermissionError) as e:
         raise Fail("no_command", "%s: cannot run %s (%s) in release %s: name a command of the release's "
-                   "virtualenv or the host's PATH" % (what, argv[0], e.strerror, release))
+                   "virtualenv or the host's PATH" % (
+                       what, argv[0], "not found" if isinstance(e, FileNotFoundError) else "not executable",
+                       release))
 
 
 def pump(proc: subprocess.Popen, fds: dict, on_output, io, deadline: float = float("inf")) -> bool:
@@ -185,8 +187,8 @@ def run_release_hooks(env, release: str, info: dict, io) -> None:
                 partial[0] = lines.pop()
                 last.extend(line.decode("utf-8", "replace") for line in lines)
 
-            proc = spawn(env, release, info, env.release_dir(release), hook_argv(hook), "release hook",
-                         None, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            proc = spawn(env, release, info, env.release_dir(release), hook_argv(hook),
+                         "release hook `%s`" % hook, None, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             try:
                 finished = pump(proc, {proc.stdout.fileno(): "out"}, output, io, deadline)
             finally:

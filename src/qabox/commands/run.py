@@ -13,7 +13,6 @@ import base64
 import os
 import select
 import signal
-import sys
 import termios
 import threading
 import tty
@@ -100,4 +99,3 @@ def raw_terminal(fd: int) -> Iterator[threading.Event]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
         if main:
             signal.signal(signal.SIGWINCH, previous)
-        sys.stdout.flush()
