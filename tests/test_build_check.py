@@ -98,3 +98,27 @@ def test_app_environment_defaults(tmp_path):
     bad = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app.environment]\n"A-B" = "x"\n'}, "d.tar")
     with pytest.raises(BuildError, match=r"qabox.toml in d.tar: \[app.environment\]: 'A-B' is not an environment"):
         build_check.inspect(bad)
+
+
+def test_release_hooks_a_command_line_or_a_list_of_them_with_their_timeout(tmp_path):
+    plain = build_check.inspect(tar_of(tmp_path, {"wsgi.py": ""}))
+    assert (plain.release_hooks, plain.release_timeout) == ([], 300)
+    one = build_check.inspect(tar_of(tmp_path, {"wsgi.py": "", "qabox.toml": (
+        '[app]\nrelease = "python manage.py migrate --noinput"\nrelease_timeout = 60\n')}, "one.tar"))
+    assert (one.release_hooks, one.release_timeout) == (["python manage.py migrate --noinput"], 60)
+    two = build_check.inspect(tar_of(tmp_path, {"wsgi.py": "", "qabox.toml": (
+        '[app]\nrelease = ["flask --app flaskr init-db", "python -m app.seed \'a b\'"]\n')}, "two.tar"))
+    assert two.release_hooks == ["flask --app flaskr init-db", "python -m app.seed 'a b'"]
+
+
+@pytest.mark.parametrize("app, message", [
+    ('release = 3', r"\[app\] release must be a command line or a list of them"),
+    ('release = ["ok", 1]', r"\[app\] release must be a command line or a list of them"),
+    ('release = "python -c \'unclosed"', r"\[app\] release hook .* cannot be split into arguments: No closing quotation"),
+    ('release = ["  "]', r"\[app\] release has an empty hook"),
+    ('release_timeout = 0', r"\[app\] release_timeout = 0 is not a number of seconds above 0"),
+    ('release_timeout = "5m"', r"\[app\] release_timeout = '5m' is not a number of seconds above 0"),
+])
+def test_bad_release_hooks_are_refused_before_anything_is_sent(tmp_path, app, message):
+    with pytest.raises(BuildError, match=r"qabox.toml in b.tar: " + message):
+        build_check.inspect(tar_of(tmp_path, {"wsgi.py": "", "qabox.toml": "[app]\n" + app + "\n"}))

@@ -36,6 +36,8 @@ class Build:
     health: str
     members: int
     environment: dict  # [app.environment]: the app's non-secret defaults
+    release_hooks: list[str]
+    release_timeout: float
 
 
 def normalise(name: str) -> str:
@@ -90,8 +92,17 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
     problems = rules.environment_problems(environment)
     if problems:
         raise BuildError(f"qabox.toml in {path.name}: [app.environment]: {'; '.join(problems)}")
+    try:
+        hooks = rules.release_hooks(app.get("release", []))
+    except rules.Fail as e:
+        raise BuildError(f"qabox.toml in {path.name}: {e.message}") from None
+    timeout = app.get("release_timeout", rules.RELEASE_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise BuildError(f"qabox.toml in {path.name}: [app] release_timeout = {timeout!r} is not a number of "
+                         f"seconds above 0")
     return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
-                 health=health, members=len(members), environment=environment)
+                 health=health, members=len(members), environment=environment, release_hooks=hooks,
+                 release_timeout=float(timeout))
 
 
 def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:

@@ -82,16 +82,20 @@ class Remote:
         """Run one agent command and return its data; progress lines go to ``progress``."""
         return self._run(cmd, args, timeout, _progress_only(progress), keep_open=False)
 
-    def follow(self, cmd: str, on_message: Callable[[dict], None], idle: float = 20, **args) -> dict:
+    def follow(self, cmd: str, on_message: Callable[[dict], None], idle: float = 20,
+               feed: Callable[[Callable[[dict], None]], None] | None = None, **args) -> dict:
         """Run a command that streams messages until its result, or until Ctrl-C.
 
         The agent sends heartbeats while it has nothing to say, so a link that
         died is noticed within ``idle`` seconds instead of hanging for ever.
+        ``feed(send)``, run in a thread of its own from the agent's first
+        message on (so that nothing it reads is lost on a channel that found no
+        agent), sends the command messages of its own while it runs (``run``'s stdin).
         """
-        return self._run(cmd, args, float("inf"), on_message, keep_open=True, idle=idle)
+        return self._run(cmd, args, float("inf"), on_message, keep_open=True, idle=idle, feed=feed)
 
     def _run(self, cmd: str, args: dict, timeout: float, on_message, keep_open: bool,
-             idle: float | None = None) -> dict:
+             idle: float | None = None, feed=None) -> dict:
         """One agent command on its own channel; pushes the agent first if the host lacks it."""
         for attempt in range(2):
             channel = self._open(cmd, args)
@@ -99,7 +103,8 @@ class Remote:
             if session is None:
                 channel.shutdown_write()
             try:
-                result, status, stderr = self._read(channel, timeout, on_message, idle=idle)
+                result, status, stderr = self._read(channel, timeout, _feeding(on_message, feed, session),
+                                                    idle=idle)
             finally:
                 (session or channel).close()
             if status == AGENT_MISSING and attempt == 0:
@@ -233,6 +238,13 @@ class Session:
         with self.write_lock:
             self.channel.sendall(data)
 
+    def send(self, message: dict) -> None:
+        """One message to the running command; nothing once the channel is gone."""
+        try:
+            self._send(json.dumps(message).encode() + b"\n")
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
     def _heartbeat(self) -> None:
         """Tell the agent we are alive, so it can tell a dead client from a slow one."""
         while not self.closed.wait(self.HEARTBEAT):
@@ -254,6 +266,21 @@ class Session:
     def close(self) -> None:
         self.closed.set()
         self.channel.close()
+
+
+def _feeding(on_message, feed, session: Session | None):
+    """``on_message``, starting ``feed(session.send)`` in a thread at the first message."""
+    if feed is None:
+        return on_message
+    fed = threading.Event()
+
+    def first(message: dict) -> None:
+        if not fed.is_set():
+            fed.set()
+            threading.Thread(target=feed, args=(session.send,), daemon=True).start()
+        on_message(message)
+
+    return first
 
 
 def _progress_only(progress: Callable[[str], None] | None) -> Callable[[dict], None]:

@@ -36,6 +36,7 @@ COMMANDS = {  # request name: (module, function), imported when it runs
     "tester-list": ("testers", "cmd_tester_list"),
     "tester-session": ("testers", "cmd_tester_session"),
     "logs": ("status", "cmd_logs"),
+    "run": ("oneoff", "cmd_run"),
     "status": ("status", "cmd_status"),
 }
 

@@ -15,7 +15,9 @@ from .envs import START_TIMEOUT, Env, all_envs, existing_env, update_settings
 from .files import disk_full, is_port, iso, now, remove, write_json
 from .procs import STOP_TIMEOUT, stop_group
 from .protocol import Fail
-from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, HEALTH_PATH, RELEASE_FILE, SHA256
+from .oneoff import run_release_hooks
+from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, HEALTH_PATH, RELEASE_FILE, RELEASE_TIMEOUT, SHA256, \
+    release_hooks
 from .session import locked
 from .sockets import bind_listener, free_port
 from .venvs import prepare_venv
@@ -46,6 +48,7 @@ def cmd_deploy(req, io) -> dict:
     settings = env_settings(env, req)
     testers.give_ports(env.base)
     health = req.get("health") or "/"
+    hooks = release_hooks(req.get("release_hooks") or [])
     if not HEALTH_PATH.fullmatch(health):
         raise Fail("bad_build", "the health path %r is not a URL path: use one like \"/health\" "
                    "(printable characters, no spaces) in the build's qabox.toml" % health)
@@ -78,10 +81,13 @@ def cmd_deploy(req, io) -> dict:
             "deployed_at": iso(now()),
             "deployed_by": req.get("by"),
             "environment": defaults,
+            "release_hooks": hooks,
+            "release_timeout": float(req.get("release_timeout") or RELEASE_TIMEOUT),
         }
         write_json(os.path.join(tmp, RELEASE_FILE), info)
         os.rename(tmp, rdir)
         io.check()
+        run_release_hooks(env, release, info, io)
         io.emit({"progress": "starting"})
         switch_to(env, release, settings)
     except BaseException as e:

@@ -9,6 +9,7 @@ heavy: the client imports it too.
 
 import posixpath
 import re
+import shlex
 
 from .protocol import Fail
 
@@ -22,6 +23,7 @@ CONFIG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: a name any she
 RELEASE_FILE = "release.json"  # qabox's record in each release: a build may not bring its own
 DEFAULT_MAX_BYTES = 2 * 1024**3
 DEFAULT_MAX_MEMBERS = 50000
+RELEASE_TIMEOUT = 300  # seconds the release hooks of a deploy may take, all together
 HEADER_BYTES = 512  # each member's tar header, counted so that empty members are not free
 NAME_MAX = 255  # bytes in one name of a path: Linux's limit
 PATH_MAX = 3072  # bytes in a member's path or link: Linux's 4096 less room for the release's own path
@@ -283,3 +285,28 @@ def environment_problems(table) -> list:
     problems += ["the value of %s is not text" % name for name, value in sorted(table.items())
                  if CONFIG_NAME.fullmatch(name) and not isinstance(value, str)]
     return [p for p in problems if p]
+
+
+def release_hooks(value) -> list:
+    """``[app] release`` of a build's qabox.toml (a command line, or a list of them)
+    as a list of command lines, each of which splits into arguments (hook_argv);
+    a Fail saying what is wrong otherwise."""
+    hooks = [value] if isinstance(value, str) else value
+    if not isinstance(hooks, list) or not all(isinstance(h, str) for h in hooks):
+        raise Fail("bad_build", "[app] release must be a command line or a list of them, "
+                   "like \"python manage.py migrate --noinput\"")
+    for hook in hooks:
+        hook_argv(hook)
+    return hooks
+
+
+def hook_argv(hook: str) -> list:
+    """A release hook's arguments, split as a shell would split them (shlex), but
+    never run by one: no variables, globs, pipes or ``;``."""
+    try:
+        argv = shlex.split(hook)
+    except ValueError as e:
+        raise Fail("bad_build", "[app] release hook %r cannot be split into arguments: %s" % (hook, e))
+    if not argv:
+        raise Fail("bad_build", "[app] release has an empty hook: give each one a command")
+    return argv

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from qabox.cli import build, config, deploy, hosts, lifecycle, logs, status, testers, tunnel
+from qabox.cli import build, config, deploy, hosts, lifecycle, logs, run, status, testers, tunnel
 from qabox.cli.options import main_options
 
 app = typer.Typer(
@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 app.callback()(main_options)
 for command in (deploy.deploy, status.status, lifecycle.start, lifecycle.stop, lifecycle.restart,
-                lifecycle.rollback, lifecycle.releases, logs.logs, tunnel.tunnel):
+                lifecycle.rollback, lifecycle.releases, logs.logs, run.run, tunnel.tunnel):
     app.command()(command)
 app.command("tunnels")(tunnel.tunnels_list)
 app.command("build")(build.build)

@@ -89,8 +89,9 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
                         check_space(remote, build.size, left["free_bytes"])
                     raise
             data = session.call(
-                "deploy", timeout=900, progress=hooks.step, env=env, sha256=build.sha256,
-                file=path.name, entry=build.entry, health=build.health,
+                "deploy", timeout=900 + build.release_timeout, progress=hooks.step, env=env,
+                sha256=build.sha256, file=path.name, entry=build.entry, health=build.health,
+                release_hooks=build.release_hooks, release_timeout=build.release_timeout,
                 port=port or settings.env_port(env), keep=settings.keep, by=whoami(),
                 start_timeout=settings.start_timeout, max_bytes=settings.max_build_mb * 2**20,
                 max_members=settings.max_build_members,
