@@ -35,6 +35,8 @@ class Build:
     entry: str
     health: str
     members: int
+    persist: tuple = tuple(rules.DEFAULT_PERSIST)
+    snapshot_max_mb: int = 500
 
 
 def normalise(name: str) -> str:
@@ -85,8 +87,19 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
     if not isinstance(health, str) or not rules.HEALTH_PATH.fullmatch(health):
         raise BuildError(f"qabox.toml in {path.name}: [app] health = {health!r} is not a URL path: use one "
                          f"like \"/health\" (printable characters, no spaces)")
+    persist = app.get("persist", rules.DEFAULT_PERSIST)
+    if not isinstance(persist, list):
+        raise BuildError(f"qabox.toml in {path.name}: [app] persist = {persist!r} is not a list of paths "
+                         f"(like [\"instance\", \"media\"])")
+    bad = [f"{p!r}: {rules.persist_problem(p)}" for p in persist if rules.persist_problem(p)]
+    if bad:
+        raise BuildError(f"qabox.toml in {path.name}: [app] persist: " + "; ".join(bad))
+    snapshot_max_mb = app.get("snapshot_max_mb", 500)
+    if not isinstance(snapshot_max_mb, int) or isinstance(snapshot_max_mb, bool) or snapshot_max_mb < 0:
+        raise BuildError(f"qabox.toml in {path.name}: [app] snapshot_max_mb = {snapshot_max_mb!r} is not "
+                         f"a number of MB (0 or more)")
     return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
-                 health=health, members=len(members))
+                 health=health, members=len(members), persist=tuple(persist), snapshot_max_mb=snapshot_max_mb)
 
 
 def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:

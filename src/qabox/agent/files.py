@@ -73,7 +73,8 @@ RECORDS = {
                     "updated_at": is_number},
                    "delete it, and the env's supervisor writes it anew"),
     RELEASE_FILE: ({"release": is_text, "sha256": is_text, "file": is_text, "entry": is_text,
-                    "health": is_text, "venv": is_text, "deployed_at": is_text, "deployed_by": is_text},
+                    "health": is_text, "venv": is_text,
+                    "persist": lambda v: isinstance(v, list) and all(is_text(p) for p in v), "deployed_at": is_text, "deployed_by": is_text},
                    "deploy again, or roll back to another release"),
 }
 

@@ -19,6 +19,8 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 RELEASE_ID = re.compile(r"\d{8}-\d{6}(-\d+)?")
 HEALTH_PATH = re.compile(r"/[\x21-\x7e]*")  # fullmatch; printable, no spaces: pasted into a request line
 RELEASE_FILE = "release.json"  # qabox's record in each release: a build may not bring its own
+QABOX_DIRS = ("wheels",)  # a release's names that are qabox's (besides RELEASE_FILE): never persisted
+DEFAULT_PERSIST = ["instance"]  # Flask's instance folder
 DEFAULT_MAX_BYTES = 2 * 1024**3
 DEFAULT_MAX_MEMBERS = 50000
 HEADER_BYTES = 512  # each member's tar header, counted so that empty members are not free
@@ -47,6 +49,24 @@ def too_long(path: str):
     if any(len(part) > NAME_MAX for part in raw.split(b"/")):
         return "a name in it is longer than %d bytes, the host's limit: shorten it" % NAME_MAX
     return None
+
+
+def persist_problem(path):
+    """Why a path of ``[app] persist`` may not become a link into the env's data dir, or None."""
+    if not isinstance(path, str) or not path:
+        return "not a path"
+    parts = name_parts(path)
+    if path.startswith("/") or "\\" in path or re.match(r"^[A-Za-z]:", path):
+        return "an absolute path: name a path inside the release"
+    if ".." in parts:
+        return "a path with '..': name a path inside the release"
+    if not parts:
+        return "the release itself: name a path inside it"
+    if "\x00" in path or not path.isprintable():
+        return "a NUL or a control character in it"
+    if parts[0] == RELEASE_FILE or parts[0] in QABOX_DIRS or parts[0].startswith(".restore"):
+        return "qabox's own (%s): name another path" % parts[0]
+    return too_long(path)
 
 
 def member_problem(member):
