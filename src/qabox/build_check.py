@@ -88,10 +88,7 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
         raise BuildError(f"qabox.toml in {path.name}: [app] health = {health!r} is not a URL path: use one "
                          f"like \"/health\" (printable characters, no spaces)")
     persist = app.get("persist", rules.DEFAULT_PERSIST)
-    if not isinstance(persist, list):
-        raise BuildError(f"qabox.toml in {path.name}: [app] persist = {persist!r} is not a list of paths "
-                         f"(like [\"instance\", \"media\"])")
-    bad = [f"{p!r}: {rules.persist_problem(p)}" for p in persist if rules.persist_problem(p)]
+    bad = rules.persist_problems(persist)
     if bad:
         raise BuildError(f"qabox.toml in {path.name}: [app] persist: " + "; ".join(bad))
     snapshot_max_mb = app.get("snapshot_max_mb", 500)

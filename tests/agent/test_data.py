@@ -6,6 +6,7 @@ pythons the host may have (3.6's sqlite3 has no backup API: a copy under BEGIN I
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
@@ -174,3 +175,34 @@ def test_snapshots_are_kept_for_the_kept_releases_only(host, tmp_path):
         releases.append(done["data"]["release"])
     assert [r["release"] for r in host.data("releases", env=ENV)["releases"]] == releases[1:]
     assert sorted(os.listdir(Path(host.base) / "envs" / ENV / "snapshots")) == releases[1:]
+
+
+def fill_db(path: Path, megabytes: int) -> None:
+    with sqlite3.connect(str(path)) as db:
+        db.execute("CREATE TABLE blob (b BLOB)")
+        db.executemany("INSERT INTO blob VALUES (?)", ((os.urandom(4096),) for _ in range(megabytes * 256)))
+
+
+@pytest.mark.parametrize("python", [sys.executable, PY36])
+def test_a_50_mb_sqlite_database_is_snapshotted_whole_in_seconds(agent_cmd, tmp_path, python):
+    """The figure for the snapshot's cost: its seconds, as the deploy records them."""
+    if not os.path.exists(python):
+        pytest.skip(f"no {python} on this machine")
+    version = "3.6" if python == PY36 else None
+    (tmp_path / "host").mkdir()
+    local = Host(agent_cmd(python), tmp_path / "host")
+    try:
+        port = free_port()
+        assert local.deploy(build(tmp_path, "va", {}, version), ENV, port, persist=["db.sqlite3"])["ok"]
+        fill_db(data_dir(local) / "db.sqlite3", 50)
+        b = local.deploy(build(tmp_path, "vb", {}, version), ENV, port, persist=["db.sqlite3"])
+        assert b["ok"] and b["data"]["snapshot_skipped"] is None, b
+        top = Path(local.base) / "envs" / ENV / "snapshots" / b["data"]["release"]
+        manifest = json.loads((top / "snapshot.json").read_text())
+        with sqlite3.connect(str(top / "data" / "db.sqlite3")) as db:
+            assert db.execute("SELECT count(*) FROM blob").fetchone()[0] == 50 * 256
+        print(f"\nsnapshot of a {manifest['bytes'] / 2**20:.0f} MB SQLite database on python "
+              f"{version or sys.version.split()[0]}: {manifest['seconds']:.2f} s")
+        assert manifest["bytes"] > 50 * 2**20 and manifest["seconds"] < 30
+    finally:
+        local.kill_all()

@@ -18,12 +18,13 @@ import errno
 import os
 import shutil
 import stat
+import time
 
 from .builds import open_dir
 from .envs import Env
 from .files import read_json, remove, write_json
 from .protocol import Fail
-from .rules import name_parts, persist_problem
+from .rules import name_parts, persist_problems
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 SQLITE_SIDE = ("-wal", "-shm", "-journal")  # a database's companions: taken with it, not on their own
@@ -33,15 +34,10 @@ MANIFEST = "snapshot.json"
 
 def checked(paths) -> list:
     """The persisted paths of a deploy request as lists of names; a Fail naming the bad ones."""
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise Fail("bad_build", "[app] persist must be a list of paths, not %r" % (paths,))
-    problems = ["%r: %s" % (p, persist_problem(p)) for p in paths if persist_problem(p)]
-    parts = [name_parts(p) for p in paths]
-    problems += ["%r: inside %r, which is persisted already" % (p, q) for p, a in zip(paths, parts)
-                 for q, b in zip(paths, parts) if a != b and a[:len(b)] == b]
+    problems = persist_problems(paths)
     if problems:
         raise Fail("bad_build", "[app] persist in qabox.toml: %s" % "; ".join(problems))
-    return parts
+    return [name_parts(p) for p in paths]
 
 
 def link_persisted(env: Env, release_dir: str, paths: list) -> list:
@@ -160,6 +156,7 @@ def take_snapshot(env: Env, release: str, paths: list, max_bytes: int) -> dict:
     SQLite databases consistently (the backup API, else a copy under
     ``BEGIN IMMEDIATE``), other files as they are. Above ``max_bytes`` nothing
     is copied and the manifest says why. Returns the manifest."""
+    started = time.monotonic()
     top = snapshot_dir(env, release)
     remove(top)
     os.makedirs(os.path.join(top, "data"), 0o700)
@@ -175,6 +172,7 @@ def take_snapshot(env: Env, release: str, paths: list, max_bytes: int) -> dict:
     else:
         for p in present:
             copy_data(os.path.join(data, *p), os.path.join(top, "data", *p))
+    manifest["seconds"] = round(time.monotonic() - started, 3)
     write_json(os.path.join(top, MANIFEST), manifest)
     return manifest
 

@@ -69,6 +69,18 @@ def persist_problem(path):
     return too_long(path)
 
 
+def persist_problems(paths) -> list:
+    """What is wrong with a build's ``[app] persist``, each as ``"'path': why"``."""
+    if not isinstance(paths, list):
+        return ["%r is not a list of paths (like [\"instance\", \"media\"])" % (paths,)]
+    problems = ["%r: %s" % (p, persist_problem(p)) for p in paths if persist_problem(p)]
+    if problems:
+        return problems
+    parts = [name_parts(p) for p in paths]
+    return ["%r: inside %r, which is persisted already" % (p, q) for p, a in zip(paths, parts)
+            for q, b in zip(paths, parts) if a != b and a[:len(b)] == b]
+
+
 def member_problem(member):
     """Why this tar member, taken alone, may not be extracted into a release, or None."""
     name = member.name
