@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 import sys
+import time
 import tarfile
 from pathlib import Path
 
@@ -206,3 +208,47 @@ def test_a_50_mb_sqlite_database_is_snapshotted_whole_in_seconds(agent_cmd, tmp_
         assert manifest["bytes"] > 50 * 2**20 and manifest["seconds"] < 30
     finally:
         local.kill_all()
+
+
+def test_a_rollback_with_data_killed_at_any_moment_leaves_the_old_or_the_restored_data_whole(host, tmp_path):
+    port = free_port()
+    data = data_dir(host)
+    persist = ["instance", "media", "db.sqlite3"]
+    assert host.deploy(build(tmp_path, "va", {}), ENV, port, persist=persist)["ok"]
+
+    def fill(which: str) -> dict:
+        for n in range(300):
+            (data / "instance" / f"f{n}").write_text(which)
+        (data / "media" / "m").write_text(which)
+        write_db(data / "db.sqlite3", which)
+        return state()
+
+    def state() -> dict:
+        files = {str(p.relative_to(data)): p.read_text() for p in sorted(data.rglob("*"))
+                 if p.is_file() and p.name != "db.sqlite3"}
+        return {"files": files, "db": read_db(data / "db.sqlite3") if (data / "db.sqlite3").exists() else None}
+
+    before_b = fill("A")
+    assert host.deploy(build(tmp_path, "vb", {}), ENV, port, persist=persist)["ok"]
+    kills, outcomes = 0, set()
+    for delay in [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 0.8]:
+        if host.data("releases", env=ENV)["current"] != sorted(os.listdir(data.parent / "releases"))[-1]:
+            break  # the rollback went through: nothing left to cut short
+        of_b = fill("B")
+        proc = subprocess.Popen(host.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, env=host.environ)
+        proc.stdin.write(host.request("session", env=ENV, timeout=10, by="tests") + "\n")
+        proc.stdin.flush()
+        assert '"locked": true' in proc.stdout.readline()
+        proc.stdin.write(host.request("rollback", env=ENV, with_data=True) + "\n")
+        proc.stdin.flush()
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        kills += 1
+        with host.session(ENV):  # the next lock holder settles what the kill cut short
+            now = state()
+        assert now in (of_b, before_b), (delay, now)
+        outcomes.add("restored" if now == before_b else "old")
+        assert sorted(os.listdir(data)) == ["db.sqlite3", "instance", "media"]
+    assert kills >= 2 and outcomes, outcomes

@@ -78,11 +78,9 @@ def link_persisted(env: Env, release_dir: str, paths: list) -> list:
 
 
 def persist_release(env: Env, release: str, release_dir: str, paths: list, max_bytes: int) -> tuple:
-    """Before a new release's venv, hooks and app: finish any restore a kill cut
-    short, snapshot the data as it is, then link the release's persisted paths.
-    Returns (the snapshot's manifest, the seeded paths)."""
-    finish_restore(env)
-    drop_replaced(env)
+    """Before a new release's venv, hooks and app: snapshot the data as it is,
+    then link the release's persisted paths. Returns (the snapshot's manifest,
+    the seeded paths)."""
     manifest = take_snapshot(env, release, paths, max_bytes)
     return manifest, link_persisted(env, release_dir, paths)
 
@@ -275,9 +273,9 @@ def restore(env: Env, release: str) -> dict:
 
     Rename-based, with a plan written once the copies are staged: killed
     before the plan, the data is untouched (the staging is dropped next
-    time); killed after it, the next call under the env's lock (finish_restore)
-    completes it. Returns the manifest restored. What it replaced waits in
-    ``data/.restore-old`` until drop_replaced or undo_restore."""
+    time); killed after it, the next session to take the env's lock
+    (settle_restore) completes it. Returns the manifest restored. What it
+    replaced waits in ``data/.restore-old`` until drop_replaced or undo_restore."""
     top = snapshot_dir(env, release)
     manifest = read_json(os.path.join(top, MANIFEST))
     if not isinstance(manifest, dict):
@@ -285,7 +283,6 @@ def restore(env: Env, release: str) -> dict:
                    "without --with-data to keep the env's data as it is" % release)
     if manifest.get("skipped"):
         raise Fail("no_snapshot", "release %s has no data snapshot: %s" % (release, manifest["skipped"]))
-    finish_restore(env)
     data = env.path("data")
     staged, old = os.path.join(data, ".restore"), os.path.join(data, ".restore-old")
     remove(staged)
@@ -296,12 +293,19 @@ def restore(env: Env, release: str) -> dict:
         copy_data(os.path.join(top, "data", *path.split("/")), os.path.join(staged, *path.split("/")))
     write_json(os.path.join(data, ".restore.json"), {"paths": manifest["paths"],  # the commit point
                                                       "present": manifest["present"]})
-    finish_restore(env)
+    apply_plan(env)
     return manifest
 
 
-def finish_restore(env: Env) -> None:
-    """Complete a restore whose plan is written (idempotent), or drop one that was not."""
+def settle_restore(env: Env) -> None:
+    """Once a session holds the env's lock: complete a restore a kill cut short
+    after its plan was written, or drop one cut short before, and what it replaced."""
+    apply_plan(env)
+    drop_replaced(env)
+
+
+def apply_plan(env: Env) -> None:
+    """Carry out a written restore plan (idempotent: again after a kill, it finishes it)."""
     data = env.path("data")
     plan = read_json(os.path.join(data, ".restore.json"))
     staged, old = os.path.join(data, ".restore"), os.path.join(data, ".restore-old")

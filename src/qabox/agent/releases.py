@@ -12,7 +12,7 @@ from .control import ensure_supervisor, env_apps, foreign_listeners, revive, sup
     supervisor_state
 from .envs import START_TIMEOUT, Env, all_envs, existing_env, update_settings
 from .files import disk_full, is_port, iso, now, remove, write_json
-from .persist import DEFAULT_SNAPSHOT_MAX_MB, checked, drop_replaced, finish_restore, persist_release, \
+from .persist import DEFAULT_SNAPSHOT_MAX_MB, checked, drop_replaced, persist_release, \
     prune_snapshots, restore, snapshot_dir, undo_restore, unseed
 from .procs import STOP_TIMEOUT, stop_group
 from .protocol import Fail
@@ -220,7 +220,6 @@ def cmd_rollback(req, io) -> dict:
     data as it was when the target was left), put back as it was if the
     switch fails."""
     env = locked(req, io)
-    finish_restore(env)  # one a kill cut short
     current = env.current()
     releases = env.releases()
     target = req.get("to")
