@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -116,41 +117,44 @@ def read_db(path: Path) -> str:
         return db.execute("SELECT v FROM t").fetchone()[0]
 
 
-@pytest.mark.parametrize("python", [sys.executable, PY36])
-def test_rollback_with_data_restores_the_snapshot_taken_before_the_release_it_leaves(
-        agent_cmd, tmp_path, python):
-    if not os.path.exists(python):
-        pytest.skip(f"no {python} on this machine")
-    version = "3.6" if python == PY36 else None
+@pytest.fixture(params=[sys.executable, PY36], ids=["this-python", "3.6"])
+def on_python(request, agent_cmd, tmp_path):
+    """An empty host run by this python, then by 3.6 (whose sqlite3 has no backup API):
+    yields (the host, the python version its builds are for, None for this one)."""
+    if not os.path.exists(request.param):
+        pytest.skip(f"no {request.param} on this machine")
     (tmp_path / "host").mkdir()
-    local = Host(agent_cmd(python), tmp_path / "host")
-    try:
-        port = free_port()
-        data = data_dir(local)
-        a = local.deploy(build(tmp_path, "va", {}, version), ENV, port, persist=PERSIST)
-        assert a["ok"], (a, local.stderr)
-        write_db(data / "db.sqlite3", "data of A")
-        (data / "instance" / "notes").write_text("notes of A")
-        b = local.deploy(build(tmp_path, "vb", {}, version), ENV, port, persist=PERSIST)
-        assert b["ok"] and b["data"]["snapshot_skipped"] is None, (b, local.stderr)
-        write_db(data / "db.sqlite3", "data of B")  # B migrates and writes
-        (data / "instance" / "notes").write_text("notes of B")
-        (data / "media" / "upload").write_text("B's upload")
-        snap = Path(local.base) / "envs" / ENV / "snapshots" / b["data"]["release"] / "data"
-        assert read_db(snap / "db.sqlite3") == "data of A"
-        with local.session(ENV) as call:
-            back = call("rollback", env=ENV, with_data=True)
-            assert back["ok"] and back["data"]["release"] == a["data"]["release"], back
-            assert back["data"]["data_from"] == b["data"]["release"]
-            assert local_get(port) == (200, "va")
-            assert read_db(data / "db.sqlite3") == "data of A"
-            assert (data / "instance" / "notes").read_text() == "notes of A"
-            assert os.listdir(data / "media") == []  # what B added is gone with B's data
-            assert sorted(os.listdir(data)) == ["db.sqlite3", "instance", "media"]  # no restore left over
-            forward = call("rollback", env=ENV, to=b["data"]["release"], with_data=True)
-            assert not forward["ok"] and forward["error"]["code"] == "no_snapshot", forward
-    finally:
-        local.kill_all()
+    local = Host(agent_cmd(request.param), tmp_path / "host")
+    yield local, "3.6" if request.param == PY36 else None
+    local.kill_all()
+
+
+def test_rollback_with_data_restores_the_snapshot_taken_before_the_release_it_leaves(on_python, tmp_path):
+    local, version = on_python
+    port = free_port()
+    data = data_dir(local)
+    a = local.deploy(build(tmp_path, "va", {}, version), ENV, port, persist=PERSIST)
+    assert a["ok"], (a, local.stderr)
+    write_db(data / "db.sqlite3", "data of A")
+    (data / "instance" / "notes").write_text("notes of A")
+    b = local.deploy(build(tmp_path, "vb", {}, version), ENV, port, persist=PERSIST)
+    assert b["ok"] and b["data"]["snapshot_skipped"] is None, (b, local.stderr)
+    write_db(data / "db.sqlite3", "data of B")  # B migrates and writes
+    (data / "instance" / "notes").write_text("notes of B")
+    (data / "media" / "upload").write_text("B's upload")
+    snap = Path(local.base) / "envs" / ENV / "snapshots" / b["data"]["release"] / "data"
+    assert read_db(snap / "db.sqlite3") == "data of A"
+    with local.session(ENV) as call:
+        back = call("rollback", env=ENV, with_data=True)
+        assert back["ok"] and back["data"]["release"] == a["data"]["release"], back
+        assert back["data"]["data_from"] == b["data"]["release"]
+        assert local_get(port) == (200, "va")
+        assert read_db(data / "db.sqlite3") == "data of A"
+        assert (data / "instance" / "notes").read_text() == "notes of A"
+        assert os.listdir(data / "media") == []  # what B added is gone with B's data
+        assert sorted(os.listdir(data)) == ["db.sqlite3", "instance", "media"]  # no restore left over
+        forward = call("rollback", env=ENV, to=b["data"]["release"], with_data=True)
+        assert not forward["ok"] and forward["error"]["code"] == "no_snapshot", forward
 
 
 def test_a_snapshot_above_its_bound_is_skipped_with_a_warning_and_with_data_refused(host, tmp_path):
@@ -185,29 +189,21 @@ def fill_db(path: Path, megabytes: int) -> None:
         db.executemany("INSERT INTO blob VALUES (?)", ((os.urandom(4096),) for _ in range(megabytes * 256)))
 
 
-@pytest.mark.parametrize("python", [sys.executable, PY36])
-def test_a_50_mb_sqlite_database_is_snapshotted_whole_in_seconds(agent_cmd, tmp_path, python):
+def test_a_50_mb_sqlite_database_is_snapshotted_whole_in_seconds(on_python, tmp_path):
     """The figure for the snapshot's cost: its seconds, as the deploy records them."""
-    if not os.path.exists(python):
-        pytest.skip(f"no {python} on this machine")
-    version = "3.6" if python == PY36 else None
-    (tmp_path / "host").mkdir()
-    local = Host(agent_cmd(python), tmp_path / "host")
-    try:
-        port = free_port()
-        assert local.deploy(build(tmp_path, "va", {}, version), ENV, port, persist=["db.sqlite3"])["ok"]
-        fill_db(data_dir(local) / "db.sqlite3", 50)
-        b = local.deploy(build(tmp_path, "vb", {}, version), ENV, port, persist=["db.sqlite3"])
-        assert b["ok"] and b["data"]["snapshot_skipped"] is None, b
-        top = Path(local.base) / "envs" / ENV / "snapshots" / b["data"]["release"]
-        manifest = json.loads((top / "snapshot.json").read_text())
-        with sqlite3.connect(str(top / "data" / "db.sqlite3")) as db:
-            assert db.execute("SELECT count(*) FROM blob").fetchone()[0] == 50 * 256
-        print(f"\nsnapshot of a {manifest['bytes'] / 2**20:.0f} MB SQLite database on python "
-              f"{version or sys.version.split()[0]}: {manifest['seconds']:.2f} s")
-        assert manifest["bytes"] > 50 * 2**20 and manifest["seconds"] < 30
-    finally:
-        local.kill_all()
+    local, version = on_python
+    port = free_port()
+    assert local.deploy(build(tmp_path, "va", {}, version), ENV, port, persist=["db.sqlite3"])["ok"]
+    fill_db(data_dir(local) / "db.sqlite3", 50)
+    b = local.deploy(build(tmp_path, "vb", {}, version), ENV, port, persist=["db.sqlite3"])
+    assert b["ok"] and b["data"]["snapshot_skipped"] is None, b
+    top = Path(local.base) / "envs" / ENV / "snapshots" / b["data"]["release"]
+    manifest = json.loads((top / "snapshot.json").read_text())
+    with sqlite3.connect(str(top / "data" / "db.sqlite3")) as db:
+        assert db.execute("SELECT count(*) FROM blob").fetchone()[0] == 50 * 256
+    print(f"\nsnapshot of a {manifest['bytes'] / 2**20:.0f} MB SQLite database on python "
+          f"{version or sys.version.split()[0]}: {manifest['seconds']:.2f} s")
+    assert manifest["bytes"] > 50 * 2**20 and manifest["seconds"] < 30
 
 
 def test_a_rollback_with_data_killed_at_any_moment_leaves_the_old_or_the_restored_data_whole(host, tmp_path):
@@ -252,3 +248,39 @@ def test_a_rollback_with_data_killed_at_any_moment_leaves_the_old_or_the_restore
         outcomes.add("restored" if now == before_b else "old")
         assert sorted(os.listdir(data)) == ["db.sqlite3", "instance", "media"]
     assert kills >= 2 and outcomes, outcomes
+
+
+def test_a_snapshot_taken_while_the_app_writes_is_consistent(on_python, tmp_path):
+    local, version = on_python
+    port = free_port()
+    db_path = data_dir(local) / "db.sqlite3"
+    assert local.deploy(build(tmp_path, "va", {}, version), ENV, port, persist=["db.sqlite3"])["ok"]
+    fill_db(db_path, 20)  # so that a snapshot takes a while
+    with sqlite3.connect(str(db_path)) as db:
+        db.execute("CREATE TABLE seq (n INTEGER, pad BLOB)")
+    stop, written = threading.Event(), []
+
+    def writer():  # many small transactions, each of two rows that belong together
+        db = sqlite3.connect(str(db_path), timeout=60)
+        while not stop.is_set():
+            n = len(written)
+            with db:
+                db.execute("INSERT INTO seq VALUES (?, ?)", (2 * n, os.urandom(2048)))
+                db.execute("INSERT INTO seq VALUES (?, ?)", (2 * n + 1, os.urandom(2048)))
+            written.append(n)
+        db.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        b = local.deploy(build(tmp_path, "vb", {}, version), ENV, port, persist=["db.sqlite3"])
+    finally:
+        stop.set()
+        thread.join()
+    assert b["ok"], b
+    snap = Path(local.base) / "envs" / ENV / "snapshots" / b["data"]["release"] / "data" / "db.sqlite3"
+    with sqlite3.connect(str(snap)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = [n for (n,) in db.execute("SELECT n FROM seq ORDER BY n")]
+    assert rows == list(range(len(rows))) and len(rows) % 2 == 0 and 0 < len(rows) < 2 * len(written), \
+        (len(rows), len(written))
