@@ -284,3 +284,29 @@ def test_a_snapshot_taken_while_the_app_writes_is_consistent(on_python, tmp_path
         rows = [n for (n,) in db.execute("SELECT n FROM seq ORDER BY n")]
     assert rows == list(range(len(rows))) and len(rows) % 2 == 0 and 0 < len(rows) < 2 * len(written), \
         (len(rows), len(written))
+
+
+# The agent's own snapshot copy, run from its archive by a python with no sqlite3 module (as one
+# built without it): argv is the archive, the database, the copy.
+NO_SQLITE = ("import sys\nsys.modules['sqlite3'] = None\nsys.path.insert(0, sys.argv[1])\n"
+             "from qabox_agent.persist import copy_data\ncopy_data(sys.argv[2], sys.argv[3])\n")
+
+
+@pytest.mark.parametrize("python", [sys.executable, PY36], ids=["this-python", "3.6"])
+def test_a_host_python_without_sqlite3_copies_the_database_and_its_wal(agent_cmd, tmp_path, python):
+    if not os.path.exists(python):
+        pytest.skip(f"no {python} on this machine")
+    db_path = tmp_path / "db.sqlite3"
+    write_db(db_path, "kept")
+    keep_open = sqlite3.connect(str(db_path))
+    keep_open.execute("PRAGMA journal_mode=WAL")
+    with keep_open:
+        keep_open.execute("UPDATE t SET v = 'in the WAL'")  # committed, not yet checkpointed
+    try:
+        copied = tmp_path / "copy" / "db.sqlite3"
+        run = subprocess.run([python, "-I", "-c", NO_SQLITE, agent_cmd()[-1], str(db_path), str(copied)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert os.path.exists(str(copied) + "-wal") and read_db(copied) == "in the WAL"
+    finally:
+        keep_open.close()
