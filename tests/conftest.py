@@ -365,12 +365,16 @@ def app(environ, start_response):
 """
 
 
-def wsgi_build(out: Path, version: str = "v1", python: str | None = None) -> Path:
+def wsgi_build(out: Path, version: str = "v1", python: str | None = None, files: dict | None = None) -> Path:
     """A bare WSGI app (wsgi.py, no framework) answering ``version``, packed by scripts/example-build
-    with the wheels of the app server the agent runs it on (werkzeug) for python X.Y (default: this)."""
+    with the wheels of the app server the agent runs it on (werkzeug) for python X.Y (default: this),
+    with ``files`` (path: text) beside it."""
     src = out.parent / (out.name + ".src")
     src.mkdir()
     (src / "wsgi.py").write_text(WSGI_APP.replace("VERSION", version))
+    for rel, text in (files or {}).items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
     # pip download --python-version judges markers by the python running it, not the target: name
     # what werkzeug needs on 3.6 only (`dataclasses; python_version < "3.7"`) for 3.6 by hand
     (src / "requirements.txt").write_text("werkzeug\n" + ("dataclasses\n" if python == "3.6" else ""))

@@ -122,3 +122,27 @@ def test_release_hooks_a_command_line_or_a_list_of_them_with_their_timeout(tmp_p
 def test_bad_release_hooks_are_refused_before_anything_is_sent(tmp_path, app, message):
     with pytest.raises(BuildError, match=r"qabox.toml in b.tar: " + message):
         build_check.inspect(tar_of(tmp_path, {"wsgi.py": "", "qabox.toml": "[app]\n" + app + "\n"}))
+
+
+def test_persist_defaults_to_flasks_instance_folder_and_is_read_from_qabox_toml(tmp_path):
+    assert build_check.inspect(tar_of(tmp_path, {"app.py": ""})).persist == ("instance",)
+    path = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\npersist = ["media", "db.sqlite3"]\n'
+                             "snapshot_max_mb = 20\n"}, "p.tar")
+    b = build_check.inspect(path)
+    assert (b.persist, b.snapshot_max_mb) == (("media", "db.sqlite3"), 20)
+
+
+@pytest.mark.parametrize("persist, says", [
+    ('"instance"', "is not a list of paths"),
+    ('["../x"]', "'../x': a path with '..'"),
+    ('["/var/db"]', "'/var/db': an absolute path"),
+    ('["wheels"]', "qabox's own (wheels)"),
+    ('["release.json"]', "qabox's own (release.json)"),
+    ('[""]', "'': not a path"),
+    ('["instance", "instance/db"]', "'instance/db': inside 'instance', which is persisted already"),
+])
+def test_a_bad_persist_path_is_refused_before_sending(tmp_path, persist, says):
+    path = tar_of(tmp_path, {"app.py": "", "qabox.toml": "[app]\npersist = %s\n" % persist})
+    with pytest.raises(BuildError) as e:
+        build_check.inspect(path)
+    assert says in e.value.message and "[app] persist" in e.value.message

@@ -38,6 +38,8 @@ class Build:
     environment: dict  # [app.environment]: the app's non-secret defaults
     release_hooks: list[str]
     release_timeout: float
+    persist: tuple = tuple(rules.DEFAULT_PERSIST)
+    snapshot_max_mb: int = 500
 
 
 def normalise(name: str) -> str:
@@ -100,9 +102,17 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise BuildError(f"qabox.toml in {path.name}: [app] release_timeout = {timeout!r} is not a number of "
                          f"seconds above 0")
+    persist = app.get("persist", rules.DEFAULT_PERSIST)
+    bad = rules.persist_problems(persist)
+    if bad:
+        raise BuildError(f"qabox.toml in {path.name}: [app] persist: " + "; ".join(bad))
+    snapshot_max_mb = app.get("snapshot_max_mb", 500)
+    if not isinstance(snapshot_max_mb, int) or isinstance(snapshot_max_mb, bool) or snapshot_max_mb < 0:
+        raise BuildError(f"qabox.toml in {path.name}: [app] snapshot_max_mb = {snapshot_max_mb!r} is not "
+                         f"a number of MB (0 or more)")
     return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
                  health=health, members=len(members), environment=environment, release_hooks=hooks,
-                 release_timeout=float(timeout))
+                 release_timeout=float(timeout), persist=tuple(persist), snapshot_max_mb=snapshot_max_mb)
 
 
 def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:

@@ -40,7 +40,7 @@ def environment(env: Env, info: dict) -> dict:
     return result
 
 
-def checked(table, what: str) -> dict:
+def checked_environment(table, what: str) -> dict:
     """A table of variables as sent, or a Fail naming what is wrong (names only, never values)."""
     problems = environment_problems(table)
     if problems:
@@ -58,7 +58,7 @@ def record_hosts_file(env: Env, table) -> bool:
     True if that changed what the app gets."""
     if table is None:
         return False
-    checked(table, "the hosts file's [envs.%s.environment]" % env.name)
+    checked_environment(table, "the hosts file's [envs.%s.environment]" % env.name)
     record = stored(env)
     if (record.get("hosts_file") or {}) == table:
         return False
@@ -72,7 +72,7 @@ def cmd_config_change(req, io) -> dict:
     Says what changed (names only) and whether a release runs that a restart
     would give them to (the client then restarts it, as ``qabox restart``)."""
     env = locked(req, io)
-    values = checked(req.get("set") or {}, "config set")
+    values = checked_environment(req.get("set") or {}, "config set")
     unset = req.get("unset") or []
     problems = [p for p in map(config_name_problem, unset) if p]
     if problems:

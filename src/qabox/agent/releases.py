@@ -8,16 +8,18 @@ import time
 
 from . import agents, testers
 from .builds import drop_build, extract, take_build
-from .config import checked, record_hosts_file
+from .config import checked_environment, record_hosts_file
 from .control import ensure_supervisor, env_apps, foreign_listeners, revive, supervisor_call, supervisor_ping, \
     supervisor_state
 from .envs import START_TIMEOUT, Env, all_envs, existing_env, update_settings
 from .files import disk_full, is_port, iso, now, remove, write_json
+from .persist import DEFAULT_SNAPSHOT_MAX_MB, checked_paths, drop_replaced, persist_release, \
+    prune_snapshots, restore, snapshot_dir, undo_restore, unseed
 from .procs import STOP_TIMEOUT, stop_group
 from .protocol import Fail
 from .oneoff import run_release_hooks
-from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, HEALTH_PATH, RELEASE_FILE, RELEASE_TIMEOUT, SHA256, \
-    release_hooks
+from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, DEFAULT_PERSIST, HEALTH_PATH, RELEASE_FILE, \
+    RELEASE_TIMEOUT, SHA256, release_hooks
 from .session import locked
 from .sockets import bind_listener, free_port
 from .venvs import prepare_venv
@@ -52,8 +54,12 @@ def cmd_deploy(req, io) -> dict:
     if not HEALTH_PATH.fullmatch(health):
         raise Fail("bad_build", "the health path %r is not a URL path: use one like \"/health\" "
                    "(printable characters, no spaces) in the build's qabox.toml" % health)
-    defaults = checked(req.get("environment") or {}, "[app.environment] in the build's qabox.toml")
+    defaults = checked_environment(req.get("environment") or {}, "[app.environment] in the build's qabox.toml")
     hosts_changed = record_hosts_file(env, req.get("hosts_environment"))
+    persist = req.get("persist", DEFAULT_PERSIST)
+    paths = checked_paths(persist)
+    max_snapshot = req.get("snapshot_max_bytes")
+    max_snapshot = DEFAULT_SNAPSHOT_MAX_MB * 2**20 if max_snapshot is None else int(max_snapshot)
     if not hosts_changed and current and env.release_info(current).get("sha256") == sha:
         pong = supervisor_ping(env)
         if pong and pong.get("state") == "running" and pong.get("port") == settings["port"]:
@@ -63,11 +69,14 @@ def cmd_deploy(req, io) -> dict:
     release = new_release_id(env)
     rdir = env.release_dir(release)
     tmp = env.path("releases", "." + release + ".tmp")
+    seeded = []
     try:
         io.emit({"progress": "extracting"})
         remove(tmp)
         extract(build, tmp, int(req.get("max_bytes") or DEFAULT_MAX_BYTES),
                 int(req.get("max_members") or DEFAULT_MAX_MEMBERS))
+        io.check()
+        snapshot, seeded = persist_release(env, release, tmp, paths, max_snapshot)
         io.check()
         key, python, created = prepare_venv(env, tmp, io)
         io.check()
@@ -78,6 +87,7 @@ def cmd_deploy(req, io) -> dict:
             "entry": req["entry"],
             "health": health,
             "venv": key,
+            "persist": persist,
             "deployed_at": iso(now()),
             "deployed_by": req.get("by"),
             "environment": defaults,
@@ -96,6 +106,8 @@ def cmd_deploy(req, io) -> dict:
             pass  # it failed after the switch: the release is live, and it stays
         else:
             shutil.rmtree(rdir, ignore_errors=True)
+            unseed(env, seeded)
+            shutil.rmtree(snapshot_dir(env, release), ignore_errors=True)
             full = isinstance(e, OSError) and e.errno == errno.ENOSPC
             if full or getattr(e, "code", None) == "disk_full":
                 drop_build(env.base, sha)  # it cannot be extracted here anyway: give its space back
@@ -109,6 +121,7 @@ def cmd_deploy(req, io) -> dict:
         "port": settings["port"],
         "venv_created": created,
         "pruned": pruned,
+        "snapshot_skipped": snapshot["skipped"],
         "testers": testers.connected_testers(env),
         "seconds": round(time.monotonic() - started, 2),
         "changed": True,
@@ -195,6 +208,7 @@ def prune(env: Env, keep: int) -> list:
         shutil.rmtree(env.release_dir(release), ignore_errors=True)
         for log in glob.glob(env.path("logs", release + ".log*")):
             os.unlink(log)
+    prune_snapshots(env, env.releases())
     kept = [env.release_info(r) for r in env.releases()]
     venvs = {i.get("venv") for i in kept}
     for key in os.listdir(env.path("venvs")):
@@ -209,7 +223,12 @@ def prune(env: Env, keep: int) -> list:
 
 
 def cmd_rollback(req, io) -> dict:
-    """Switch back to the previous (or the named) kept release, zero-downtime."""
+    """Switch back to the previous (or the named) kept release, zero-downtime.
+
+    The env's data stays as it is, unless ``with_data``: then it goes back to
+    the snapshot taken before the release after the target was deployed (the
+    data as it was when the target was left), put back as it was if the
+    switch fails."""
     env = locked(req, io)
     current = env.current()
     releases = env.releases()
@@ -223,10 +242,28 @@ def cmd_rollback(req, io) -> dict:
         if not older:
             raise Fail("no_release", "there is no release before %s to roll back to" % current)
         target = older[-1]
+    if req.get("with_data"):
+        return rollback_with_data(env, current, target)
     if target == current and supervisor_state(env) == "running":
         return {"release": current, "previous": current, "changed": False}
     switch_to(env, target, env_settings(env, {}))
     return {"release": target, "previous": current, "changed": True}
+
+
+def rollback_with_data(env: Env, current: str, target: str) -> dict:
+    if current is None or target >= current:
+        raise Fail("no_snapshot", "--with-data goes back to an older release, and %s is not older than "
+                   "the current one (%s): roll back without --with-data" % (target, current or "none"))
+    left = [r for r in env.releases() if r > target][0]  # deployed when the target was left
+    settings = env_settings(env, {})
+    manifest = restore(env, left)
+    try:
+        switch_to(env, target, settings)
+    except BaseException:
+        undo_restore(env, manifest["paths"])
+        raise
+    drop_replaced(env)
+    return {"release": target, "previous": current, "data_from": left, "changed": True}
 
 
 def cmd_start(req, io) -> dict:

@@ -21,6 +21,8 @@ RELEASE_ID = re.compile(r"\d{8}-\d{6}(-\d+)?")
 HEALTH_PATH = re.compile(r"/[\x21-\x7e]*")  # fullmatch; printable, no spaces: pasted into a request line
 CONFIG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: a name any shell can export
 RELEASE_FILE = "release.json"  # qabox's record in each release: a build may not bring its own
+QABOX_DIRS = ("wheels",)  # a release's names that are qabox's (besides RELEASE_FILE): never persisted
+DEFAULT_PERSIST = ["instance"]  # Flask's instance folder
 DEFAULT_MAX_BYTES = 2 * 1024**3
 DEFAULT_MAX_MEMBERS = 50000
 RELEASE_TIMEOUT = 300  # seconds the release hooks of a deploy may take, all together
@@ -50,6 +52,36 @@ def too_long(path: str):
     if any(len(part) > NAME_MAX for part in raw.split(b"/")):
         return "a name in it is longer than %d bytes, the host's limit: shorten it" % NAME_MAX
     return None
+
+
+def persist_problem(path):
+    """Why a path of ``[app] persist`` may not become a link into the env's data dir, or None."""
+    if not isinstance(path, str) or not path:
+        return "not a path"
+    parts = name_parts(path)
+    if path.startswith("/") or "\\" in path or re.match(r"^[A-Za-z]:", path):
+        return "an absolute path: name a path inside the release"
+    if ".." in parts:
+        return "a path with '..': name a path inside the release"
+    if not parts:
+        return "the release itself: name a path inside it"
+    if "\x00" in path or not path.isprintable():
+        return "a NUL or a control character in it"
+    if parts[0] == RELEASE_FILE or parts[0] in QABOX_DIRS or parts[0].startswith(".restore"):
+        return "qabox's own (%s): name another path" % parts[0]
+    return too_long(path)
+
+
+def persist_problems(paths) -> list:
+    """What is wrong with a build's ``[app] persist``, each as ``"'path': why"``."""
+    if not isinstance(paths, list):
+        return ["%r is not a list of paths (like [\"instance\", \"media\"])" % (paths,)]
+    problems = ["%r: %s" % (p, persist_problem(p)) for p in paths if persist_problem(p)]
+    if problems:
+        return problems
+    parts = [name_parts(p) for p in paths]
+    return ["%r: inside %r, which is persisted already" % (p, q) for p, a in zip(paths, parts)
+            for q, b in zip(paths, parts) if a != b and a[:len(b)] == b]
 
 
 def member_problem(member):

@@ -43,9 +43,12 @@ def cmd_session(req, io) -> None:
     os.ftruncate(fd, 0)
     holder = {"by": req.get("by"), "since": iso(now()), "pid": os.getpid()}
     os.pwrite(fd, json.dumps(holder).encode(), 0)
+    from .main import handle  # main imported this module, so no cycle at import time
+    from .persist import settle_restore
+
+    settle_restore(env)  # a rollback --with-data killed midway: its data is the old or the new, whole
     io.emit({"ok": True, "changed": False, "data": {"locked": True}})
     io.locked_env = env.name
-    from .main import handle  # main imported this module, so no cycle at import time
 
     while True:
         line = io.next_request()

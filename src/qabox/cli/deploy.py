@@ -58,6 +58,8 @@ def deploy(
                   f"({result.file}, {result.seconds:.1f} s, sent {decimal(result.sent_bytes)})")
         out.print(f"  serving on the host at {result.url} (previous release: {result.previous or 'none'})")
         out.print(f"  testers connect with: qabox tunnel --host {result.host} --env {result.env} --user NAME")
+        if result.snapshot_skipped:
+            out.print(f"  warning: {result.snapshot_skipped}", markup=False, highlight=False)
         if result.testers:
             names = ", ".join(f"{t['name']} (from {t['from']})" for t in result.testers)
             out.print(f"  connected testers, told of this release: {names}")

@@ -41,7 +41,9 @@ def change_message(cmd: str, where: str, result: dict) -> str:
     return {"start": f"{where}: release {release} is running",
             "stop": f"{where}: stopped",
             "restart": f"{where}: release {release} restarted (pid {result.get('pid')})",
-            "rollback": f"{where}: rolled back to release {release} (was {result.get('previous')})"}[cmd]
+            "rollback": f"{where}: rolled back to release {release} (was {result.get('previous')})"
+                        + (f", with the data from before release {result['data_from']}"
+                           if result.get("data_from") else "")}[cmd]
 
 
 def start(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV, lock_timeout: float = LOCK_TIMEOUT,
@@ -73,12 +75,15 @@ def restart(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV, lock_ti
 
 def rollback(ctx: typer.Context, host: List[str] = HOSTS, env: str = ENV,
              to: Optional[str] = typer.Option(None, "--to", metavar="RELEASE", help="Release id to go back to (default: the previous one)."),
+             with_data: bool = typer.Option(False, "--with-data", help="Also put the env's data back as it was "
+                                            "when that release was left (its snapshot)."),
              lock_timeout: float = LOCK_TIMEOUT, as_json: bool = JSON):
     """Go back to the previous (or a named) release, health-checked, with no failed requests.
+    The env's data stays as it is unless --with-data.
 
-    Example: qabox rollback --host oldbox --to 20261124-104000
+    Example: qabox rollback --host oldbox --to 20261124-104000 --with-data
     """
-    change_env(ctx, "rollback", host, env, lock_timeout, as_json, to=to)
+    change_env(ctx, "rollback", host, env, lock_timeout, as_json, to=to, with_data=with_data)
 
 
 def releases(ctx: typer.Context, host: str = HOST, env: str = ENV,

@@ -42,6 +42,7 @@ class DeployResult:
     venv_created: bool = False
     pruned: list = field(default_factory=list)
     testers: list = field(default_factory=list)
+    snapshot_skipped: str | None = None
 
     @property
     def url(self) -> str:
@@ -92,6 +93,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
                 "deploy", timeout=900 + build.release_timeout, progress=hooks.step, env=env,
                 sha256=build.sha256, file=path.name, entry=build.entry, health=build.health,
                 release_hooks=build.release_hooks, release_timeout=build.release_timeout,
+                persist=list(build.persist), snapshot_max_bytes=build.snapshot_max_mb * 2**20,
                 port=port or settings.env_port(env), keep=settings.keep, by=whoami(),
                 start_timeout=settings.start_timeout, max_bytes=settings.max_build_mb * 2**20,
                 max_members=settings.max_build_members,
@@ -107,6 +109,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
         changed=data["changed"], port=data["port"], sent_bytes=sent,
         seconds=round(time.monotonic() - started, 2), venv_created=data.get("venv_created", False),
         pruned=data.get("pruned", []), testers=data.get("testers", []),
+        snapshot_skipped=data.get("snapshot_skipped"),
     )
 
 
