@@ -34,6 +34,7 @@ class Build:
     size: int
     entry: str
     health: str
+    health_status: str
     members: int
 
 
@@ -85,8 +86,13 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
     if not isinstance(health, str) or not rules.HEALTH_PATH.fullmatch(health):
         raise BuildError(f"qabox.toml in {path.name}: [app] health = {health!r} is not a URL path: use one "
                          f"like \"/health\" (printable characters, no spaces)")
+    health_status = app.get("health_status", rules.DEFAULT_HEALTH_STATUS)
+    try:
+        rules.health_codes(health_status)
+    except ValueError as e:
+        raise BuildError(f"qabox.toml in {path.name}: [app] {e}") from None
     return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
-                 health=health, members=len(members))
+                 health=health, health_status=health_status, members=len(members))
 
 
 def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:

@@ -6,7 +6,7 @@ import shutil
 import time
 
 from .protocol import Fail
-from .rules import RELEASE_FILE
+from .rules import RELEASE_FILE, health_codes
 
 
 LOG_TAIL = 30
@@ -61,6 +61,13 @@ def is_text(value) -> bool:
     return isinstance(value, str)
 
 
+def is_health_status(value) -> bool:
+    try:
+        return bool(health_codes(value))
+    except ValueError:
+        return False
+
+
 # What an env's own files may hold (each a JSON object; any key may be null),
 # and what to do about one that is damaged.
 RECORDS = {
@@ -73,7 +80,7 @@ RECORDS = {
                     "updated_at": is_number},
                    "delete it, and the env's supervisor writes it anew"),
     RELEASE_FILE: ({"release": is_text, "sha256": is_text, "file": is_text, "entry": is_text,
-                    "health": is_text, "venv": is_text, "deployed_at": is_text, "deployed_by": is_text},
+                    "health": is_text, "health_status": is_health_status, "venv": is_text, "deployed_at": is_text, "deployed_by": is_text},
                    "deploy again, or roll back to another release"),
 }
 

@@ -14,7 +14,8 @@ from .envs import START_TIMEOUT, Env, all_envs, existing_env, update_settings
 from .files import disk_full, is_port, iso, now, remove, write_json
 from .procs import STOP_TIMEOUT, stop_group
 from .protocol import Fail
-from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, HEALTH_PATH, RELEASE_FILE, SHA256
+from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, HEALTH_PATH, RELEASE_FILE, SHA256, \
+    health_codes
 from .session import locked
 from .sockets import bind_listener, free_port
 from .venvs import prepare_venv
@@ -48,6 +49,11 @@ def cmd_deploy(req, io) -> dict:
     if not HEALTH_PATH.fullmatch(health):
         raise Fail("bad_build", "the health path %r is not a URL path: use one like \"/health\" "
                    "(printable characters, no spaces) in the build's qabox.toml" % health)
+    health_status = req.get("health_status") or DEFAULT_HEALTH_STATUS
+    try:
+        health_codes(health_status)
+    except ValueError as e:
+        raise Fail("bad_build", "%s in the build's qabox.toml" % e)
     if current and env.release_info(current).get("sha256") == sha:
         pong = supervisor_ping(env)
         if pong and pong.get("state") == "running" and pong.get("port") == settings["port"]:
@@ -71,6 +77,7 @@ def cmd_deploy(req, io) -> dict:
             "file": req.get("file"),
             "entry": req["entry"],
             "health": health,
+            "health_status": health_status,
             "venv": key,
             "deployed_at": iso(now()),
             "deployed_by": req.get("by"),

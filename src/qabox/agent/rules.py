@@ -18,6 +18,8 @@ ENV_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 RELEASE_ID = re.compile(r"\d{8}-\d{6}(-\d+)?")
 HEALTH_PATH = re.compile(r"/[\x21-\x7e]*")  # fullmatch; printable, no spaces: pasted into a request line
+DEFAULT_HEALTH_STATUS = "200-399"  # the HTTP codes that mean up: a 4xx (Django's ALLOWED_HOSTS) is not
+WARMING_UP = (502, 503, 504)  # answers of an app still starting: waited out, unlike a steady 500
 RELEASE_FILE = "release.json"  # qabox's record in each release: a build may not bring its own
 DEFAULT_MAX_BYTES = 2 * 1024**3
 DEFAULT_MAX_MEMBERS = 50000
@@ -227,6 +229,23 @@ def requirements_problems(read, name: str = "requirements.txt", seen: set = None
                 problems.append("%s: option %s is not allowed in a build"
                                 % (where, sorted(set(extra) - {"--hash"})[0]))
     return problems
+
+
+def health_codes(text: str) -> list:
+    """``"200-399"`` or ``"200,204,300-308"`` as [(low, high), ...]; ValueError saying why not."""
+    ranges = []
+    for part in (text.split(",") if isinstance(text, str) else [None]):
+        found = re.fullmatch(r"\s*([1-5]\d\d)\s*(?:-\s*([1-5]\d\d)\s*)?", part or "")
+        if not found or int(found.group(2) or found.group(1)) < int(found.group(1)):
+            raise ValueError("health_status %r is not HTTP codes from 100 to 599, like \"200-399\" "
+                             "or \"200,204\"" % (text,))
+        ranges.append((int(found.group(1)), int(found.group(2) or found.group(1))))
+    return ranges
+
+
+def is_up(ranges: list, code) -> bool:
+    """Whether a health probe's HTTP code (None: no answer) means up."""
+    return code is not None and any(low <= code <= high for low, high in ranges)
 
 
 def entry_module_path(entry: str) -> tuple:
