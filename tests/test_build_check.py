@@ -89,3 +89,29 @@ def test_a_build_may_not_bring_its_own_release_json(tmp_path):
         with pytest.raises(BuildError, match="qabox writes each release.s own release.json there"):
             build_check.inspect(path)
     assert build_check.inspect(tar_of(tmp_path, {"app.py": "", "static/release.json": "{}"}))
+
+
+def test_with_no_entry_qabox_picks_a_django_project_or_a_factory_and_says_why(tmp_path):
+    django = build_check.inspect(tar_of(tmp_path, {"manage.py": "", "mysite/__init__.py": "",
+                                                   "mysite/wsgi.py": "application = get_wsgi_application()\n"}))
+    assert django.entry == "mysite.wsgi:application"
+    assert django.entry_reason == "none given, and mysite/wsgi.py (a Django project's) defines application"
+    flaskr = build_check.inspect(tar_of(tmp_path, {"flaskr/__init__.py": "import os\n\ndef create_app(test_config=None):\n",
+                                                   "flaskr/db.py": ""}, "f.tar"))
+    assert (flaskr.entry, flaskr.entry_reason) == (
+        "flaskr:create_app()", "none given, and flaskr/__init__.py defines the app factory create_app")
+    assert build_check.inspect(tar_of(tmp_path, {"app.py": ""}, "a.tar")).entry_reason == (
+        "none given, and the build has app.py (no wsgi.py)")
+    named = build_check.inspect(tar_of(tmp_path, {"app.py": ""}, "n.tar"), entry="app:create_app('qa')")
+    assert (named.entry, named.entry_reason) == ("app:create_app('qa')", None)
+
+
+def test_two_candidate_apps_are_not_guessed_between(tmp_path):
+    files = {p + "/__init__.py": "def create_app():\n" for p in ("one", "two")}
+    with pytest.raises(BuildError, match=r"has several apps \(one:create_app\(\), two:create_app\(\)\): name one"):
+        build_check.inspect(tar_of(tmp_path, files))
+
+
+def test_a_factory_entry_with_code_in_its_arguments_is_refused(tmp_path):
+    with pytest.raises(BuildError, match="a factory's arguments must be literals"):
+        build_check.inspect(tar_of(tmp_path, {"app.py": ""}), entry="app:create_app(__import__('os'))")

@@ -60,3 +60,23 @@ def test_bad_exclude_and_missing_dir(project, tmp_path):
         build.make(project, tmp_path / "d.tar.gz")
     with pytest.raises(BuildError, match="is not a directory"):
         build.make(tmp_path / "nope", tmp_path / "e.tar.gz")
+
+
+def test_build_app_writes_the_entry_into_the_builds_qabox_toml(project, tmp_path):
+    result = qabox("build", project, "-o", tmp_path / "e.tar.gz", "--app", 'notes:create_app("qa")')
+    assert result.code == 0, result
+    assert 'entry notes:create_app("qa")' in result.stdout
+    with tarfile.open(tmp_path / "e.tar.gz") as tar:
+        written = tar.extractfile("qabox.toml").read().decode()
+    assert 'entry = "notes:create_app(\\"qa\\")"' in written and 'entry = "notes:app"' not in written
+    assert '[build]\nexclude = ["tests/"]' in written  # the rest of it as it was
+    assert 'entry = "notes:app"' in (project / "qabox.toml").read_text()  # the project's own is untouched
+
+
+def test_build_says_which_entry_it_picked_and_why(tmp_path):
+    src = tmp_path / "bare"
+    src.mkdir()
+    (src / "wsgi.py").write_text("def app(environ, start_response):\n    pass\n")
+    result = qabox("build", src, "-o", tmp_path / "w.tar.gz")
+    assert result.code == 0, result
+    assert "entry wsgi:app: none given, and the build has wsgi.py" in result.stdout

@@ -15,7 +15,7 @@ from .files import disk_full, is_port, iso, now, remove, write_json
 from .procs import STOP_TIMEOUT, stop_group
 from .protocol import Fail
 from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, HEALTH_PATH, RELEASE_FILE, SHA256, \
-    health_codes
+    health_codes, parse_entry
 from .session import locked
 from .sockets import bind_listener, free_port
 from .venvs import prepare_venv
@@ -52,8 +52,9 @@ def cmd_deploy(req, io) -> dict:
     health_status = req.get("health_status") or DEFAULT_HEALTH_STATUS
     try:
         health_codes(health_status)
+        parse_entry(req["entry"])
     except ValueError as e:
-        raise Fail("bad_build", "%s in the build's qabox.toml" % e)
+        raise Fail("bad_build", str(e))
     if current and env.release_info(current).get("sha256") == sha:
         pong = supervisor_ping(env)
         if pong and pong.get("state") == "running" and pong.get("port") == settings["port"]:

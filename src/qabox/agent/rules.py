@@ -7,6 +7,7 @@ evaluated at run time: such annotations are strings), and imports nothing
 heavy: the client imports it too.
 """
 
+import ast
 import posixpath
 import re
 
@@ -246,6 +247,46 @@ def health_codes(text: str) -> list:
 def is_up(ranges: list, code) -> bool:
     """Whether a health probe's HTTP code (None: no answer) means up."""
     return code is not None and any(low <= code <= high for low, high in ranges)
+
+
+DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # fullmatch: a module, or a name and its attributes
+
+
+def parse_entry(entry: str) -> tuple:
+    """An app entry as gunicorn and ``flask --app`` take it: ``module:name``,
+    ``module:name.attr``, or a factory called with literal arguments,
+    ``module:create_app()``, ``module:create_app("qa", debug=False)``.
+
+    Returns (module, [name, attr...], call): call is None, or (args, kwargs)
+    read with ast.literal_eval (never eval: an entry runs no code but the
+    factory's). ValueError saying why it is not one.
+    """
+    module, colon, expr = entry.partition(":") if isinstance(entry, str) else ("", "", "")
+    example = "give module:app, or module:create_app() for a factory (e.g. notes:app, flaskr:create_app())"
+    if not (colon and DOTTED.fullmatch(module)):
+        raise ValueError("app entry %r is not of the form module:callable: %s" % (entry, example))
+    try:
+        node = ast.parse(expr.strip(), mode="eval").body
+    except SyntaxError:
+        raise ValueError("app entry %r: %r is not a name or a call: %s" % (entry, expr, example)) from None
+    call = None
+    if isinstance(node, ast.Call):
+        try:
+            args = [ast.literal_eval(arg) for arg in node.args]
+            if any(kw.arg is None for kw in node.keywords):
+                raise ValueError("**")
+            call = (args, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords})
+        except ValueError:
+            raise ValueError("app entry %r: a factory's arguments must be literals (strings, numbers, "
+                             "True/False/None, lists, dicts), as in module:create_app(\"qa\")" % entry) from None
+        node = node.func
+    path = []
+    while isinstance(node, ast.Attribute):
+        path.insert(0, node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        raise ValueError("app entry %r: %r is not a name or a call of one: %s" % (entry, expr, example))
+    return module, [node.id] + path, call
 
 
 def entry_module_path(entry: str) -> tuple:

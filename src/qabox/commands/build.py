@@ -8,6 +8,8 @@ host never needs an index. Same inputs, byte-identical tarball (``pack``).
 from __future__ import annotations
 
 import fnmatch
+import json
+import re
 import sys
 import tarfile
 import tempfile
@@ -37,6 +39,7 @@ class BuildReport:
     size: int
     secrets: tuple[str, ...]
     entry: str
+    entry_reason: str | None  # why qabox picked the entry, when none was given
 
 
 def exclusions(src: Path) -> pathspec.PathSpec:
@@ -57,18 +60,44 @@ def exclusions(src: Path) -> pathspec.PathSpec:
     return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
-def make(src: Path, out: Path, python_version: str | None = None, platform: str | None = None) -> BuildReport:
-    """Pack ``src`` with its requirements' wheels into ``out``; checks the result like deploy does."""
+def with_entry(config: Path, entry: str) -> bytes:
+    """The project's qabox.toml (or a new one) with ``[app] entry`` set to ``entry``."""
+    text = config.read_text() if config.is_file() else ""
+    line = f"entry = {json.dumps(entry)}"
+    header = re.search(r"^\[app\][ \t]*(#.*)?$", text, re.M)
+    if header is None:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + f"[app]\n{line}\n"
+    else:
+        following = re.compile(r"^\[", re.M).search(text, header.end())
+        end = following.start() if following else len(text)
+        section = text[header.end():end]
+        section, found = re.subn(r"^[ \t]*entry[ \t]*=.*$", line, section, count=1, flags=re.M)
+        text = text[:header.end()] + ("" if found else "\n" + line) + section + text[end:]
+    try:
+        written = tomllib.loads(text).get("app", {}).get("entry")
+    except tomllib.TOMLDecodeError:
+        written = None
+    if written != entry:
+        raise BuildError(f"{config}: cannot set the entry for --app there: write `entry = {json.dumps(entry)}` "
+                         f"under [app] in it yourself")
+    return text.encode()
+
+
+def make(src: Path, out: Path, python_version: str | None = None, platform: str | None = None,
+         entry: str | None = None) -> BuildReport:
+    """Pack ``src`` with its requirements' wheels into ``out``; checks the result like deploy does.
+    ``entry`` (--app) is written into the build's qabox.toml."""
     if not src.is_dir():
         raise BuildError(f"{src} is not a directory: give the project's directory")
     spec = exclusions(src)
-    keep = lambda rel, is_dir: not spec.match_file(rel + ("/" if is_dir else ""))  # noqa: E731
+    extra = {"qabox.toml": with_entry(src / "qabox.toml", entry)} if entry else {}
+    keep = lambda rel, is_dir: not spec.match_file(rel + ("/" if is_dir else "")) and rel not in extra  # noqa: E731
     try:
         with tempfile.TemporaryDirectory(prefix="qabox-wheels-") as tmp:
             requirements = src / "requirements.txt"
             wheels = (download_wheels(requirements, Path(tmp), python_version, platform)
                       if requirements.is_file() else [])
-            pack(src, out, wheels=wheels, include=keep)
+            pack(src, out, wheels=wheels, extra=extra, include=keep)
     except PackError as e:
         raise BuildError(str(e)) from None
     checked = build_check.inspect(out)
@@ -76,4 +105,4 @@ def make(src: Path, out: Path, python_version: str | None = None, platform: str 
         packed = [m.name for m in tar.getmembers() if m.isfile() and not m.name.startswith("wheels/")]
     secrets = tuple(f for f in packed if any(fnmatch.fnmatch(Path(f).name, s) for s in SECRETS))
     return BuildReport(path=out, files=len(packed), wheels=len(wheels), size=out.stat().st_size,
-                       secrets=secrets, entry=checked.entry)
+                       secrets=secrets, entry=checked.entry, entry_reason=checked.entry_reason)
