@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from conftest import raw_tar
+from conftest import qabox, raw_tar
 from qabox import build_check
 from qabox.errors import BuildError
 
@@ -115,3 +115,27 @@ def test_two_candidate_apps_are_not_guessed_between(tmp_path):
 def test_a_factory_entry_with_code_in_its_arguments_is_refused(tmp_path):
     with pytest.raises(BuildError, match="a factory's arguments must be literals"):
         build_check.inspect(tar_of(tmp_path, {"app.py": ""}), entry="app:create_app(__import__('os'))")
+
+
+@pytest.mark.parametrize("files", [
+    {"requirements.txt": "django\n"},  # the index would bring no Werkzeug
+    {"requirements.txt": "flask\n", "wheels/flask-3.0.0-py3-none-any.whl": ""},  # offline: its wheel is not there
+])
+def test_a_build_whose_requirements_do_not_bring_werkzeug_is_refused_before_anything_is_sent(tmp_path, files):
+    path = tar_of(tmp_path, {"mysite/wsgi.py": "application = 1\n", **files})
+    with pytest.raises(BuildError, match=r"^b.tar does not bring Werkzeug, qabox's app server: add `werkzeug` "
+                                         r"to its requirements.txt \(and its wheel to wheels/\), or make the "
+                                         r"build with `qabox build`, which adds it$"):
+        build_check.inspect(path)
+    result = qabox("deploy", path, "--host", "no-such-host")  # refused before connecting
+    assert result.code != 0 and "does not bring Werkzeug" in result.stderr and "no-such-host" not in result.stderr
+
+
+@pytest.mark.parametrize("files", [
+    {"requirements.txt": "Django>=5\nWerkzeug>=3 ; python_version >= '3.8'\n"},
+    {"requirements.txt": "flask[async]\n"},
+    {"requirements.txt": "django\n", "wheels/Werkzeug-2.0.3-py3-none-any.whl": ""},
+    {},  # no requirements: the host's own packages
+])
+def test_werkzeug_or_flask_in_the_requirements_or_wheels_is_enough(tmp_path, files):
+    assert build_check.inspect(tar_of(tmp_path, {"wsgi.py": "", **files})).entry == "wsgi:app"

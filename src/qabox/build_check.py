@@ -22,6 +22,10 @@ from qabox.agent import rules
 from qabox.errors import BuildError
 
 
+SERVER_WHEEL = re.compile(r"wheels/werkzeug-[^/]*\.whl", re.I)  # fullmatch
+SERVER_REQUIREMENT = re.compile(r"^[ \t]*(werkzeug|flask)[ \t]*([\[<>=!~;#]|$)", re.I | re.M)  # it, or Flask
+
+
 @dataclass(frozen=True)
 class Build:
     """A checked build: its file, checksum, size and how to start its app."""
@@ -64,6 +68,11 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
             problems = rules.requirements_problems(lambda name: member_text(tar, members, name))
             if problems:
                 raise BuildError(f"{path.name} is refused: " + "; ".join(problems[:5]))
+            requirements = member_text(tar, members, "requirements.txt")
+            if requirements is not None and not brings_server(files, requirements):
+                raise BuildError(f"{path.name} does not bring Werkzeug, qabox's app server: add `werkzeug` to "
+                                 f"its requirements.txt (and its wheel to wheels/), or make the build with "
+                                 f"`qabox build`, which adds it")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise BuildError(
             f"{path.name} is not a readable tar build ({e}): make one with tar -czf, "
@@ -117,6 +126,14 @@ def default_entry(files: set, read, path: Path) -> tuple[str, str]:
             f"pass --app module:callable (or module:create_app() for a factory), or ship a wsgi.py "
             f"or app.py defining `app`")
     return picks[0]
+
+
+def brings_server(files: set, requirements: str) -> bool:
+    """Whether a build with requirements installs Werkzeug, the app server the
+    host runs it on: its wheel in wheels/, or (no wheels/) a requirement of it or Flask."""
+    if any(name.startswith("wheels/") for name in files):
+        return any(SERVER_WHEEL.fullmatch(name) for name in files)
+    return SERVER_REQUIREMENT.search(requirements) is not None
 
 
 def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:

@@ -29,6 +29,7 @@ def build(
         report = make(src, output, python_version, platform, entry)
         out.print(f"{report.path}: {report.files} files, {report.wheels} wheels, "
                   f"{decimal(report.size)}, entry {report.entry}", markup=False, highlight=False)
+        out.print(f"  requirements: {report.requirements}", markup=False, highlight=False)
         if report.entry_reason:
             out.print(f"  entry {report.entry}: {report.entry_reason} (name another with --app or "
                       f"[app] entry in qabox.toml)", markup=False, highlight=False)
