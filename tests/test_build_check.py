@@ -139,3 +139,11 @@ def test_a_build_whose_requirements_do_not_bring_werkzeug_is_refused_before_anyt
 ])
 def test_werkzeug_or_flask_in_the_requirements_or_wheels_is_enough(tmp_path, files):
     assert build_check.inspect(tar_of(tmp_path, {"wsgi.py": "", **files})).entry == "wsgi:app"
+
+
+def test_static_is_read_from_qabox_toml_and_checked(tmp_path):
+    good = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nstatic = {"/static" = "staticfiles"}\n'})
+    assert build_check.inspect(good).static == {"/static": "staticfiles"}
+    bad = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nstatic = {"/static" = "/var/www"}\n'}, "s.tar")
+    with pytest.raises(BuildError, match=r"qabox.toml in s.tar: \[app\] static: /static = '/var/www' is not"):
+        build_check.inspect(bad)

@@ -37,6 +37,7 @@ class Build:
     entry_reason: str | None  # why qabox picked the entry, when none was given
     health: str
     health_status: str
+    static: dict  # URL prefix -> directory of the release, served ahead of the app
     members: int
 
 
@@ -95,8 +96,13 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
         rules.health_codes(health_status)
     except ValueError as e:
         raise BuildError(f"qabox.toml in {path.name}: [app] {e}") from None
+    static = app.get("static", {})
+    problems = rules.static_problems(static)
+    if problems:
+        raise BuildError(f"qabox.toml in {path.name}: " + "; ".join(problems))
     return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
-                 entry_reason=reason, health=health, health_status=health_status, members=len(members))
+                 entry_reason=reason, health=health, health_status=health_status, static=static,
+                 members=len(members))
 
 
 def default_entry(files: set, read, path: Path) -> tuple[str, str]:

@@ -6,7 +6,7 @@ import shutil
 import time
 
 from .protocol import Fail
-from .rules import RELEASE_FILE, health_codes
+from .rules import RELEASE_FILE, health_codes, static_problems
 
 
 LOG_TAIL = 30
@@ -80,7 +80,8 @@ RECORDS = {
                     "updated_at": is_number},
                    "delete it, and the env's supervisor writes it anew"),
     RELEASE_FILE: ({"release": is_text, "sha256": is_text, "file": is_text, "entry": is_text,
-                    "health": is_text, "health_status": is_health_status, "venv": is_text, "deployed_at": is_text, "deployed_by": is_text},
+                    "health": is_text, "health_status": is_health_status,
+                    "static": lambda v: not static_problems(v), "venv": is_text, "deployed_at": is_text, "deployed_by": is_text},
                    "deploy again, or roll back to another release"),
 }
 

@@ -15,7 +15,7 @@ from .files import disk_full, is_port, iso, now, remove, write_json
 from .procs import STOP_TIMEOUT, stop_group
 from .protocol import Fail
 from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, HEALTH_PATH, RELEASE_FILE, SHA256, \
-    health_codes, parse_entry
+    health_codes, parse_entry, static_problems
 from .session import locked
 from .sockets import bind_listener, free_port
 from .venvs import prepare_venv
@@ -55,6 +55,10 @@ def cmd_deploy(req, io) -> dict:
         parse_entry(req["entry"])
     except ValueError as e:
         raise Fail("bad_build", str(e))
+    static = req.get("static") or {}
+    problems = static_problems(static)
+    if problems:
+        raise Fail("bad_build", "qabox.toml: " + "; ".join(problems))
     if current and env.release_info(current).get("sha256") == sha:
         pong = supervisor_ping(env)
         if pong and pong.get("state") == "running" and pong.get("port") == settings["port"]:
@@ -79,6 +83,7 @@ def cmd_deploy(req, io) -> dict:
             "entry": req["entry"],
             "health": health,
             "health_status": health_status,
+            "static": static,
             "venv": key,
             "deployed_at": iso(now()),
             "deployed_by": req.get("by"),

@@ -289,6 +289,24 @@ def parse_entry(entry: str) -> tuple:
     return module, [node.id] + path, call
 
 
+def static_problems(static) -> list:
+    """Why an ``[app] static`` table (URL prefix = directory of the release,
+    ``{"/static" = "staticfiles"}``) cannot be served, as strings."""
+    if not isinstance(static, dict):
+        return ["[app] static must be a table of URL prefix = directory in the release, like "
+                "{\"/static\" = \"staticfiles\"}"]
+    problems = []
+    for prefix, path in sorted(static.items(), key=str):
+        if not (isinstance(prefix, str) and HEALTH_PATH.fullmatch(prefix)):
+            problems.append("[app] static: %r is not a URL prefix: start it with / (printable characters, "
+                            "no spaces)" % (prefix,))
+        elif not (isinstance(path, str) and name_parts(path)) or path.startswith("/") \
+                or ".." in name_parts(path) or "\x00" in path:
+            problems.append("[app] static: %s = %r is not a directory inside the release: name one like "
+                            "\"staticfiles\" (not the release itself)" % (prefix, path))
+    return problems
+
+
 def entry_module_path(entry: str) -> tuple:
     """The files that can hold ``module:callable``'s module, relative to the build."""
     module = entry.split(":", 1)[0]

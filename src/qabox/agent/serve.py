@@ -114,6 +114,11 @@ def serve(spec: dict) -> None:
             pass  # the supervisor's health probes are not testers' requests
 
     app = load_app(spec["entry"])
+    if spec.get("static"):  # the release's own directories, ahead of the app (Django serves none itself)
+        from werkzeug.middleware.shared_data import SharedDataMiddleware
+
+        app = SharedDataMiddleware(app, {prefix: os.path.join(spec["release_dir"], path)
+                                         for prefix, path in spec["static"].items()})
     sockets = dict(spec["sockets"])  # what this app serves once live, by name
     servers = {}  # the same names, once live
     lock = threading.Lock()  # sockets and servers: the control thread changes them too

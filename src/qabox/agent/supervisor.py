@@ -57,6 +57,7 @@ class AppProcess:
         spec = {
             "release_dir": env.release_dir(release),
             "entry": info["entry"],
+            "static": info.get("static") or {},
             "sockets": sockets,
             "probe_fd": probe.fileno(),
             "live": live,

@@ -95,7 +95,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
             data = session.call(
                 "deploy", timeout=900, progress=hooks.step, env=env, sha256=build.sha256,
                 file=path.name, entry=build.entry, health=build.health,
-                health_status=build.health_status,
+                health_status=build.health_status, static=build.static,
                 port=port or settings.env_port(env), keep=settings.keep, by=whoami(),
                 start_timeout=settings.start_timeout, max_bytes=settings.max_build_mb * 2**20,
                 max_members=settings.max_build_members,
