@@ -1,4 +1,5 @@
-"""Rules shared by qabox and the host: names, build members, requirements, sshd.
+"""Rules shared by qabox and the host: names, build members, requirements, app entries,
+health codes, static directories, sshd.
 
 qabox checks a build with these same functions before sending it, and the
 host checks it again before extracting: one set of rules on both sides. Like
