@@ -315,18 +315,18 @@ class Host:
             proc.stderr.close()
             proc.stdout.close()
 
-    def deploy(self, build: Path, env: str, port: int, sent: bytes | None = None, **extra) -> dict:
+    def deploy(self, build: Path, env: str, port: int, sent: bytes | None = None, **request) -> dict:
         """qabox deploy's steps, with no check on this side: lock, upload-state, the bytes
-        (the build's, or ``sent``) to its .part as SFTP writes them, deploy (``extra``: more of
-        its args). Its result."""
+        (the build's, or ``sent``) to its .part as SFTP writes them, deploy (``request``
+        overriding its arguments). Its result."""
         sha = hashlib.sha256(build.read_bytes()).hexdigest()
         with self.session(env) as call:
             state = call("upload-state", env=env, sha256=sha)
             assert state["ok"], state
             if not state["data"]["have"]:
                 Path(state["data"]["part_path"]).write_bytes(build.read_bytes() if sent is None else sent)
-            return call("deploy", env=env, sha256=sha, file=build.name, entry="wsgi:app", health="/",
-                        port=port, by="tests", start_timeout=20, **extra)
+            return call("deploy", **{"env": env, "sha256": sha, "file": build.name, "entry": "wsgi:app",
+                                     "health": "/", "port": port, "by": "tests", "start_timeout": 20, **request})
 
     def processes(self) -> list[int]:
         """Pids of processes running for this host's base (supervisors, apps)."""
@@ -368,11 +368,10 @@ def app(environ, start_response):
 def wsgi_build(out: Path, version: str = "v1", python: str | None = None, files: dict | None = None) -> Path:
     """A bare WSGI app (wsgi.py, no framework) answering ``version``, packed by scripts/example-build
     with the wheels of the app server the agent runs it on (werkzeug) for python X.Y (default: this),
-    with ``files`` (path: text) beside it."""
+    with ``files`` (path: text) beside it or in its place."""
     src = out.parent / (out.name + ".src")
     src.mkdir()
-    (src / "wsgi.py").write_text(WSGI_APP.replace("VERSION", version))
-    for rel, text in (files or {}).items():
+    for rel, text in {"wsgi.py": WSGI_APP.replace("VERSION", version), **(files or {})}.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(text)
     # pip download --python-version judges markers by the python running it, not the target: name

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from conftest import raw_tar
+from conftest import qabox, raw_tar
 from qabox import build_check
 from qabox.errors import BuildError
 
@@ -146,3 +146,61 @@ def test_a_bad_persist_path_is_refused_before_sending(tmp_path, persist, says):
     with pytest.raises(BuildError) as e:
         build_check.inspect(path)
     assert says in e.value.message and "[app] persist" in e.value.message
+
+
+def test_with_no_entry_qabox_picks_a_django_project_or_a_factory_and_says_why(tmp_path):
+    django = build_check.inspect(tar_of(tmp_path, {"manage.py": "", "mysite/__init__.py": "",
+                                                   "mysite/wsgi.py": "application = get_wsgi_application()\n"}))
+    assert django.entry == "mysite.wsgi:application"
+    assert django.entry_reason == "none given, and mysite/wsgi.py (a Django project's) defines application"
+    flaskr = build_check.inspect(tar_of(tmp_path, {"flaskr/__init__.py": "import os\n\ndef create_app(test_config=None):\n",
+                                                   "flaskr/db.py": ""}, "f.tar"))
+    assert (flaskr.entry, flaskr.entry_reason) == (
+        "flaskr:create_app()", "none given, and flaskr/__init__.py defines the app factory create_app")
+    assert build_check.inspect(tar_of(tmp_path, {"app.py": ""}, "a.tar")).entry_reason == (
+        "none given, and the build has app.py (no wsgi.py)")
+    named = build_check.inspect(tar_of(tmp_path, {"app.py": ""}, "n.tar"), entry="app:create_app('qa')")
+    assert (named.entry, named.entry_reason) == ("app:create_app('qa')", None)
+
+
+def test_two_candidate_apps_are_not_guessed_between(tmp_path):
+    files = {p + "/__init__.py": "def create_app():\n" for p in ("one", "two")}
+    with pytest.raises(BuildError, match=r"has several apps \(one:create_app\(\), two:create_app\(\)\): name one"):
+        build_check.inspect(tar_of(tmp_path, files))
+
+
+def test_a_factory_entry_with_code_in_its_arguments_is_refused(tmp_path):
+    with pytest.raises(BuildError, match="a factory's arguments must be literals"):
+        build_check.inspect(tar_of(tmp_path, {"app.py": ""}), entry="app:create_app(__import__('os'))")
+
+
+@pytest.mark.parametrize("files", [
+    {"requirements.txt": "django\n"},  # the index would bring no Werkzeug
+    {"requirements.txt": "flask\n", "wheels/flask-3.0.0-py3-none-any.whl": ""},  # offline: its wheel is not there
+])
+def test_a_build_whose_requirements_do_not_bring_werkzeug_is_refused_before_anything_is_sent(tmp_path, files):
+    path = tar_of(tmp_path, {"mysite/wsgi.py": "application = 1\n", **files})
+    with pytest.raises(BuildError, match=r"^b.tar does not bring Werkzeug, qabox's app server: add `werkzeug` "
+                                         r"to its requirements.txt \(and its wheel to wheels/\), or make the "
+                                         r"build with `qabox build`, which adds it$"):
+        build_check.inspect(path)
+    result = qabox("deploy", path, "--host", "no-such-host")  # refused before connecting
+    assert result.code != 0 and "does not bring Werkzeug" in result.stderr and "no-such-host" not in result.stderr
+
+
+@pytest.mark.parametrize("files", [
+    {"requirements.txt": "Django>=5\nWerkzeug>=3 ; python_version >= '3.8'\n"},
+    {"requirements.txt": "flask[async]\n"},
+    {"requirements.txt": "django\n", "wheels/Werkzeug-2.0.3-py3-none-any.whl": ""},
+    {},  # no requirements: the host's own packages
+])
+def test_werkzeug_or_flask_in_the_requirements_or_wheels_is_enough(tmp_path, files):
+    assert build_check.inspect(tar_of(tmp_path, {"wsgi.py": "", **files})).entry == "wsgi:app"
+
+
+def test_static_is_read_from_qabox_toml_and_checked(tmp_path):
+    good = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nstatic = {"/static" = "staticfiles"}\n'})
+    assert build_check.inspect(good).static == {"/static": "staticfiles"}
+    bad = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nstatic = {"/static" = "/var/www"}\n'}, "s.tar")
+    with pytest.raises(BuildError, match=r"qabox.toml in s.tar: \[app\] static: /static = '/var/www' is not"):
+        build_check.inspect(bad)

@@ -136,8 +136,8 @@ def test_missing_entry_is_refused_before_connecting(make_build, env_name, port):
     result = deploy(build, env_name, port)
     assert result.code == 5
     assert result.stderr.strip().endswith(
-        "add `[app] entry = \"module:app\"` to its qabox.toml, pass --app module:callable, or ship "
-        "a wsgi.py or app.py defining `app`")
+        "add `[app] entry = \"module:app\"` to its qabox.toml, pass --app module:callable (or "
+        "module:create_app() for a factory), or ship a wsgi.py or app.py defining `app`")
 
 
 def test_hostile_build_is_refused_naming_members(tmp_path, env_name, port):
@@ -313,7 +313,8 @@ def test_a_missing_agent_is_pushed_even_if_its_command_ended_first(monkeypatch):
 def test_deploy_summary_counts_bytes_in_decimal_units_like_the_progress_bar(make_build, env_name, port):
     from rich.filesize import decimal
 
-    build = make_build({"wsgi.py": f"from flask import Flask\napp = Flask(__name__)  # {env_name}\n"})
+    build = make_build({"wsgi.py": f"from flask import Flask\napp = Flask(__name__)  # {env_name}\n"
+                                   "@app.get('/')\ndef i():\n    return 'ok'\n"})  # a 404 is not up
     result = deploy(build, env_name, port)
     assert result.code == 0, result
     first = result.stdout.splitlines()[0]

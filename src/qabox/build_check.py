@@ -21,8 +21,9 @@ else:  # pragma: no cover
 from qabox.agent import rules
 from qabox.errors import BuildError
 
-ENTRY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
-DEFAULT_ENTRIES = ("wsgi:app", "app:app")
+
+SERVER_WHEEL = re.compile(r"wheels/werkzeug-[^/]*\.whl", re.I)  # fullmatch
+SERVER_REQUIREMENT = re.compile(r"^[ \t]*(werkzeug|flask)[ \t]*([\[<>=!~;#]|$)", re.I | re.M)  # it, or Flask
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class Build:
     sha256: str
     size: int
     entry: str
+    entry_reason: str | None  # why qabox picked the entry, when none was given
     health: str
+    health_status: str
+    static: dict  # URL prefix -> directory of the release, served ahead of the app
     members: int
     environment: dict  # [app.environment]: the app's non-secret defaults
     release_hooks: list[str]
@@ -63,25 +67,27 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
                 raise BuildError(f"{path.name} is refused, unsafe members: {shown}")
             files = {normalise(m.name) for m in members if m.isfile()}
             config = read_config(tar, members, path)
+            app = config.get("app", {})
+            chosen, reason = entry or app.get("entry"), None
+            if chosen is None:
+                chosen, reason = default_entry(files, lambda name: member_text(tar, members, name), path)
             problems = rules.requirements_problems(lambda name: member_text(tar, members, name))
             if problems:
                 raise BuildError(f"{path.name} is refused: " + "; ".join(problems[:5]))
+            requirements = member_text(tar, members, "requirements.txt")
+            if requirements is not None and not brings_server(files, requirements):
+                raise BuildError(f"{path.name} does not bring Werkzeug, qabox's app server: add `werkzeug` to "
+                                 f"its requirements.txt (and its wheel to wheels/), or make the build with "
+                                 f"`qabox build`, which adds it")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise BuildError(
             f"{path.name} is not a readable tar build ({e}): make one with tar -czf, "
             f"a .tar, .tar.gz, .tar.bz2 or .tar.xz"
         ) from None
-    app = config.get("app", {})
-    chosen = entry or app.get("entry") or next(
-        (e for e in DEFAULT_ENTRIES if set(rules.entry_module_path(e)) & files), None
-    )
-    if chosen is None:
-        raise BuildError(
-            f"{path.name} has no app entry: add `[app] entry = \"module:app\"` to its qabox.toml, "
-            f"pass --app module:callable, or ship a wsgi.py or app.py defining `app`"
-        )
-    if not ENTRY.match(chosen):
-        raise BuildError(f"app entry {chosen!r} is not of the form module:callable (e.g. notes:app)")
+    try:
+        rules.parse_entry(chosen)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
     if not set(rules.entry_module_path(chosen)) & files:
         module = chosen.split(":")[0]
         raise BuildError(f"app entry {chosen}: {path.name} has no module {module} "
@@ -110,9 +116,56 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
     if not isinstance(snapshot_max_mb, int) or isinstance(snapshot_max_mb, bool) or snapshot_max_mb < 0:
         raise BuildError(f"qabox.toml in {path.name}: [app] snapshot_max_mb = {snapshot_max_mb!r} is not "
                          f"a number of MB (0 or more)")
+    health_status = app.get("health_status", rules.DEFAULT_HEALTH_STATUS)
+    try:
+        rules.health_codes(health_status)
+    except ValueError as e:
+        raise BuildError(f"qabox.toml in {path.name}: [app] {e}") from None
+    static = app.get("static", {})
+    problems = rules.static_problems(static)
+    if problems:
+        raise BuildError(f"qabox.toml in {path.name}: " + "; ".join(problems))
     return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
-                 health=health, members=len(members), environment=environment, release_hooks=hooks,
+                 entry_reason=reason, health=health, health_status=health_status, static=static,
+                 members=len(members), environment=environment, release_hooks=hooks,
                  release_timeout=float(timeout), persist=tuple(persist), snapshot_max_mb=snapshot_max_mb)
+
+
+def default_entry(files: set, read, path: Path) -> tuple[str, str]:
+    """The entry qabox picks for a build that names none, and why: ``wsgi:app``
+    (a wsgi.py), ``app:app`` (an app.py), a Django project's ``PKG.wsgi:application``,
+    a package's app factory ``PKG:create_app()``."""
+    if "wsgi.py" in files:
+        return "wsgi:app", "none given, and the build has wsgi.py"
+    if "app.py" in files:
+        return "app:app", "none given, and the build has app.py (no wsgi.py)"
+
+    def packages(file: str, defines: str) -> list:
+        """The top-level packages whose ``file`` has a line starting with ``defines``."""
+        matches = (re.fullmatch(r"([A-Za-z_]\w*)/" + re.escape(file), name) for name in sorted(files))
+        return [m.group(1) for m in matches if m and re.search("^" + defines, read(m.group(0)) or "", re.M)]
+
+    picks = [(f"{p}.wsgi:application", f"none given, and {p}/wsgi.py (a Django project's) defines application")
+             for p in packages("wsgi.py", r"application\s*=")] or [
+        (f"{p}:create_app()", f"none given, and {p}/__init__.py defines the app factory create_app")
+        for p in packages("__init__.py", r"def create_app\(")]
+    if len(picks) > 1:
+        raise BuildError(f"{path.name} has several apps ({', '.join(e for e, _ in picks)}): name one with "
+                         f"`[app] entry` in its qabox.toml or --app")
+    if not picks:
+        raise BuildError(
+            f"{path.name} has no app entry: add `[app] entry = \"module:app\"` to its qabox.toml, "
+            f"pass --app module:callable (or module:create_app() for a factory), or ship a wsgi.py "
+            f"or app.py defining `app`")
+    return picks[0]
+
+
+def brings_server(files: set, requirements: str) -> bool:
+    """Whether a build with requirements installs Werkzeug, the app server the
+    host runs it on: its wheel in wheels/, or (no wheels/) a requirement of it or Flask."""
+    if any(name.startswith("wheels/") for name in files):
+        return any(SERVER_WHEEL.fullmatch(name) for name in files)
+    return SERVER_REQUIREMENT.search(requirements) is not None
 
 
 def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:

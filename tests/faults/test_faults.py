@@ -292,7 +292,8 @@ def test_sshd_restart_during_logs_follow_fails_clearly(tmp_path, env_name, port)
 def test_client_killed_mid_extract_leaves_nothing_half_done(tmp_path, env_name, port, make_build):
     import signal
 
-    build = make_build({"wsgi.py": "from flask import Flask\napp = Flask(__name__)\n",
+    build = make_build({"wsgi.py": "from flask import Flask\napp = Flask(__name__)\n"
+                                   "@app.get('/')\ndef i():\n    return 'ok'\n",  # a 404 is not up
                         **{f"static/{i}.txt": "x" * 1000 for i in range(3000)}})
     proc = subprocess.Popen(deploy_cmd(build, env_name, port), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=os.environ.copy())

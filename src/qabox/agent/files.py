@@ -6,7 +6,7 @@ import shutil
 import time
 
 from .protocol import Fail
-from .rules import RELEASE_FILE, environment_problems
+from .rules import RELEASE_FILE, environment_problems, health_codes, static_problems
 
 
 LOG_TAIL = 30
@@ -65,6 +65,13 @@ def is_environment(value) -> bool:
     return not environment_problems(value)
 
 
+def is_health_status(value) -> bool:
+    try:
+        return bool(health_codes(value))
+    except ValueError:
+        return False
+
+
 # What an env's own files may hold (each a JSON object; any key may be null),
 # and what to do about one that is damaged.
 RECORDS = {
@@ -77,7 +84,8 @@ RECORDS = {
                     "updated_at": is_number},
                    "delete it, and the env's supervisor writes it anew"),
     RELEASE_FILE: ({"release": is_text, "sha256": is_text, "file": is_text, "entry": is_text,
-                    "health": is_text, "venv": is_text, "deployed_at": is_text, "deployed_by": is_text,
+                    "health": is_text, "health_status": is_health_status,
+                    "static": lambda v: not static_problems(v), "venv": is_text, "deployed_at": is_text, "deployed_by": is_text,
                     "environment": is_environment,
                     "release_hooks": lambda v: isinstance(v, list) and all(map(is_text, v)),
                     "release_timeout": is_number,

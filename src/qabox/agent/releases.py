@@ -18,8 +18,8 @@ from .persist import DEFAULT_SNAPSHOT_MAX_MB, checked_paths, drop_replaced, pers
 from .procs import STOP_TIMEOUT, stop_group
 from .protocol import Fail
 from .oneoff import run_release_hooks
-from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, DEFAULT_PERSIST, HEALTH_PATH, RELEASE_FILE, \
-    RELEASE_TIMEOUT, SHA256, release_hooks
+from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, DEFAULT_PERSIST, HEALTH_PATH, \
+    RELEASE_FILE, RELEASE_TIMEOUT, SHA256, health_codes, parse_entry, release_hooks, static_problems
 from .session import locked
 from .sockets import bind_listener, free_port
 from .venvs import prepare_venv
@@ -54,6 +54,16 @@ def cmd_deploy(req, io) -> dict:
     if not HEALTH_PATH.fullmatch(health):
         raise Fail("bad_build", "the health path %r is not a URL path: use one like \"/health\" "
                    "(printable characters, no spaces) in the build's qabox.toml" % health)
+    health_status = req.get("health_status") or DEFAULT_HEALTH_STATUS
+    try:
+        health_codes(health_status)
+        parse_entry(req["entry"])
+    except ValueError as e:
+        raise Fail("bad_build", str(e))
+    static = req.get("static") or {}
+    problems = static_problems(static)
+    if problems:
+        raise Fail("bad_build", "qabox.toml: " + "; ".join(problems))
     defaults = checked_environment(req.get("environment") or {}, "[app.environment] in the build's qabox.toml")
     hosts_changed = record_hosts_file(env, req.get("hosts_environment"))
     persist = req.get("persist", DEFAULT_PERSIST)
@@ -86,6 +96,8 @@ def cmd_deploy(req, io) -> dict:
             "file": req.get("file"),
             "entry": req["entry"],
             "health": health,
+            "health_status": health_status,
+            "static": static,
             "venv": key,
             "persist": persist,
             "deployed_at": iso(now()),

@@ -1,4 +1,5 @@
-"""Rules shared by qabox and the host: names, build members, requirements, sshd.
+"""Rules shared by qabox and the host: names, build members, requirements, app entries,
+health codes, static directories, sshd.
 
 qabox checks a build with these same functions before sending it, and the
 host checks it again before extracting: one set of rules on both sides. Like
@@ -7,6 +8,7 @@ evaluated at run time: such annotations are strings), and imports nothing
 heavy: the client imports it too.
 """
 
+import ast
 import posixpath
 import re
 import shlex
@@ -20,6 +22,8 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 RELEASE_ID = re.compile(r"\d{8}-\d{6}(-\d+)?")
 HEALTH_PATH = re.compile(r"/[\x21-\x7e]*")  # fullmatch; printable, no spaces: pasted into a request line
 CONFIG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: a name any shell can export
+DEFAULT_HEALTH_STATUS = "200-399"  # the HTTP codes that mean up: a 4xx (Django's ALLOWED_HOSTS) is not
+WARMING_UP = (502, 503, 504)  # answers of an app still starting: waited out, unlike a steady 500
 RELEASE_FILE = "release.json"  # qabox's record in each release: a build may not bring its own
 QABOX_DIRS = ("wheels",)  # a release's names that are qabox's (besides RELEASE_FILE): never persisted
 DEFAULT_PERSIST = ["instance"]  # Flask's instance folder
@@ -261,6 +265,81 @@ def requirements_problems(read, name: str = "requirements.txt", seen: set = None
             elif set(extra) - {"--hash"}:
                 problems.append("%s: option %s is not allowed in a build"
                                 % (where, sorted(set(extra) - {"--hash"})[0]))
+    return problems
+
+
+def health_codes(text: str) -> list:
+    """``"200-399"`` or ``"200,204,300-308"`` as [(low, high), ...]; ValueError saying why not."""
+    ranges = []
+    for part in (text.split(",") if isinstance(text, str) else [None]):
+        found = re.fullmatch(r"\s*([1-5]\d\d)\s*(?:-\s*([1-5]\d\d)\s*)?", part or "")
+        if not found or int(found.group(2) or found.group(1)) < int(found.group(1)):
+            raise ValueError("health_status %r is not HTTP codes from 100 to 599, like \"200-399\" "
+                             "or \"200,204\"" % (text,))
+        ranges.append((int(found.group(1)), int(found.group(2) or found.group(1))))
+    return ranges
+
+
+def is_up(ranges: list, code) -> bool:
+    """Whether a health probe's HTTP code (None: no answer) means up."""
+    return code is not None and any(low <= code <= high for low, high in ranges)
+
+
+DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # fullmatch: a module, or a name and its attributes
+
+
+def parse_entry(entry: str) -> tuple:
+    """An app entry as gunicorn and ``flask --app`` take it: ``module:name``,
+    ``module:name.attr``, or a factory called with literal arguments,
+    ``module:create_app()``, ``module:create_app("qa", debug=False)``.
+
+    Returns (module, [name, attr...], call): call is None, or (args, kwargs)
+    read with ast.literal_eval (never eval: an entry runs no code but the
+    factory's). ValueError saying why it is not one.
+    """
+    module, colon, expr = entry.partition(":") if isinstance(entry, str) else ("", "", "")
+    example = "give module:app, or module:create_app() for a factory (e.g. notes:app, flaskr:create_app())"
+    if not (colon and DOTTED.fullmatch(module)):
+        raise ValueError("app entry %r is not of the form module:callable: %s" % (entry, example))
+    try:
+        node = ast.parse(expr.strip(), mode="eval").body
+    except SyntaxError:
+        raise ValueError("app entry %r: %r is not a name or a call: %s" % (entry, expr, example)) from None
+    call = None
+    if isinstance(node, ast.Call):
+        try:
+            args = [ast.literal_eval(arg) for arg in node.args]
+            if any(kw.arg is None for kw in node.keywords):
+                raise ValueError("**")
+            call = (args, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords})
+        except ValueError:
+            raise ValueError("app entry %r: a factory's arguments must be literals (strings, numbers, "
+                             "True/False/None, lists, dicts), as in module:create_app(\"qa\")" % entry) from None
+        node = node.func
+    path = []
+    while isinstance(node, ast.Attribute):
+        path.insert(0, node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        raise ValueError("app entry %r: %r is not a name or a call of one: %s" % (entry, expr, example))
+    return module, [node.id] + path, call
+
+
+def static_problems(static) -> list:
+    """Why an ``[app] static`` table (URL prefix = directory of the release,
+    ``{"/static" = "staticfiles"}``) cannot be served, as strings."""
+    if not isinstance(static, dict):
+        return ["[app] static must be a table of URL prefix = directory in the release, like "
+                "{\"/static\" = \"staticfiles\"}"]
+    problems = []
+    for prefix, path in sorted(static.items(), key=str):
+        if not (isinstance(prefix, str) and HEALTH_PATH.fullmatch(prefix)):
+            problems.append("[app] static: %r is not a URL prefix: start it with / (printable characters, "
+                            "no spaces)" % (prefix,))
+        elif not (isinstance(path, str) and name_parts(path)) or path.startswith("/") \
+                or ".." in name_parts(path) or "\x00" in path:
+            problems.append("[app] static: %s = %r is not a directory inside the release: name one like "
+                            "\"staticfiles\" (not the release itself)" % (prefix, path))
     return problems
 
 

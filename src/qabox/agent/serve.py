@@ -10,6 +10,7 @@ import sys
 import time
 
 from .procs import STOP_TIMEOUT
+from .rules import parse_entry
 from .sockets import foreign_peer, recv_fds, send_fds
 
 
@@ -19,18 +20,42 @@ IDLE_TIMEOUT = 30.0  # seconds a connection may send nothing
 
 
 def load_app(entry: str):
-    """Import ``module:attr`` and return the WSGI app, with debugging forced off."""
-    import importlib
+    """Import the entry's module and return its WSGI app (a factory's, called
+    with the entry's literal arguments), with debugging forced off.
 
-    module_name, _, attr = entry.partition(":")
+    A bare function that cannot take (environ, start_response) but can be
+    called with nothing is a factory named without its ``()`` (``flask --app``
+    calls it too): it is called, and the log says so.
+    """
+    import importlib
+    import inspect
+
+    module_name, path, call = parse_entry(entry)
     obj = importlib.import_module(module_name)
-    for part in (attr or "app").split("."):
+    for part in path:
         obj = getattr(obj, part)
+    if call is None and inspect.isfunction(obj) and not takes(obj, None, None) and takes(obj):
+        print("qabox: %s is an app factory (it takes no environ and start_response): serving what it "
+              "returns; name it %s() to say so" % (entry, entry), flush=True)
+        call = ([], {})
+    if call is not None:
+        obj = obj(*call[0], **call[1])
     if hasattr(obj, "debug"):
         obj.debug = False  # a Flask app in debug mode would show tracebacks to testers
     while type(obj).__name__ == "DebuggedApplication" and hasattr(obj, "app"):
         obj = obj.app  # never the interactive debugger, whatever the build says
     return obj
+
+
+def takes(function, *args) -> bool:
+    """Whether ``function`` can be called with these positional arguments."""
+    import inspect
+
+    try:
+        inspect.signature(function).bind(*args)
+    except TypeError:
+        return False
+    return True
 
 
 def serve(spec: dict) -> None:
@@ -89,6 +114,11 @@ def serve(spec: dict) -> None:
             pass  # the supervisor's health probes are not testers' requests
 
     app = load_app(spec["entry"])
+    if spec.get("static"):  # the release's own directories, ahead of the app (Django serves none itself)
+        from werkzeug.middleware.shared_data import SharedDataMiddleware
+
+        app = SharedDataMiddleware(app, {prefix: os.path.join(spec["release_dir"], path)
+                                         for prefix, path in spec["static"].items()})
     sockets = dict(spec["sockets"])  # what this app serves once live, by name
     servers = {}  # the same names, once live
     lock = threading.Lock()  # sockets and servers: the control thread changes them too

@@ -145,5 +145,6 @@ def env_status(env: Env) -> dict:
         "requests": requests,
         "problems": problems,  # a port that serves someone else's page is not healthy
         "health": {"error": problems[0]} if problems else
-                  http_probe(port, info.get("health", "/")) if current and status != "stopped" else None,
+                  http_probe((state.get("probe_port") if pong else None) or port,  # quiet: no access log line
+                             info.get("health", "/")) if current and status != "stopped" else None,
     }

@@ -18,13 +18,15 @@ from .envs import START_TIMEOUT, Env, link_current
 from .files import is_port, iso, makedirs, now, rotate, tail, write_json
 from .procs import STOP_TIMEOUT, pid_alive, process_started, stop_group
 from .protocol import Fail
-from .rules import RELEASE_FILE
+from .rules import DEFAULT_HEALTH_STATUS, RELEASE_FILE, WARMING_UP, health_codes, is_up
 from .sockets import bind_listener, fd_port, foreign_peer, http_probe, listening_port, recv_line
 from .testers import tester_ports
 
 
 class AppProcess:
     """One app process serving a release: started by this supervisor, or adopted."""
+
+    STEADY_FAILURE = 3.0  # seconds of nothing but wrong answers that fail a start
 
     def __init__(self, env: Env, release: str, pid: int, probe_port: int, started_at: float, proc=None):
         self.env = env
@@ -33,7 +35,10 @@ class AppProcess:
         self.probe_port = probe_port
         self.started_at = started_at
         self.proc = proc
-        self.health = env.release_info(release).get("health", "/")
+        info = env.release_info(release)
+        self.health = info.get("health", "/")
+        self.health_status = info.get("health_status") or DEFAULT_HEALTH_STATUS
+        self.health_codes = health_codes(self.health_status)
         self.log_path = env.path("logs", release + ".log")
 
     @classmethod
@@ -52,6 +57,7 @@ class AppProcess:
         spec = {
             "release_dir": env.release_dir(release),
             "entry": info["entry"],
+            "static": info.get("static") or {},
             "sockets": sockets,
             "probe_fd": probe.fileno(),
             "live": live,
@@ -95,18 +101,34 @@ class AppProcess:
     def healthy(self, timeout: float = 2.0) -> dict:
         return http_probe(self.probe_port, self.health, timeout)
 
+    def up(self, code) -> bool:
+        """Whether a probe's HTTP code means up for this release (its health_status)."""
+        return is_up(self.health_codes, code)
+
     def wait_healthy(self, timeout: float) -> dict:
-        """Probe until the app answers < 500, exits, or the time is up."""
+        """Probe until the app is up, exits, answers nothing but a wrong code (a
+        500, a 400; not 502-504, a proxy's "still starting") for STEADY_FAILURE
+        seconds, or the time is up. The result's ``up`` says which."""
         deadline = time.monotonic() + timeout
         result = {"code": None, "error": "no answer within %.0f s" % timeout}
+        wrong_since = None
         while time.monotonic() < deadline:
             if self.poll() is not None:
                 return {"code": None, "error": "exited with code %s" % self.poll(), "exited": True}
             probe = self.healthy(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
-            if probe.get("code") is not None:
-                result = probe
-                if probe["code"] < 500:
-                    return result
+            code = probe.get("code")
+            if self.up(code):
+                return dict(probe, up=True)
+            if code is not None:
+                result = dict(probe, error="health check answered HTTP %d until the start timeout of %.0f s "
+                                           "(up is %s)" % (code, timeout, self.health_status))
+                if code in WARMING_UP:
+                    wrong_since = None
+                else:
+                    wrong_since = wrong_since or time.monotonic()
+                    if time.monotonic() - wrong_since >= self.STEADY_FAILURE:
+                        return dict(probe, error="health check answered HTTP %d on every probe for %.0f s "
+                                                 "(up is %s)" % (code, self.STEADY_FAILURE, self.health_status))
             time.sleep(0.1)
         return result
 
@@ -392,7 +414,7 @@ class Supervisor:
             raise
         self.log("starting %s (pid %d)" % (release, new.pid))
         result = new.wait_healthy(timeout)
-        failed = result.get("code") is None or result["code"] >= 500
+        failed = not result.get("up")
         if not failed:
             try:
                 link_current(self.env, release)
@@ -402,12 +424,13 @@ class Supervisor:
             code = new.stop(timeout=2)
             if moved:
                 os.close(sockets[""])
-            reason = result.get("error") or "health check answered HTTP %s" % result.get("code")
+            reason = result["error"]
             self.log("release %s failed to start: %s" % (release, reason))
             return {"ok": False, "error": {
                 "code": "app_exited" if result.get("exited") else "unhealthy",
-                "message": "the new release %s did not pass its health check (%s): the previous "
-                           "release keeps serving; fix the app and deploy again" % (release, reason),
+                "message": "the new release %s did not pass its health check (%s): %s; fix the app and "
+                           "deploy again" % (release, reason, "the previous release keeps serving"
+                                             if self.env.current() else "nothing was deployed"),
                 "exit": code,
                 "log": tail(new.log_path),
             }}
@@ -448,7 +471,7 @@ class Supervisor:
             self.exited(app, code)
             return
         if self.state == "starting":
-            if (app.healthy(timeout=0.5).get("code") or 500) < 500:
+            if app.up(app.healthy(timeout=0.5).get("code")):
                 self.state, self.failed_probes = "running", 0
                 self.next_probe = clock + float(self.settings.get("health_interval", 10))
                 self.save()
@@ -463,7 +486,7 @@ class Supervisor:
         settings = self.settings
         self.next_probe = time.monotonic() + float(settings.get("health_interval", 10))
         code = app.healthy(timeout=2.0).get("code")
-        self.failed_probes = 0 if code is not None and code < 500 else self.failed_probes + 1
+        self.failed_probes = 0 if app.up(code) else self.failed_probes + 1
         if self.failed_probes >= self.HANG_PROBES:
             self.log("app %s (pid %d) failed %d health probes: restarting it"
                      % (app.release, app.pid, self.failed_probes))

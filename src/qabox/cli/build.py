@@ -17,17 +17,22 @@ def build(
     output: Path = typer.Option(Path("build.tar.gz"), "-o", "--output", metavar="FILE", help="The build file to write."),
     python_version: Optional[str] = typer.Option(None, "--python-version", metavar="X.Y", help="The host's Python, e.g. 3.11 (see `qabox hosts check`)."),
     platform: Optional[str] = typer.Option(None, "--platform", metavar="TAG", help="The host's platform tag, e.g. manylinux2014_x86_64."),
+    entry: Optional[str] = typer.Option(None, "--app", metavar="MOD:APP", help="The WSGI entry, module:app or module:create_app() for a factory, written into the build's qabox.toml."),
 ):
     """Pack a project into a build: its files and a wheelhouse of its requirements.
 
-    Example: qabox build . -o build.tar.gz --python-version 3.11
+    Example: qabox build . -o build.tar.gz --python-version 3.11 --app 'flaskr:create_app()'
     """
     with reporting(ctx):
         from qabox.commands.build import make
 
-        report = make(src, output, python_version, platform)
+        report = make(src, output, python_version, platform, entry)
         out.print(f"{report.path}: {report.files} files, {report.wheels} wheels, "
                   f"{decimal(report.size)}, entry {report.entry}", markup=False, highlight=False)
+        out.print(f"  requirements: {report.requirements}", markup=False, highlight=False)
+        if report.entry_reason:
+            out.print(f"  entry {report.entry}: {report.entry_reason} (name another with --app or "
+                      f"[app] entry in qabox.toml)", markup=False, highlight=False)
         for secret in report.secrets:
             err.print(f"qabox: warning: {secret} looks like a secret and is in the build: "
                       f"add it to .gitignore or [build] exclude in qabox.toml", markup=False, highlight=False)

@@ -97,6 +97,7 @@ def fleet_progress(hosts: list[str], enabled: bool):
 
         def hooks_for(host: str) -> Hooks:
             return Hooks(step=lambda text: progress.update(tasks[host], description=f"{host}: {text}"),
+                         note=lambda text: progress.console.print(f"{host}: {text}", markup=False, highlight=False),
                          upload=lambda sent, total: progress.update(tasks[host], completed=sent, total=total))
 
         yield hooks_for
@@ -122,4 +123,5 @@ def deploy_progress(enabled: bool):
                 upload_task.append(progress.add_task("uploading", total=total))
             progress.update(upload_task[0], completed=sent)
 
-        yield Hooks(step=lambda text: progress.update(step, description=text), upload=on_upload)
+        yield Hooks(step=lambda text: progress.update(step, description=text), upload=on_upload,
+                    note=lambda text: progress.console.print(text, markup=False, highlight=False))

@@ -8,6 +8,8 @@ host never needs an index. Same inputs, byte-identical tarball (``pack``).
 from __future__ import annotations
 
 import fnmatch
+import json
+import re
 import sys
 import tarfile
 import tempfile
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pathspec
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,6 +30,7 @@ from qabox.errors import BuildError
 from qabox.pack import PackError, download_wheels, pack
 
 SECRETS = (".env", ".env.*", "id_rsa*", "id_ed25519*", "id_ecdsa*", "*.pem", "*.key", "*.p12", ".netrc")
+SERVER = "werkzeug"  # qabox's app server: every build brings it
 ALWAYS_OUT = (".git/", "__pycache__/", "*.pyc", ".venv/", "venv/", "wheels/", ".qabox/")
 
 
@@ -36,7 +41,9 @@ class BuildReport:
     wheels: int
     size: int
     secrets: tuple[str, ...]
+    requirements: str  # where the build's requirements come from
     entry: str
+    entry_reason: str | None  # why qabox picked the entry, when none was given
 
 
 def exclusions(src: Path) -> pathspec.PathSpec:
@@ -57,18 +64,93 @@ def exclusions(src: Path) -> pathspec.PathSpec:
     return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
-def make(src: Path, out: Path, python_version: str | None = None, platform: str | None = None) -> BuildReport:
-    """Pack ``src`` with its requirements' wheels into ``out``; checks the result like deploy does."""
+def with_entry(config: Path, entry: str) -> bytes:
+    """The project's qabox.toml (or a new one) with ``[app] entry`` set to ``entry``."""
+    text = config.read_text() if config.is_file() else ""
+    line = f"entry = {json.dumps(entry)}"
+    header = re.search(r"^\[app\][ \t]*(#.*)?$", text, re.M)
+    if header is None:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + f"[app]\n{line}\n"
+    else:
+        following = re.compile(r"^\[", re.M).search(text, header.end())
+        end = following.start() if following else len(text)
+        section = text[header.end():end]
+        section, found = re.subn(r"^[ \t]*entry[ \t]*=.*$", line, section, count=1, flags=re.M)
+        text = text[:header.end()] + ("" if found else "\n" + line) + section + text[end:]
+    try:
+        written = tomllib.loads(text).get("app", {}).get("entry")
+    except tomllib.TOMLDecodeError:
+        written = None
+    if written != entry:
+        raise BuildError(f"{config}: cannot set the entry for --app there: write `entry = {json.dumps(entry)}` "
+                         f"under [app] in it yourself")
+    return text.encode()
+
+
+def project_requirements(src: Path) -> tuple[list[str], str]:
+    """What the project requires beyond its requirements.txt, and where its
+    requirements come from: its requirements.txt, else its pyproject.toml's
+    ``[project] dependencies`` (its own code is shipped as it is, importable
+    from the release, not installed: a code change keeps the virtualenv)."""
+    pyproject = src / "pyproject.toml"
+    if (src / "requirements.txt").is_file():
+        return [], "requirements.txt"
+    if not pyproject.is_file():
+        return [], "no requirements"
+    try:
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+    except tomllib.TOMLDecodeError as e:
+        raise BuildError(f"{pyproject}: {e}") from None
+    if "dependencies" in project.get("dynamic", []):
+        raise BuildError(f"{pyproject}: its dependencies are dynamic, so qabox cannot read them: "
+                         f"list them in a requirements.txt beside it")
+    dependencies = project.get("dependencies", [])
+    for dependency in dependencies if isinstance(dependencies, list) else [dependencies]:
+        try:
+            Requirement(dependency)
+        except (InvalidRequirement, TypeError) as e:
+            raise BuildError(f"{pyproject}: [project] dependencies: {dependency!r} is not a requirement "
+                             f"({e})") from None
+    return list(dependencies), "pyproject.toml's [project] dependencies"
+
+
+def requirement_wheels(src: Path, added: list[str], tmp: Path, python_version: str | None,
+                       platform: str | None) -> list[Path]:
+    """The wheels of the project's requirements.txt (if any) and the ``added`` requirements, in tmp/wheels."""
+    own = src / "requirements.txt"
+    lines = ([f"-r {own.resolve()}"] if own.is_file() else []) + added
+    if not lines:
+        return []
+    (tmp / "requirements.txt").write_text("".join(line + "\n" for line in lines))
+    return download_wheels(tmp / "requirements.txt", tmp / "wheels", python_version, platform)
+
+
+def wheel_name(wheel: Path) -> str:
+    return canonicalize_name(wheel.name.split("-", 1)[0])
+
+
+def make(src: Path, out: Path, python_version: str | None = None, platform: str | None = None,
+         entry: str | None = None) -> BuildReport:
+    """Pack ``src`` with its requirements' wheels into ``out``; checks the result like deploy does.
+    ``entry`` (--app) is written into the build's qabox.toml."""
     if not src.is_dir():
         raise BuildError(f"{src} is not a directory: give the project's directory")
     spec = exclusions(src)
-    keep = lambda rel, is_dir: not spec.match_file(rel + ("/" if is_dir else ""))  # noqa: E731
+    extra = {"qabox.toml": with_entry(src / "qabox.toml", entry)} if entry else {}
+    keep = lambda rel, is_dir: not spec.match_file(rel + ("/" if is_dir else "")) and rel not in extra  # noqa: E731
     try:
         with tempfile.TemporaryDirectory(prefix="qabox-wheels-") as tmp:
-            requirements = src / "requirements.txt"
-            wheels = (download_wheels(requirements, Path(tmp), python_version, platform)
-                      if requirements.is_file() else [])
-            pack(src, out, wheels=wheels, include=keep)
+            added, origin = project_requirements(src)
+            wheels = requirement_wheels(src, added, Path(tmp), python_version, platform)
+            if not any(wheel_name(w) == SERVER for w in wheels):  # qabox serves the app with it
+                added.append(SERVER)
+                wheels = requirement_wheels(src, added, Path(tmp), python_version, platform)
+                origin += f", and {SERVER} (qabox's app server)"
+            if added:
+                own = (src / "requirements.txt").read_text() if origin.startswith("requirements.txt") else ""
+                extra["requirements.txt"] = (own + ("\n" if own and not own.endswith("\n") else "")
+                                             + "".join(line + "\n" for line in added)).encode()
+            pack(src, out, wheels=wheels, extra=extra, include=keep)
     except PackError as e:
         raise BuildError(str(e)) from None
     checked = build_check.inspect(out)
@@ -76,4 +158,4 @@ def make(src: Path, out: Path, python_version: str | None = None, platform: str 
         packed = [m.name for m in tar.getmembers() if m.isfile() and not m.name.startswith("wheels/")]
     secrets = tuple(f for f in packed if any(fnmatch.fnmatch(Path(f).name, s) for s in SECRETS))
     return BuildReport(path=out, files=len(packed), wheels=len(wheels), size=out.stat().st_size,
-                       secrets=secrets, entry=checked.entry)
+                       secrets=secrets, requirements=origin, entry=checked.entry, entry_reason=checked.entry_reason)

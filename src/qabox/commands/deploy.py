@@ -39,6 +39,7 @@ class DeployResult:
     port: int
     sent_bytes: int
     seconds: float
+    entry: str = ""
     venv_created: bool = False
     pruned: list = field(default_factory=list)
     testers: list = field(default_factory=list)
@@ -57,6 +58,7 @@ class Hooks:
     """How a deploy reports progress: the CLI shows it, tests ignore it."""
 
     step: Callable[[str], None] = lambda text: None
+    note: Callable[[str], None] = lambda text: None  # a line worth keeping (the entry qabox picked)
     upload: Callable[[int, int], None] = lambda sent, total: None
 
 
@@ -72,6 +74,8 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     hooks.step("checking build")
     settings = ctx.settings(host)
     build = build_check.inspect(path, entry, settings.max_build_mb * 2**20, settings.max_build_members)
+    if build.entry_reason:
+        hooks.note(f"entry {build.entry}: {build.entry_reason} (name another with --app or [app] entry)")
     hooks.step("connecting")
     with ctx.remote(host) as remote:
         hooks.step("waiting for the deploy lock")
@@ -94,6 +98,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
                 sha256=build.sha256, file=path.name, entry=build.entry, health=build.health,
                 release_hooks=build.release_hooks, release_timeout=build.release_timeout,
                 persist=list(build.persist), snapshot_max_bytes=build.snapshot_max_mb * 2**20,
+                health_status=build.health_status, static=build.static,
                 port=port or settings.env_port(env), keep=settings.keep, by=whoami(),
                 start_timeout=settings.start_timeout, max_bytes=settings.max_build_mb * 2**20,
                 max_members=settings.max_build_members,
@@ -107,7 +112,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     return DeployResult(
         host=host, env=env, file=path.name, release=data["release"], previous=data.get("previous"),
         changed=data["changed"], port=data["port"], sent_bytes=sent,
-        seconds=round(time.monotonic() - started, 2), venv_created=data.get("venv_created", False),
+        seconds=round(time.monotonic() - started, 2), entry=build.entry, venv_created=data.get("venv_created", False),
         pruned=data.get("pruned", []), testers=data.get("testers", []),
         snapshot_skipped=data.get("snapshot_skipped"),
     )
