@@ -203,3 +203,88 @@ def test_a_django_project_as_startproject_makes_it(tmp_path, django, env_name, p
     assert "the previous release keeps serving" in result.stderr, result
     assert seconds < 20, seconds  # not the start timeout: 30 s
     assert http_get("lab1", port, "/admin/login/")[0] == 200  # the first release, still
+
+
+# ---------------------------------------------------------------- the README's "Deploying a real app", as written
+
+FLASKR_TOML = '[app]\nentry = "flaskr:create_app()"\nhealth = "/hello"\n'
+FLASKR_SECRET = ("import secrets; open('instance/config.py', 'w')"
+                 ".write('SECRET_KEY = %r\\n' % secrets.token_hex())")
+DJANGO_SETTINGS = '''
+import os
+SECRET_KEY = os.environ["DJANGO_SECRET_KEY"]
+DEBUG = os.environ.get("DJANGO_DEBUG") == "1"
+ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",")
+STATIC_ROOT = BASE_DIR / "staticfiles"
+'''
+DJANGO_TOML = '''[app]
+health = "/admin/login/"
+static = {"/static" = "staticfiles"}
+persist = ["db.sqlite3"]
+release = ["python manage.py migrate --noinput", "python manage.py collectstatic --noinput"]
+'''
+
+
+def run_on(env: str, *argv: str) -> tuple[int, str]:
+    """``qabox run`` in the env, as the README's recipes use it: (exit code, output)."""
+    result = qabox("run", "--host", "lab1", "--env", env, "--", *argv)
+    return result.code, result.stdout + result.stderr
+
+
+def test_flaskr_as_the_readme_deploys_it(tmp_path, env_name, port):
+    files = {"flaskr/__init__.py": FLASKR_INIT.replace("VERSION", "v1"), "flaskr/db.py": FLASKR_DB,
+             "flaskr/schema.sql": "DROP TABLE IF EXISTS post;\nCREATE TABLE post (id INTEGER);\n",
+             "pyproject.toml": FLASKR_PYPROJECT, "qabox.toml": FLASKR_TOML}
+    src = write(tmp_path / "flask-tutorial", files)
+    assert qabox("build", src, "-o", tmp_path / "flaskr.tar.gz").code == 0
+    result, _ = timed("deploy flaskr as the README does", "deploy", tmp_path / "flaskr.tar.gz", "--host", "lab1",
+                      "--env", env_name, "--port", port)
+    assert result.code == 0, result
+    assert run_on(env_name, "flask", "--app", "flaskr", "init-db") == (0, "Initialized the database.\n")
+    assert run_on(env_name, "python", "-c", FLASKR_SECRET)[0] == 0
+    assert qabox("restart", "--host", "lab1", "--env", env_name).code == 0
+    check = "from flaskr import create_app; print(create_app().config['SECRET_KEY'] != 'dev')"
+    assert run_on(env_name, "python", "-c", check) == (0, "True\n")
+    insert = "import sqlite3; c = sqlite3.connect('instance/flaskr.sqlite'); c.execute('insert into post values (1)'); c.commit()"
+    assert run_on(env_name, "python", "-c", insert)[0] == 0
+    write(src, {"flaskr/__init__.py": FLASKR_INIT.replace("VERSION", "v2")})
+    assert qabox("build", src, "-o", tmp_path / "flaskr2.tar.gz").code == 0
+    result, _ = timed("redeploy flaskr", "deploy", tmp_path / "flaskr2.tar.gz", "--host", "lab1", "--env", env_name)
+    assert result.code == 0, result
+    assert http_get("lab1", port, "/hello") == (200, "Hello, World! v2")
+    count = "import sqlite3; print(sqlite3.connect('instance/flaskr.sqlite').execute('select count(*) from post').fetchone()[0])"
+    assert run_on(env_name, "python", "-c", count) == (0, "1\n")  # the data followed the env
+    assert run_on(env_name, "python", "-c", check) == (0, "True\n")  # and so did the secret
+
+
+def test_django_as_the_readme_deploys_it(tmp_path, django, env_name, port):
+    src = tmp_path / "mysite"
+    src.mkdir()
+    subprocess.run([sys.executable, "-m", "django", "startproject", "mysite", str(src)],
+                   env=dict(os.environ, PYTHONPATH=str(django)), check=True)
+    with open(src / "mysite" / "settings.py", "a") as f:
+        f.write(DJANGO_SETTINGS)
+    write(src, {"requirements.txt": "django>=5.2,<5.3\n", "qabox.toml": DJANGO_TOML})
+    secret = "s3cret-" + os.urandom(8).hex()
+    for name, value in (("DJANGO_SECRET_KEY", secret), ("DJANGO_SUPERUSER_PASSWORD", "admin-" + secret)):
+        assert qabox("config", "set", name, "--host", "lab1", "--env", env_name, input=value + "\n").code == 0
+    assert qabox("build", src, "-o", tmp_path / "mysite.tar.gz").code == 0
+    result, _ = timed("deploy django as the README does", "deploy", tmp_path / "mysite.tar.gz", "--host", "lab1",
+                      "--env", env_name, "--port", port)
+    assert result.code == 0, result
+    code, css = http_get("lab1", port, "/static/admin/css/base.css")
+    assert code == 200 and "DJANGO Admin styles" in css  # collectstatic ran, qabox serves it (DEBUG off)
+    assert http_get("lab1", port, "/admin/login/")[0] == 200
+    code, out = run_on(env_name, "python", "manage.py", "createsuperuser", "--noinput", "--username", "admin",
+                       "--email", "admin@example.com")
+    assert code == 0 and "Superuser created successfully." in out, out
+    with open(src / "mysite" / "settings.py", "a") as f:
+        f.write("# a second release\n")
+    assert qabox("build", src, "-o", tmp_path / "mysite2.tar.gz").code == 0
+    result, _ = timed("redeploy django", "deploy", tmp_path / "mysite2.tar.gz", "--host", "lab1", "--env", env_name)
+    assert result.code == 0, result
+    count = "from django.contrib.auth.models import User; print(User.objects.count())"
+    code, out = run_on(env_name, "python", "manage.py", "shell", "-c", count)
+    assert code == 0 and out.splitlines()[-1] == "1", out  # db.sqlite3 is the env's, not the release's
+    status = qabox("status", "--host", "lab1", "--env", env_name, "--json").stdout
+    assert secret not in status and secret not in qabox("logs", "--host", "lab1", "--env", env_name).stdout
