@@ -255,6 +255,9 @@ def test_flaskr_as_the_readme_deploys_it(tmp_path, env_name, port):
     count = "import sqlite3; print(sqlite3.connect('instance/flaskr.sqlite').execute('select count(*) from post').fetchone()[0])"
     assert run_on(env_name, "python", "-c", count) == (0, "1\n")  # the data followed the env
     assert run_on(env_name, "python", "-c", check) == (0, "True\n")  # and so did the secret
+    result, _ = timed("roll flaskr back", "rollback", "--host", "lab1", "--env", env_name)
+    assert result.code == 0 and http_get("lab1", port, "/hello") == (200, "Hello, World! v1"), result
+    assert run_on(env_name, "python", "-c", count) == (0, "1\n")  # a rollback keeps the env's data
 
 
 def test_django_as_the_readme_deploys_it(tmp_path, django, env_name, port):
@@ -286,5 +289,7 @@ def test_django_as_the_readme_deploys_it(tmp_path, django, env_name, port):
     count = "from django.contrib.auth.models import User; print(User.objects.count())"
     code, out = run_on(env_name, "python", "manage.py", "shell", "-c", count)
     assert code == 0 and out.splitlines()[-1] == "1", out  # db.sqlite3 is the env's, not the release's
+    result, _ = timed("roll django back", "rollback", "--host", "lab1", "--env", env_name)
+    assert result.code == 0 and http_get("lab1", port, "/admin/login/")[0] == 200, result
     status = qabox("status", "--host", "lab1", "--env", env_name, "--json").stdout
     assert secret not in status and secret not in qabox("logs", "--host", "lab1", "--env", env_name).stdout
