@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import LAB, LAB_ADDR, LAB_USER, json_data, qabox, remove_env
+from conftest import LAB, LAB_ADDR, LAB_USER, http_get, json_data, qabox, remove_env
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -58,6 +58,8 @@ def test_deploy_to_a_group_in_parallel(four_hosts, tmp_path, monkeypatch, notes_
         assert [r["host"] for r in rows] == four_hosts and all(r["result"] == "deployed" for r in rows)
         status = json_data(qabox("status", "--host", "qa", "--env", env_name, "--json").stdout)["hosts"]
         assert all(h["envs"][0]["release"] == r["release"] for h, r in zip(status, rows)), status
+        for host in ("lab1", "lab2"):  # a request each, for the logs below (health probes are not logged)
+            assert http_get(host, 9650)[0] == 200
         restarted = qabox("restart", "--host", "qa", "--env", env_name)
         assert restarted.code == 0 and restarted.stdout.count("restarted") == 4
         logs = qabox("logs", "--host", "lab1", "--host", "lab2", "--env", env_name, "-n", "5")

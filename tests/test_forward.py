@@ -40,6 +40,7 @@ def data():
     n = int(request.args["n"])
     return Response(random.Random(n).randbytes(n), mimetype="application/octet-stream")
 
+@app.get("/")
 @app.get("/health")
 def health():
     return "ok"

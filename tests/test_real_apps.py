@@ -152,7 +152,7 @@ def test_flaskr_as_the_tutorial_writes_it(tmp_path, env_name, port):
                       "--env", env_name, "--port", port)
     assert result.code == 0, result
     assert ("entry flaskr:create_app(): none given, and flaskr/__init__.py defines the app factory "
-            "create_app") in result.stderr, result
+            "create_app") in result.stdout, result
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_a_django_project_as_startproject_makes_it(tmp_path, django, env_name, p
     result, _ = timed("deploy django", "deploy", tmp_path / "d1.tar.gz", "--host", "lab1", "--env", env_name,
                       "--port", port)
     assert result.code == 0, result
-    assert "entry mysite.wsgi:application: none given" in result.stderr, result
+    assert "entry mysite.wsgi:application: none given" in result.stdout, result
     code, body = http_get("lab1", port, "/admin/login/")
     assert code == 200 and "Django" in body
     code, css = http_get("lab1", port, "/static/admin/css/base.css")

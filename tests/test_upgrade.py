@@ -54,7 +54,7 @@ def test_upgrades_keep_keys_and_cron_on_current_and_remove_unused_agents(tester,
     other = use_agent(monkeypatch, b"#!/usr/bin/env python3\n" + remote.AGENT_PYZ)  # another build
     assert qabox("restart", "--host", "lab1", "--env", env).code == 0
     keys = in_host("lab1", "cat", f"{LAB_HOME}/.ssh/authorized_keys").stdout
-    tester_lines = [line for line in keys.splitlines() if "qabox-tester:" in line]
+    tester_lines = [line for line in keys.splitlines() if f" tester-session {LAB_HOME}/.qabox " in line]
     assert tester_lines and all(f" {AGENTS}/current tester-session " in line for line in tester_lines)
     cron = in_host("lab1", "crontab", "-u", LAB_USER, "-l").stdout
     assert f"{AGENTS}/current boot " in cron and OLD not in cron

@@ -31,6 +31,7 @@ def release():
 def pid():
     return str(os.getpid())
 
+@app.get("/")
 @app.get("/health")
 def health():
     return "ok"

@@ -58,6 +58,9 @@ def deploy(
                   f"({result.file}, {result.seconds:.1f} s, sent {decimal(result.sent_bytes)})")
         out.print(f"  serving on the host at {result.url} (previous release: {result.previous or 'none'})")
         out.print(f"  testers connect with: qabox tunnel --host {result.host} --env {result.env} --user NAME")
+        if result.entry_reason:
+            out.print(f"  entry {result.entry}: {result.entry_reason} (name another with --app or [app] entry)",
+                      markup=False, highlight=False)
         if result.snapshot_skipped:
             out.print(f"  warning: {result.snapshot_skipped}", markup=False, highlight=False)
         if result.testers:
@@ -97,7 +100,6 @@ def fleet_progress(hosts: list[str], enabled: bool):
 
         def hooks_for(host: str) -> Hooks:
             return Hooks(step=lambda text: progress.update(tasks[host], description=f"{host}: {text}"),
-                         note=lambda text: progress.console.print(f"{host}: {text}", markup=False, highlight=False),
                          upload=lambda sent, total: progress.update(tasks[host], completed=sent, total=total))
 
         yield hooks_for
@@ -123,5 +125,4 @@ def deploy_progress(enabled: bool):
                 upload_task.append(progress.add_task("uploading", total=total))
             progress.update(upload_task[0], completed=sent)
 
-        yield Hooks(step=lambda text: progress.update(step, description=text), upload=on_upload,
-                    note=lambda text: progress.console.print(text, markup=False, highlight=False))
+        yield Hooks(step=lambda text: progress.update(step, description=text), upload=on_upload)

@@ -40,6 +40,7 @@ class DeployResult:
     sent_bytes: int
     seconds: float
     entry: str = ""
+    entry_reason: str | None = None  # why qabox picked the entry, when none was given
     venv_created: bool = False
     pruned: list = field(default_factory=list)
     testers: list = field(default_factory=list)
@@ -58,7 +59,6 @@ class Hooks:
     """How a deploy reports progress: the CLI shows it, tests ignore it."""
 
     step: Callable[[str], None] = lambda text: None
-    note: Callable[[str], None] = lambda text: None  # a line worth keeping (the entry qabox picked)
     upload: Callable[[int, int], None] = lambda sent, total: None
 
 
@@ -74,8 +74,6 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     hooks.step("checking build")
     settings = ctx.settings(host)
     build = build_check.inspect(path, entry, settings.max_build_mb * 2**20, settings.max_build_members)
-    if build.entry_reason:
-        hooks.note(f"entry {build.entry}: {build.entry_reason} (name another with --app or [app] entry)")
     hooks.step("connecting")
     with ctx.remote(host) as remote:
         hooks.step("waiting for the deploy lock")
@@ -112,7 +110,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     return DeployResult(
         host=host, env=env, file=path.name, release=data["release"], previous=data.get("previous"),
         changed=data["changed"], port=data["port"], sent_bytes=sent,
-        seconds=round(time.monotonic() - started, 2), entry=build.entry, venv_created=data.get("venv_created", False),
+        seconds=round(time.monotonic() - started, 2), entry=build.entry, entry_reason=build.entry_reason, venv_created=data.get("venv_created", False),
         pruned=data.get("pruned", []), testers=data.get("testers", []),
         snapshot_skipped=data.get("snapshot_skipped"),
     )
