@@ -292,10 +292,22 @@ class Host:
         """The env's deploy lock held, as by ``qabox deploy``: yields a call(cmd, **args)."""
         proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=self.environ)
+        writing, done = threading.Lock(), threading.Event()
+
+        def write(line: str) -> None:
+            with writing:
+                proc.stdin.write(line + "\n")
+                proc.stdin.flush()
+
+        def heartbeat() -> None:  # as qabox's client does, so a long step on a busy machine is not cut
+            while not done.wait(5):
+                try:
+                    write("{}")
+                except (OSError, ValueError):
+                    return
 
         def call(cmd: str, **args) -> dict:
-            proc.stdin.write(self.request(cmd, **args) + "\n")
-            proc.stdin.flush()
+            write(self.request(cmd, **args))
             messages = []
             while not messages or "ok" not in messages[-1]:
                 line = proc.stdout.readline()
@@ -307,9 +319,12 @@ class Host:
         try:
             locked = call("session", env=env, timeout=10, by="tests", create=create)
             assert locked["ok"] and locked["data"] == {"locked": True}, locked
+            threading.Thread(target=heartbeat, daemon=True).start()
             yield call
         finally:
-            proc.stdin.close()
+            done.set()
+            with writing:
+                proc.stdin.close()
             proc.wait(30)
             self.stderr = proc.stderr.read()
             proc.stderr.close()

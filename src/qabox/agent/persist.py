@@ -220,7 +220,7 @@ def is_sqlite(path: str) -> bool:
 
 def copy_sqlite(src: str, dest: str) -> None:
     """A consistent copy of a live SQLite database: its backup API (3.7+), else
-    the file and its WAL copied while ``BEGIN IMMEDIATE`` holds off writers,
+    the file and its WAL copied while a lock holds off writers,
     else (a python without sqlite3) the files as they are."""
     try:
         import sqlite3
@@ -238,7 +238,13 @@ def copy_sqlite(src: str, dest: str) -> None:
             finally:
                 target.close()
         else:
-            source.execute("BEGIN IMMEDIATE")
+            # A rollback-journal database's file stays still while a read lock is
+            # held (a writer needs it to commit), and a read lock, unlike the write
+            # lock BEGIN IMMEDIATE waits for, is not starved by an app that writes
+            # without pause; a WAL database needs the write lock to keep its WAL still.
+            wal = source.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+            source.execute("BEGIN IMMEDIATE" if wal else "BEGIN")
+            source.execute("SELECT count(*) FROM sqlite_master").fetchone()
             try:
                 copy_with_side(src, dest)
             finally:
