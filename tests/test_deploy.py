@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import shutil
 import tarfile
 import threading
 import time
@@ -359,14 +360,39 @@ def test_status_on_an_80_column_terminal(notes_build, env_name, port, tmp_path, 
     )
 
 
-def test_a_directory_is_not_a_build():
+@pytest.mark.network
+def test_deploy_dir_builds_for_the_host_and_an_unchanged_project_reuses_its_build(tmp_path, env_name, port):
     from conftest import REPO
 
-    project = REPO / "examples" / "notes"
-    result = qabox("deploy", project, "--host", "lab1")
-    assert result.code == 5 and result.stdout == ""
-    assert result.stderr == (f"qabox: error: {project} is a directory, not a build file: make a build "
-                             f"of it with `qabox build {project} -o build.tar.gz`, then deploy build.tar.gz\n")
+    project = tmp_path / "notes"
+    shutil.copytree(REPO / "examples" / "notes", project)
+    first = deploy(project, env_name, port)
+    assert first.code == 0, first
+    assert first.stdout.startswith(f"{project}: built for lab1\n") and "is live" in first.stdout
+    assert http_get("lab1", port, "/")[0] == 200
+
+    started = time.monotonic()
+    again = deploy(project, env_name, port)
+    assert again.code == 0, again
+    assert again.stdout.startswith(f"{project}: unchanged: its cached build reused\n")
+    assert "nothing changed" in again.stdout
+    assert time.monotonic() - started < 20  # no resolving: pip alone takes longer than that offline
+
+    (project / "notes.py").write_text((project / "notes.py").read_text() + "\n# changed\n")
+    changed = qabox("deploy", project, "--host", "lab1", "--env", env_name, "--port", port, "--json")
+    assert changed.code == 0, changed
+    data = json_data(changed.stdout)
+    assert data["built"] == "built" and data["changed"] and data["file"] == "notes"
+    assert in_host("lab1", "grep", "-c", "# changed", f"{LAB_HOME}/.qabox/envs/{env_name}/current/notes.py").stdout == "1\n"
+
+
+def test_a_project_directory_with_a_broken_qabox_toml_is_refused_in_one_line(tmp_path, env_name, port):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "qabox.toml").write_text("[build\n")
+    result = deploy(project, env_name, port)
+    assert result.code != 0 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"qabox: error: {project / 'qabox.toml'}:") and result.stderr.count("\n") == 1
 
 
 def test_status_and_logs_of_an_env_the_host_does_not_have(notes_build, env_name, port):

@@ -53,9 +53,6 @@ def normalise(name: str) -> str:
 def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT_MAX_BYTES,
             max_members: int = rules.DEFAULT_MAX_MEMBERS) -> Build:
     """Open and check a build; raise BuildError naming every problem found."""
-    if path.is_dir():  # a project, not yet a build
-        raise BuildError(f"{path} is a directory, not a build file: make a build of it with "
-                         f"`qabox build {path} -o build.tar.gz`, then deploy build.tar.gz")
     if not path.is_file():
         raise BuildError(f"build file {path} does not exist: give the path to a .tar or .tar.gz build")
     try:

@@ -22,11 +22,12 @@ from qabox.remote import Remote
 
 @dataclass(frozen=True)
 class Context:
-    """Where ssh_config, hosts files and local state are; how to treat new host keys."""
+    """Where ssh_config, hosts files, local state and cached builds are; how to treat new host keys."""
 
     ssh_config: Path | None
     hosts_dir: Path
     state_dir: Path
+    cache_dir: Path
     accept_new_host_key: bool = False
 
     @classmethod
@@ -35,6 +36,7 @@ class Context:
             ssh_config=ssh.config_path(ssh_config),
             hosts_dir=Path(hosts_dir or os.environ.get("QABOX_HOSTS_DIR") or "hosts"),
             state_dir=Path(os.environ.get("QABOX_STATE_DIR") or platformdirs.user_state_dir("qabox")),
+            cache_dir=Path(os.environ.get("QABOX_CACHE_DIR") or platformdirs.user_cache_dir("qabox")),
             accept_new_host_key=accept_new_host_key,
         )
 

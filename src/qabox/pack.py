@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Iterable, Mapping
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 # A fixed timestamp for every member (and the gzip header): real mtimes would
 # make two builds of identical files differ.  2023-11-14, any constant works.
@@ -117,21 +117,11 @@ def pack(
                 raise PackError(f"{str(parent)!r} is both a file and a directory")
         entries[name] = (False, executable, source)
 
-    out_resolved = out.resolve()
-    for dirpath, dirnames, filenames in os.walk(src):
-        base = Path(dirpath)
-        rel_dir = base.relative_to(src).as_posix()
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and (
-            include is None or include((base / d).relative_to(src).as_posix(), True))]
-        if rel_dir != ".":
-            entries.setdefault(rel_dir, (True, True, None))  # keeps empty dirs too
-        for fname in filenames:
-            path = base / fname
-            if fname.endswith(SKIP_SUFFIXES) or fname in SKIP_DIRS or path.resolve() == out_resolved:
-                continue
-            if include is not None and not include(path.relative_to(src).as_posix(), False):
-                continue
-            add(path.relative_to(src).as_posix(), bool(path.stat().st_mode & 0o111), path)
+    for rel, path in walk(src, include, skip=out):
+        if path is None:
+            entries.setdefault(rel, (True, True, None))  # keeps empty dirs too
+        else:
+            add(rel, bool(path.stat().st_mode & 0o111), path)
 
     for wheel in wheels:
         add(f"wheels/{Path(wheel).name}", False, Path(wheel))
@@ -148,6 +138,27 @@ def pack(
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def walk(src: Path, include: Callable[[str, bool], bool] | None = None,
+         skip: Path | None = None) -> Iterator[tuple[str, Path | None]]:
+    """What of `src` goes in a build, in walk order: (relative name, path), or
+    (relative name, None) for a directory. `skip` (the build being written) never does."""
+    skipped = skip.resolve() if skip is not None else None
+    for dirpath, dirnames, filenames in os.walk(src):
+        base = Path(dirpath)
+        rel_dir = base.relative_to(src).as_posix()
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and (
+            include is None or include((base / d).relative_to(src).as_posix(), True)))
+        if rel_dir != ".":
+            yield rel_dir, None
+        for fname in sorted(filenames):
+            path = base / fname
+            if fname.endswith(SKIP_SUFFIXES) or fname in SKIP_DIRS or path.resolve() == skipped:
+                continue
+            if include is not None and not include(path.relative_to(src).as_posix(), False):
+                continue
+            yield path.relative_to(src).as_posix(), path
 
 
 def _compression_for(out: Path) -> str:

@@ -15,7 +15,7 @@ from qabox.cli.output import err, out, print_json, print_table, reporting
 
 def deploy(
     ctx: typer.Context,
-    build: Path = typer.Argument(..., metavar="BUILD", help="The build: a .tar, .tar.gz, .tar.bz2 or .tar.xz file."),
+    build: Path = typer.Argument(..., metavar="BUILD", help="The build (a .tar, .tar.gz, .tar.bz2 or .tar.xz file), or a project directory to build for the host first."),
     host: List[str] = typer.Option(..., "--host", "-H", metavar="HOST", help="Host name, as for `ssh NAME`, or a group from hosts/groups.toml; repeat for several."),
     env: str = typer.Option("main", "--env", "-e", metavar="ENV", help="Env on the host (several can run side by side)."),
     port: Optional[int] = typer.Option(None, "--port", metavar="N", help="App port on the host's loopback (default: hosts file, else 8080)."),
@@ -26,18 +26,20 @@ def deploy(
     parallel: int = typer.Option(8, "--parallel", metavar="N", help="With several hosts: how many at once."),
     serial: bool = typer.Option(False, "--serial", help="With several hosts: one after another (a rolling deploy)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="With several hosts: start no more after a failure."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Deploying a directory: build it again even if unchanged (requirements resolved afresh)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Deploy a build to a host (or several) and serve it there, supervised.
 
-    Example: qabox deploy build.tar.gz --host oldbox --env main
+    Examples: qabox deploy build.tar.gz --host oldbox --env main; qabox deploy . --host oldbox
     """
     with reporting(ctx, as_json):
         from qabox.commands import deploy as deploying
 
         context = make_context(ctx, accept_new_host_key)
         hosts = context.expand(host)
-        options = dict(env=env, port=port, entry=entry, lock_timeout=lock_timeout, on_boot=on_boot)
+        options = dict(env=env, port=port, entry=entry, lock_timeout=lock_timeout, on_boot=on_boot,
+                       rebuild=rebuild)
         if len(hosts) > 1:
             with fleet_progress(hosts, enabled=not as_json) as hooks_for:
                 rows = deploying.deploy_many(context, hosts, build, 1 if serial else parallel, fail_fast,
@@ -50,6 +52,9 @@ def deploy(
             print_json(ctx, result.to_json())
             return
         where = f"{result.host}/{result.env}"
+        if result.built:
+            done = f"built for {result.host}" if result.built == "built" else "unchanged: its cached build reused"
+            out.print(f"{build}: {done}", markup=False, highlight=False)
         if not result.changed:
             out.print(f"{where} already runs this build as release {result.release}: "
                       f"nothing changed ({result.seconds:.1f} s)")

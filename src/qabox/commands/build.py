@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pathspec
 from packaging.requirements import InvalidRequirement, Requirement
@@ -129,15 +130,21 @@ def wheel_name(wheel: Path) -> str:
     return canonicalize_name(wheel.name.split("-", 1)[0])
 
 
-def make(src: Path, out: Path, python_version: str | None = None, platform: str | None = None,
-         entry: str | None = None) -> BuildReport:
-    """Pack ``src`` with its requirements' wheels into ``out``; checks the result like deploy does.
-    ``entry`` (--app) is written into the build's qabox.toml."""
+def sources(src: Path, entry: str | None) -> tuple[Callable[[str, bool], bool], dict[str, bytes]]:
+    """What of ``src`` goes in its build: which of its files (``include(name, is_dir)``),
+    and the files written for it (the qabox.toml that names ``entry``)."""
     if not src.is_dir():
         raise BuildError(f"{src} is not a directory: give the project's directory")
     spec = exclusions(src)
     extra = {"qabox.toml": with_entry(src / "qabox.toml", entry)} if entry else {}
-    keep = lambda rel, is_dir: not spec.match_file(rel + ("/" if is_dir else "")) and rel not in extra  # noqa: E731
+    return (lambda rel, is_dir: not spec.match_file(rel + ("/" if is_dir else "")) and rel not in extra), extra
+
+
+def make(src: Path, out: Path, python_version: str | None = None, platform: str | None = None,
+         entry: str | None = None) -> BuildReport:
+    """Pack ``src`` with its requirements' wheels into ``out``; checks the result like deploy does.
+    ``entry`` (--app) is written into the build's qabox.toml."""
+    keep, extra = sources(src, entry)
     try:
         with tempfile.TemporaryDirectory(prefix="qabox-wheels-") as tmp:
             added, origin = project_requirements(src)

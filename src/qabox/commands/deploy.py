@@ -18,6 +18,7 @@ from typing import Callable
 from rich.filesize import decimal
 
 from qabox import build_check
+from qabox.build_cache import cached_build
 from qabox.context import Context, check_env, whoami
 from qabox.errors import ConfigError, ConnectError, RemoteError
 from qabox.fleet import each_host
@@ -41,6 +42,7 @@ class DeployResult:
     seconds: float
     entry: str = ""
     entry_reason: str | None = None  # why qabox picked the entry, when none was given
+    built: str | None = None  # deploying a directory: its build was "built" now, or "cached"
     venv_created: bool = False
     pruned: list = field(default_factory=list)
     testers: list = field(default_factory=list)
@@ -64,18 +66,26 @@ class Hooks:
 
 def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | None = None,
            entry: str | None = None, lock_timeout: float = 60, on_boot: bool = False,
-           hooks: Hooks | None = None) -> DeployResult:
-    """Deploy the build at ``path`` to ``host``/``env``; raises QaboxError on failure."""
+           rebuild: bool = False, hooks: Hooks | None = None) -> DeployResult:
+    """Deploy the build at ``path`` (a build file, or a project directory to build
+    for the host, cached) to ``host``/``env``; raises QaboxError on failure."""
     hooks = hooks or Hooks()
     started = time.monotonic()
     check_env(env)
     if port is not None and not 1 <= port <= 65535:
         raise ConfigError(f"--port {port} is out of range: use 1-65535")
-    hooks.step("checking build")
     settings = ctx.settings(host)
-    build = build_check.inspect(path, entry, settings.max_build_mb * 2**20, settings.max_build_members)
+    limits = (settings.max_build_mb * 2**20, settings.max_build_members)
+    project = path.is_dir()
+    if not project:
+        hooks.step("checking build")
+        build = build_check.inspect(path, entry, *limits)
     hooks.step("connecting")
     with ctx.remote(host) as remote:
+        if project:
+            hooks.step(f"building {path}")
+            built, report = cached_build(path, ctx.cache_dir, entry, rebuild=rebuild)
+            build = build_check.inspect(built, None, *limits)
         hooks.step("waiting for the deploy lock")
         with remote.session(env, lock_timeout, whoami(), create=True) as session:
             state = session.call("upload-state", env=env, sha256=build.sha256)
@@ -110,6 +120,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     return DeployResult(
         host=host, env=env, file=path.name, release=data["release"], previous=data.get("previous"),
         changed=data["changed"], port=data["port"], sent_bytes=sent,
+        built=None if not project else "cached" if report is None else "built",
         seconds=round(time.monotonic() - started, 2), entry=build.entry, entry_reason=build.entry_reason, venv_created=data.get("venv_created", False),
         pruned=data.get("pruned", []), testers=data.get("testers", []),
         snapshot_skipped=data.get("snapshot_skipped"),
