@@ -2,7 +2,10 @@
 
 The app's files (minus what .gitignore and ``[build] exclude`` leave out),
 and a ``wheels/`` wheelhouse of its requirements for the host's Python, so the
-host never needs an index. Same inputs, byte-identical tarball (``pack``).
+host never needs an index. The wheelhouse is resolved for a Target (the host's
+python with ``--for``, else this machine's), recorded in the build as
+``wheels/resolved-for.json``; the project's own ``wheels/`` is searched first.
+Same inputs, byte-identical tarball (``pack``).
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import shutil
 import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pathspec
 from packaging.requirements import InvalidRequirement, Requirement
@@ -25,9 +30,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from qabox import build_check
+from qabox import build_check, host_python, wheelhouse
 from qabox.errors import BuildError
-from qabox.pack import PackError, download_wheels, pack
+from qabox.host_python import Target
+from qabox.pack import PackError, pack
+
+if TYPE_CHECKING:
+    from qabox.context import Context  # loads paramiko, which only --for needs
 
 SECRETS = (".env", ".env.*", "id_rsa*", "id_ed25519*", "id_ecdsa*", "*.pem", "*.key", "*.p12", ".netrc")
 SERVER = "werkzeug"  # qabox's app server: every build brings it
@@ -44,6 +53,8 @@ class BuildReport:
     requirements: str  # where the build's requirements come from
     entry: str
     entry_reason: str | None  # why qabox picked the entry, when none was given
+    target: str = ""  # the python its wheels are for, described
+    built: tuple[str, ...] = ()  # requirements built into wheels here, from their sdists
 
 
 def exclusions(src: Path) -> pathspec.PathSpec:
@@ -114,42 +125,56 @@ def project_requirements(src: Path) -> tuple[list[str], str]:
     return list(dependencies), "pyproject.toml's [project] dependencies"
 
 
-def requirement_wheels(src: Path, added: list[str], tmp: Path, python_version: str | None,
-                       platform: str | None) -> list[Path]:
-    """The wheels of the project's requirements.txt (if any) and the ``added`` requirements, in tmp/wheels."""
+def requirement_wheels(src: Path, added: list[str], tmp: Path, target: Target) -> tuple[list[Path], list[str]]:
+    """The wheels of the project's requirements.txt (if any) and the ``added`` requirements for ``target``,
+    in tmp/wheels (the project's own wheels/ searched too), and those built from sdists."""
     own = src / "requirements.txt"
     lines = ([f"-r {own.resolve()}"] if own.is_file() else []) + added
     if not lines:
-        return []
+        return [], []
     (tmp / "requirements.txt").write_text("".join(line + "\n" for line in lines))
-    return download_wheels(tmp / "requirements.txt", tmp / "wheels", python_version, platform)
+    shutil.rmtree(tmp / "wheels", ignore_errors=True)
+    find_links = [src / "wheels"] if (src / "wheels").is_dir() else []
+    return wheelhouse.resolve(tmp / "requirements.txt", tmp / "wheels", target, find_links)
 
 
 def wheel_name(wheel: Path) -> str:
     return canonicalize_name(wheel.name.split("-", 1)[0])
 
 
+def target_of(ctx: Context, host: str) -> Target:
+    """The python ``host`` installs a build with, asked through its agent (for ``make``'s ``target``)."""
+    with ctx.remote(host) as remote:
+        return host_python.of_host(remote, host)
+
+
 def make(src: Path, out: Path, python_version: str | None = None, platform: str | None = None,
-         entry: str | None = None) -> BuildReport:
+         entry: str | None = None, target: Target | None = None) -> BuildReport:
     """Pack ``src`` with its requirements' wheels into ``out``; checks the result like deploy does.
-    ``entry`` (--app) is written into the build's qabox.toml."""
+    ``entry`` (--app) is written into the build's qabox.toml. The wheels are for ``target``
+    (``host_python.of_host``: a host's python), else for this machine's python, or the one
+    ``python_version``/``platform`` name."""
     if not src.is_dir():
         raise BuildError(f"{src} is not a directory: give the project's directory")
+    if target and (python_version or platform):
+        raise BuildError("--for names the host's python and platform: leave out --python-version and --platform")
+    target = target or host_python.here(python_version, platform)
     spec = exclusions(src)
     extra = {"qabox.toml": with_entry(src / "qabox.toml", entry)} if entry else {}
     keep = lambda rel, is_dir: not spec.match_file(rel + ("/" if is_dir else "")) and rel not in extra  # noqa: E731
     try:
         with tempfile.TemporaryDirectory(prefix="qabox-wheels-") as tmp:
             added, origin = project_requirements(src)
-            wheels = requirement_wheels(src, added, Path(tmp), python_version, platform)
+            wheels, built = requirement_wheels(src, added, Path(tmp), target)
             if not any(wheel_name(w) == SERVER for w in wheels):  # qabox serves the app with it
                 added.append(SERVER)
-                wheels = requirement_wheels(src, added, Path(tmp), python_version, platform)
+                wheels, built = requirement_wheels(src, added, Path(tmp), target)
                 origin += f", and {SERVER} (qabox's app server)"
             if added:
                 own = (src / "requirements.txt").read_text() if origin.startswith("requirements.txt") else ""
                 extra["requirements.txt"] = (own + ("\n" if own and not own.endswith("\n") else "")
                                              + "".join(line + "\n" for line in added)).encode()
+            extra[build_check.RESOLVED_FOR] = (json.dumps(target.to_json(), indent=1, sort_keys=True) + "\n").encode()
             pack(src, out, wheels=wheels, extra=extra, include=keep)
     except PackError as e:
         raise BuildError(str(e)) from None
@@ -158,4 +183,5 @@ def make(src: Path, out: Path, python_version: str | None = None, platform: str 
         packed = [m.name for m in tar.getmembers() if m.isfile() and not m.name.startswith("wheels/")]
     secrets = tuple(f for f in packed if any(fnmatch.fnmatch(Path(f).name, s) for s in SECRETS))
     return BuildReport(path=out, files=len(packed), wheels=len(wheels), size=out.stat().st_size,
-                       secrets=secrets, requirements=origin, entry=checked.entry, entry_reason=checked.entry_reason)
+                       secrets=secrets, requirements=origin, entry=checked.entry, entry_reason=checked.entry_reason,
+                       target=target.describe(), built=tuple(built))

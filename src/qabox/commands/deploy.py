@@ -17,7 +17,7 @@ from typing import Callable
 
 from rich.filesize import decimal
 
-from qabox import build_check
+from qabox import build_check, host_python
 from qabox.context import Context, check_env, whoami
 from qabox.errors import ConfigError, ConnectError, RemoteError
 from qabox.fleet import each_host
@@ -78,6 +78,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     with ctx.remote(host) as remote:
         hooks.step("waiting for the deploy lock")
         with remote.session(env, lock_timeout, whoami(), create=True) as session:
+            host_python.check_wheels(build, host_python.of_host(session, host), host)
             state = session.call("upload-state", env=env, sha256=build.sha256)
             sent = 0
             if not state["have"]:
