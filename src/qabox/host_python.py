@@ -110,8 +110,12 @@ class Target:
     def uv_platform(self) -> str:
         """uv's ``--python-platform`` for it: what environment markers see of its platform."""
         system, _, arch = self.platform.partition("-")
-        if system == "linux" and arch in ("x86_64", "aarch64"):
-            glibc = int(self.glibc.split(".")[1]) if self.glibc and self.glibc.startswith("2.") else 0
+        glibc = int(self.glibc.split(".")[1]) if self.glibc and self.glibc.startswith("2.") else 0
+        if not arch:  # a wheel's platform tag, given by hand: manylinux2014_aarch64
+            system = next((s for s in ("linux", "macosx", "win") if s in self.platform), "linux")
+            arch = next((a for a in ("x86_64", "aarch64") if self.platform.endswith(a)), "")
+            glibc = 17 if "manylinux" in self.platform else 0
+        if system == "linux" and arch:
             fitting = [y for y in UV_GLIBC if y <= glibc]
             return f"{arch}-manylinux_2_{fitting[-1]}" if fitting else f"{arch}-unknown-linux-musl"
         return {"linux": "linux", "macosx": "macos", "win": "windows"}.get(system, "linux")
@@ -132,7 +136,7 @@ def here(python_version: str | None = None, platform: str | None = None) -> Targ
                         platform=target.platform, glibc=target.glibc, pip=target.pip,
                         name="python")
     if platform:
-        target = Target(**{**target.to_json(), "platform": platform})
+        target = Target(**{**target.to_json(), "platform": platform, "glibc": None})
     return target
 
 

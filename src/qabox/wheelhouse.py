@@ -10,6 +10,7 @@ pure python (or compiled for this very python), refused otherwise.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,12 @@ SDISTS = ("*.tar.gz", "*.zip")
 
 
 def run(cmd: list[str], what: str) -> str:
-    """Run a resolver step; its failure is one line (its last), with its output's tail as the log."""
+    """Run a resolver step; its failure is one line (its output's last: uv's cause, pip's error),
+    with the output's tail as the log."""
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        last = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
-        last = last.strip(" ×╰─▶").removeprefix("ERROR: ").removeprefix("error: ")
+        last = re.sub(r"^(ERROR|error|cause):\s*", "", lines[-1].strip()) if lines else f"exit {proc.returncode}"
         raise BuildError(f"{what}: {last}", log=lines[-20:])
     return proc.stdout
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 SECRETS = (".env", ".env.*", "id_rsa*", "id_ed25519*", "id_ecdsa*", "*.pem", "*.key", "*.p12", ".netrc")
 SERVER = "werkzeug"  # qabox's app server: every build brings it
+# wheels/: the build's is the resolved wheelhouse, the project's own wheels/ is searched for it
 ALWAYS_OUT = (".git/", "__pycache__/", "*.pyc", ".venv/", "venv/", "wheels/", ".qabox/")
 
 
