@@ -5,6 +5,7 @@ that refuses wheels the host cannot install before sending anything."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -16,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import LAB_HOME, http_get, in_host, qabox
-from qabox import build_check, wheelhouse
+from qabox import build_check, host_python, wheelhouse
+from qabox.errors import BuildError
 from qabox.host_python import Target
+from qabox.pack import pack
 
 MARKUPSAFE_2014 = "markupsafe-3.0.4-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl"
 APP = """
@@ -200,6 +203,29 @@ def test_a_build_for_another_python_is_refused_before_anything_is_sent(tmp_path,
                             "`qabox build --for lab1`"), message
     assert in_host("lab1", "sh", "-c", f"ls {LAB_HOME}/.qabox/builds/ | grep -c {sha}").stdout.strip() == "0"
     assert http_get("lab1", port, "/release") == release  # the current release still serves
+
+
+def test_a_build_the_host_cannot_install_is_refused_naming_the_wheel_or_the_requirement(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "wsgi.py").write_text("app = None\n")
+    here = {"python": "3.11.7", "implementation": "cpython", "platform": "linux-x86_64", "glibc": "2.36"}
+    story = 'async-timeout>=4.0.2; python_full_version <= "3.11.2"'  # issue 14's, resolved here for 3.11.7
+    pack(src, tmp_path / "b.tar", extra={"requirements.txt": f"werkzeug\n{story}  # for aiohttp\n".encode(),
+                                         build_check.RESOLVED_FOR: json.dumps(here).encode(),
+                                         "wheels/werkzeug-3.1.9-py3-none-any.whl": b"a wheel"})
+    build = build_check.inspect(tmp_path / "b.tar")
+    lab1 = Target(python="3.11.2", glibc="2.36", pip="23.0.1", name="lab1's python")
+    with pytest.raises(BuildError) as refused:
+        host_python.check_build(build, lab1, "lab1")
+    assert refused.value.message == (
+        f"b.tar: requirements.txt: `{story}  # for aiohttp` applies on lab1's python 3.11.2 (linux-x86_64, "
+        "glibc 2.36, pip 23.0.1), but not on python 3.11.7, which the build's wheels were resolved for: make the "
+        "build for it with `qabox build --for lab1`")
+    host_python.check_build(build, dataclasses.replace(lab1, python="3.11.7"), "lab1")  # as resolved: fine
+    with pytest.raises(BuildError) as refused:
+        host_python.check_build(build, dataclasses.replace(lab1, python="3.6.15", abiflags="m", pip="18.1"), "lab1")
+    assert "applies on lab1's python 3.6.15" in refused.value.message  # its wheel is py3-none-any: fine there
 
 
 def test_every_build_records_the_python_it_was_resolved_for(tmp_path):

@@ -48,6 +48,7 @@ class Build:
     snapshot_max_mb: int = 500
     wheels: tuple = ()  # the names of its wheels/*.whl
     resolved_for: dict | None = None  # its RESOLVED_FOR: the python qabox build resolved its wheels for
+    requirements: str | None = None  # its requirements.txt
 
 
 def normalise(name: str) -> str:
@@ -135,7 +136,7 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
                  members=len(members), environment=environment, release_hooks=hooks,
                  release_timeout=float(timeout), persist=tuple(persist), snapshot_max_mb=snapshot_max_mb,
                  wheels=tuple(sorted(f[len("wheels/"):] for f in files if re.fullmatch(r"wheels/[^/]+\.whl", f))),
-                 resolved_for=resolved_for)
+                 resolved_for=resolved_for, requirements=requirements)
 
 
 def default_entry(files: set, read, path: Path) -> tuple[str, str]:

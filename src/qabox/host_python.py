@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.tags import Tag, compatible_tags, cpython_tags, generic_tags
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
@@ -75,6 +76,19 @@ class Target:
                                    if value]
         kind = "" if self.implementation == "cpython" else self.implementation + " "
         return f"{self.name} {kind}{self.python} ({', '.join(facts)})"
+
+    def markers(self) -> dict[str, str]:
+        """What environment markers see of it, as far as its facts tell (the rest as here)."""
+        system, _, arch = self.platform.partition("-")
+        seen = {"python_full_version": self.python, "python_version": "%d.%d" % self.version,
+                "implementation_name": self.implementation,
+                "platform_python_implementation": {"cpython": "CPython", "pypy": "PyPy"}.get(
+                    self.implementation, self.implementation)}
+        if self.implementation == "cpython":
+            seen["implementation_version"] = self.python
+        if system == "linux" and arch:
+            seen.update(sys_platform="linux", platform_system="Linux", platform_machine=arch, os_name="posix")
+        return seen
 
     def platforms(self) -> list[str]:
         """The wheel platform tags its pip installs, best first."""
@@ -145,8 +159,11 @@ def of_host(caller, host: str) -> Target:
     return Target.from_json(caller.call("python-info"), f"{host}'s python")
 
 
-def check_wheels(build: Build, target: Target, host: str) -> None:
-    """Refuse a build with a wheel the host does not install, naming it and the fix."""
+def check_build(build: Build, target: Target, host: str) -> None:
+    """Refuse a build the host cannot install, before it is sent: a wheel its pip does not take, or a
+    requirement whose marker holds on the host but not for the python the build was resolved for
+    (its wheels are missing: pip would fail on the host), naming it and the fix."""
+    fix = f"make the build for it with `qabox build --for {host}`"
     made_for = f" (the build was resolved for python {build.resolved_for['python']})" if build.resolved_for else ""
     for wheel in build.wheels:
         try:
@@ -156,4 +173,16 @@ def check_wheels(build: Build, target: Target, host: str) -> None:
                              f"(name-version-python-abi-platform.whl): rename or remove it") from None
         if not fits:
             raise BuildError(f"{build.path.name}: wheels/{wheel} does not install on {target.describe()}"
-                             f"{made_for}: make the build for it with `qabox build --for {host}`")
+                             f"{made_for}: {fix}")
+    if not build.resolved_for or not build.requirements:
+        return
+    made = Target.from_json(build.resolved_for, "")
+    for line in build.requirements.replace("\\\n", " ").splitlines():
+        try:
+            marker = Requirement(re.split(r"\s(#|--?[a-z])", " " + line)[0].strip()).marker
+        except InvalidRequirement:
+            continue  # an option, a comment, or an -r line: checked before, by rules
+        if marker and marker.evaluate(target.markers()) and not marker.evaluate(made.markers()):
+            raise BuildError(f"{build.path.name}: requirements.txt: `{line.strip()}` applies on "
+                             f"{target.describe()}, but not on python {made.python}, which the build's wheels "
+                             f"were resolved for: {fix}")

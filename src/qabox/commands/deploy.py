@@ -78,7 +78,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     with ctx.remote(host) as remote:
         hooks.step("waiting for the deploy lock")
         with remote.session(env, lock_timeout, whoami(), create=True) as session:
-            host_python.check_wheels(build, host_python.of_host(session, host), host)
+            host_python.check_build(build, host_python.of_host(session, host), host)
             state = session.call("upload-state", env=env, sha256=build.sha256)
             sent = 0
             if not state["have"]:
