@@ -182,7 +182,9 @@ def read_resolved_for(text: str | None) -> dict | None:
         record = json.loads(text) if text else None
     except ValueError:
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("python"), str) else None
+    if not isinstance(record, dict) or not all(isinstance(v, (str, type(None))) for v in record.values()):
+        return None
+    return record if re.fullmatch(r"\d+\.\d+(\.\d+)?", record.get("python") or "") else None
 
 
 def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:

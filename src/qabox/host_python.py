@@ -142,8 +142,13 @@ class Target:
 
 def here(python_version: str | None = None, platform: str | None = None) -> Target:
     """This machine's python, or one given by hand (``--python-version X.Y``, ``--platform TAG``)."""
-    target = Target.from_json({**cmd_python_info({}, None), "pip": importlib.metadata.version("pip")},
-                              "this machine's python")
+    try:
+        pip = importlib.metadata.version("pip")
+    except importlib.metadata.PackageNotFoundError:
+        pip = None  # then downloading says so
+    target = Target.from_json({**cmd_python_info({}, None), "pip": pip}, "this machine's python")
+    if python_version and not re.fullmatch(r"\d+\.\d+(\.\d+)?", python_version):
+        raise BuildError(f"--python-version {python_version}: give the host's python as X.Y or X.Y.Z, like 3.11")
     if python_version:
         major, minor = (int(x) for x in python_version.split(".")[:2])
         target = Target(python=python_version, abiflags="m" if (major, minor) < (3, 8) else "",
@@ -180,9 +185,10 @@ def check_build(build: Build, target: Target, host: str) -> None:
     for line in build.requirements.replace("\\\n", " ").splitlines():
         try:
             marker = Requirement(re.split(r"\s(#|--?[a-z])", " " + line)[0].strip()).marker
-        except InvalidRequirement:
-            continue  # an option, a comment, or an -r line: checked before, by rules
-        if marker and marker.evaluate(target.markers()) and not marker.evaluate(made.markers()):
+            missing = marker and marker.evaluate(target.markers()) and not marker.evaluate(made.markers())
+        except (InvalidRequirement, ValueError):
+            continue  # an option, a comment, an -r line (checked before, by rules), or a marker pip cannot judge
+        if missing:
             raise BuildError(f"{build.path.name}: requirements.txt: `{line.strip()}` applies on "
                              f"{target.describe()}, but not on python {made.python}, which the build's wheels "
                              f"were resolved for: {fix}")
