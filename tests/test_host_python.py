@@ -134,6 +134,18 @@ def test_markers_are_judged_for_the_targets_python_not_this_one(tmp_path):
         assert wheelhouse.pins(requirements, Target(python=python, glibc="2.36"), [tmp_path]) == [pin]
 
 
+@pytest.mark.network  # the wheels, from the package index
+def test_python_36s_pip_gets_manylinux1_wheels_and_the_versions_its_python_runs(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("werkzeug\nmarkupsafe\n")
+    py36 = Target(python="3.6.15", abiflags="m", glibc="2.36", pip="18.1", name="centos7's python")
+    wheels, built = wheelhouse.resolve(requirements, tmp_path / "wheels", py36, [])
+    names = sorted((w.name for w in wheels), key=str.lower)
+    assert built == [] and [n.split("-")[0].lower() for n in names] == ["dataclasses", "markupsafe", "werkzeug"]
+    assert "-cp36-cp36m-" in names[1] and "manylinux1_x86_64" in names[1].split("-")[-1], names
+    assert all(py36.accepts(n) for n in names)
+
+
 # ---------------------------------------------------------------- on the lab host
 
 
