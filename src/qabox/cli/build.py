@@ -26,8 +26,11 @@ def build(
     Example: qabox build . -o build.tar.gz --for oldbox --app 'flaskr:create_app()'
     """
     with reporting(ctx):
-        from qabox.commands.build import make, target_of
+        from qabox.commands.build import BOTH_TARGETS, make, target_of
+        from qabox.errors import BuildError
 
+        if for_host and (python_version or platform):
+            raise BuildError(BOTH_TARGETS)  # before connecting
         target = target_of(make_context(ctx), for_host) if for_host else None
         report = make(src, output, python_version, platform, entry, target)
         out.print(f"{report.path}: {report.files} files, {report.wheels} wheels, "

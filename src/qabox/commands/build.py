@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 SECRETS = (".env", ".env.*", "id_rsa*", "id_ed25519*", "id_ecdsa*", "*.pem", "*.key", "*.p12", ".netrc")
 SERVER = "werkzeug"  # qabox's app server: every build brings it
+BOTH_TARGETS = "--for names the host's python and platform: leave out --python-version and --platform"
 # wheels/: the build's is the resolved wheelhouse, the project's own wheels/ is searched for it
 ALWAYS_OUT = (".git/", "__pycache__/", "*.pyc", ".venv/", "venv/", "wheels/", ".qabox/")
 
@@ -158,7 +159,7 @@ def make(src: Path, out: Path, python_version: str | None = None, platform: str 
     if not src.is_dir():
         raise BuildError(f"{src} is not a directory: give the project's directory")
     if target and (python_version or platform):
-        raise BuildError("--for names the host's python and platform: leave out --python-version and --platform")
+        raise BuildError(BOTH_TARGETS)
     target = target or host_python.here(python_version, platform)
     spec = exclusions(src)
     extra = {"qabox.toml": with_entry(src / "qabox.toml", entry)} if entry else {}
