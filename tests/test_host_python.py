@@ -139,7 +139,9 @@ def test_python_36s_pip_gets_manylinux1_wheels_and_the_versions_its_python_runs(
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("werkzeug\nmarkupsafe\n")
     py36 = Target(python="3.6.15", abiflags="m", glibc="2.36", pip="18.1", name="centos7's python")
-    wheels, built = wheelhouse.resolve(requirements, tmp_path / "wheels", py36, [])
+    pinned = wheelhouse.pins(requirements, py36, [])
+    assert pinned == ["dataclasses==0.8", "markupsafe==2.0.1", "werkzeug==2.0.3"]  # the last for python 3.6
+    wheels, built = wheelhouse.fetch(pinned, tmp_path / "wheels", py36, [])
     names = sorted((w.name for w in wheels), key=str.lower)
     assert built == [] and [n.split("-")[0].lower() for n in names] == ["dataclasses", "markupsafe", "werkzeug"]
     assert "-cp36-cp36m-" in names[1] and "manylinux1_x86_64" in names[1].split("-")[-1], names

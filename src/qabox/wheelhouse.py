@@ -48,14 +48,14 @@ def pins(requirements: Path, target: Target, find_links: list[Path]) -> list[str
     return [line.strip() for line in out.splitlines() if line.strip() and not line.lstrip().startswith(("#", "-"))]
 
 
-def resolve(requirements: Path, dest: Path, target: Target, find_links: list[Path]) -> tuple[list[Path], list[str]]:
-    """The wheels of ``requirements`` for ``target`` in ``dest``, and the requirements built here from sdists."""
+def fetch(pinned: list[str], dest: Path, target: Target, find_links: list[Path]) -> tuple[list[Path], list[str]]:
+    """The wheels of the ``pinned`` requirements for ``target`` in ``dest``, and those built here from sdists."""
     dest.mkdir(parents=True, exist_ok=True)
-    pinned = dest.parent / "pins.txt"
-    pinned.write_text("".join(pin + "\n" for pin in pins(requirements, target, find_links)))
+    pins_file = dest.parent / "pins.txt"
+    pins_file.write_text("".join(pin + "\n" for pin in pinned))
     platforms = [arg for tag in target.platforms() for arg in ("--platform", tag)]
     run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input", "--no-deps",
-         "-r", str(pinned), "-d", str(dest), "--python-version", target.python,
+         "-r", str(pins_file), "-d", str(dest), "--python-version", target.python,
          "--implementation", target.interpreter[:2], "--abi", target.abi, *platforms, *find_links_args(find_links)],
         f"cannot download the requirements' files for {target.describe()}")
     built = []

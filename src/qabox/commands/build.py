@@ -13,7 +13,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -127,21 +126,14 @@ def project_requirements(src: Path) -> tuple[list[str], str]:
     return list(dependencies), "pyproject.toml's [project] dependencies"
 
 
-def requirement_wheels(src: Path, added: list[str], tmp: Path, target: Target) -> tuple[list[Path], list[str]]:
-    """The wheels of the project's requirements.txt (if any) and the ``added`` requirements for ``target``,
-    in tmp/wheels (the project's own wheels/ searched too), and those built from sdists."""
+def requirement_pins(src: Path, added: list[str], tmp: Path, target: Target, find_links: list[Path]) -> list[str]:
+    """The pins of the project's requirements.txt (if any) and the ``added`` requirements for ``target``."""
     own = src / "requirements.txt"
     lines = ([f"-r {own.resolve()}"] if own.is_file() else []) + added
     if not lines:
-        return [], []
+        return []
     (tmp / "requirements.txt").write_text("".join(line + "\n" for line in lines))
-    shutil.rmtree(tmp / "wheels", ignore_errors=True)
-    find_links = [src / "wheels"] if (src / "wheels").is_dir() else []
-    return wheelhouse.resolve(tmp / "requirements.txt", tmp / "wheels", target, find_links)
-
-
-def wheel_name(wheel: Path) -> str:
-    return canonicalize_name(wheel.name.split("-", 1)[0])
+    return wheelhouse.pins(tmp / "requirements.txt", target, find_links)
 
 
 def target_of(ctx: Context, host: str) -> Target:
@@ -167,11 +159,13 @@ def make(src: Path, out: Path, python_version: str | None = None, platform: str 
     try:
         with tempfile.TemporaryDirectory(prefix="qabox-wheels-") as tmp:
             added, origin = project_requirements(src)
-            wheels, built = requirement_wheels(src, added, Path(tmp), target)
-            if not any(wheel_name(w) == SERVER for w in wheels):  # qabox serves the app with it
+            find_links = [src / "wheels"] if (src / "wheels").is_dir() else []
+            pinned = requirement_pins(src, added, Path(tmp), target, find_links)
+            if not any(canonicalize_name(pin.split("==")[0]) == SERVER for pin in pinned):  # qabox serves with it
                 added.append(SERVER)
-                wheels, built = requirement_wheels(src, added, Path(tmp), target)
+                pinned = requirement_pins(src, added, Path(tmp), target, find_links)
                 origin += f", and {SERVER} (qabox's app server)"
+            wheels, built = wheelhouse.fetch(pinned, Path(tmp) / "wheels", target, find_links)
             if added:
                 own = (src / "requirements.txt").read_text() if origin.startswith("requirements.txt") else ""
                 extra["requirements.txt"] = (own + ("\n" if own and not own.endswith("\n") else "")
