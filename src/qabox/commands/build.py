@@ -4,7 +4,7 @@ The app's files (minus what .gitignore and ``[build] exclude`` leave out),
 and a ``wheels/`` wheelhouse of its requirements for the host's Python, so the
 host never needs an index. The wheelhouse is resolved for a Target (the host's
 python with ``--for``, else this machine's), recorded in the build as
-``wheels/resolved-for.json``; the project's own ``wheels/`` is searched first.
+``wheels/resolved-for.json``; the project's own ``wheels/`` is searched too.
 Same inputs, byte-identical tarball (``pack``).
 """
 
