@@ -1,8 +1,8 @@
 """Builds of project directories, cached by their inputs, for ``qabox deploy DIR``.
 
 A build is named by a hash of everything that goes into it: each file qabox
-packs (name, mode, content), the entry, the host it is resolved for, and
-qabox's own build rules. An unchanged project therefore redeploys its cached
+packs (name, mode, content) and the project's prebuilt wheels, the entry, the
+python it is resolved for (``host_python.Target``), and qabox's own build rules. An unchanged project therefore redeploys its cached
 build without resolving a single requirement again. Requirements that name no
 exact version stay as they were resolved into the cached build until the
 project changes, as with a lock file; ``--rebuild`` resolves them again.
@@ -19,17 +19,19 @@ from filelock import FileLock
 
 from qabox.agent_zip import AGENT_HASH
 from qabox.commands.build import BuildReport, make, sources
+from qabox.host_python import Target
 from qabox.pack import walk
 
 KEEP = 10  # builds kept in the cache, the most recently used
 
 
-def inputs_key(src: Path, entry: str | None, target: dict | None) -> str:
-    """The hash of what the build of ``src`` is made from."""
+def inputs_key(src: Path, entry: str | None, target: Target) -> str:
+    """The hash of what the build of ``src`` is made from (its prebuilt ``wheels/`` included)."""
     include, extra = sources(src, entry)
-    h = hashlib.sha256(json.dumps({"rules": AGENT_HASH, "entry": entry, "target": target},
+    h = hashlib.sha256(json.dumps({"rules": AGENT_HASH, "entry": entry, "target": target.to_json()},
                                   sort_keys=True).encode())
-    for name, path in walk(src, include):
+    wheels = sorted(p for p in (src / "wheels").glob("*.whl") if p.is_file())
+    for name, path in [*walk(src, include), *((f"wheels/{w.name}", w) for w in wheels)]:
         if name in extra:
             continue
         h.update(b"\0" + name.encode("utf-8", "surrogateescape"))
@@ -43,7 +45,7 @@ def inputs_key(src: Path, entry: str | None, target: dict | None) -> str:
     return h.hexdigest()[:32]
 
 
-def cached_build(src: Path, cache_dir: Path, entry: str | None = None, target: dict | None = None,
+def cached_build(src: Path, cache_dir: Path, entry: str | None, target: Target,
                  rebuild: bool = False) -> tuple[Path, BuildReport | None]:
     """The build of ``src`` for ``target``: (its path, the report of a new build, or None
     when it came from the cache). Concurrent deploys of one project build it once."""
@@ -55,7 +57,7 @@ def cached_build(src: Path, cache_dir: Path, entry: str | None = None, target: d
         if path.is_file() and not rebuild:
             os.utime(path)  # most recently used: kept by prune
             return path, None
-        report = make(src, path, entry=entry)
+        report = make(src, path, entry=entry, target=target)
     prune(builds)
     return path, report
 

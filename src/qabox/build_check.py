@@ -7,6 +7,7 @@ refuses exactly what qabox refuses here.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sys
 import tarfile
@@ -23,6 +24,7 @@ from qabox.errors import BuildError
 
 
 SERVER_WHEEL = re.compile(r"wheels/werkzeug-[^/]*\.whl", re.I)  # fullmatch
+RESOLVED_FOR = "wheels/resolved-for.json"  # written by qabox build (host_python.Target.to_json)
 SERVER_REQUIREMENT = re.compile(r"^[ \t]*(werkzeug|flask)[ \t]*([\[<>=!~;#]|$)", re.I | re.M)  # it, or Flask
 
 
@@ -44,6 +46,9 @@ class Build:
     release_timeout: float
     persist: tuple = tuple(rules.DEFAULT_PERSIST)
     snapshot_max_mb: int = 500
+    wheels: tuple = ()  # the names of its wheels/*.whl
+    resolved_for: dict | None = None  # its RESOLVED_FOR: the python qabox build resolved its wheels for
+    requirements: str | None = None  # its requirements.txt
 
 
 def normalise(name: str) -> str:
@@ -72,6 +77,7 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
             if problems:
                 raise BuildError(f"{path.name} is refused: " + "; ".join(problems[:5]))
             requirements = member_text(tar, members, "requirements.txt")
+            resolved_for = read_resolved_for(member_text(tar, members, RESOLVED_FOR))
             if requirements is not None and not brings_server(files, requirements):
                 raise BuildError(f"{path.name} does not bring Werkzeug, qabox's app server: add `werkzeug` to "
                                  f"its requirements.txt (and its wheel to wheels/), or make the build with "
@@ -125,7 +131,9 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
     return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
                  entry_reason=reason, health=health, health_status=health_status, static=static,
                  members=len(members), environment=environment, release_hooks=hooks,
-                 release_timeout=float(timeout), persist=tuple(persist), snapshot_max_mb=snapshot_max_mb)
+                 release_timeout=float(timeout), persist=tuple(persist), snapshot_max_mb=snapshot_max_mb,
+                 wheels=tuple(sorted(f[len("wheels/"):] for f in files if re.fullmatch(r"wheels/[^/]+\.whl", f))),
+                 resolved_for=resolved_for, requirements=requirements)
 
 
 def default_entry(files: set, read, path: Path) -> tuple[str, str]:
@@ -163,6 +171,17 @@ def brings_server(files: set, requirements: str) -> bool:
     if any(name.startswith("wheels/") for name in files):
         return any(SERVER_WHEEL.fullmatch(name) for name in files)
     return SERVER_REQUIREMENT.search(requirements) is not None
+
+
+def read_resolved_for(text: str | None) -> dict | None:
+    """The python a build says its wheels are for; a record it cannot read says nothing."""
+    try:
+        record = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not all(isinstance(v, (str, type(None))) for v in record.values()):
+        return None
+    return record if re.fullmatch(r"\d+\.\d+(\.\d+)?", record.get("python") or "") else None
 
 
 def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import Host, free_port, link, local_get, raw_tar, wait_until, wsgi_build
 from qabox.agent.protocol import PROTOCOL
+from qabox.host_python import Target
 
 PYTHONS = sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python")) + ["/usr/bin/python3"]
 
@@ -84,6 +85,10 @@ def test_the_agent_runs_on_every_python_and_loads_only_the_standard_library(pyth
     hello = watch(watched.call("hello"))
     assert hello["ok"] and hello["data"]["protocol"] == PROTOCOL and hello["data"]["python"] == version, hello
     assert watch(watched.call("status")) == {"ok": True, "changed": False, "data": {"envs": []}}
+    info = watch(watched.call("python-info"))["data"]  # what qabox build --for resolves wheels for
+    target = Target.from_json(info, "the host's python")
+    assert info["python"] == version and info["pip"] and info["glibc"], info
+    assert target.accepts(f"x-1-{target.interpreter}-{target.abi}-manylinux1_x86_64.whl"), info
     # the host's own checks of a build, with no check on the client's side
     chain = raw_tar(tmp_path / "chain.tar", [(tarfile.TarInfo("wsgi.py"), b"app = None\n")] + [
         (link(name, target), None) for name, target in (("a/b", ".."), ("a/b/c", "../.."))

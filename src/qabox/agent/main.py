@@ -22,6 +22,7 @@ COMMANDS = {  # request name: (module, function), imported when it runs
     "install": ("agents", "cmd_install"),
     "session": ("session", "cmd_session"),
     "upload-state": ("builds", "cmd_upload_state"),
+    "python-info": ("venvs", "cmd_python_info"),
     "deploy": ("releases", "cmd_deploy"),
     "rollback": ("releases", "cmd_rollback"),
     "start": ("releases", "cmd_start"),

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from .envs import Env
 from .files import LOG_TAIL, read_text_in
@@ -72,6 +73,34 @@ def bundled_pip():
         if found:
             return found[-1]
     return None
+
+
+def pip_version():
+    """The version of the pip prepare_venv installs with: it decides which wheel tags the host takes."""
+    wheel = bundled_pip()
+    if wheel:
+        return os.path.basename(wheel).split("-")[1]
+    import ensurepip
+
+    return ensurepip.version()
+
+
+def cmd_python_info(req, io) -> dict:
+    """The host's python as wheels see it, so that qabox resolves a build's wheels for it."""
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):  # not glibc (musl)
+        libc = ""
+    name, _, version = libc.partition(" ")
+    return {
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "implementation": sys.implementation.name,
+        "abiflags": getattr(sys, "abiflags", ""),
+        "soabi": sysconfig.get_config_var("SOABI") or "",
+        "platform": sysconfig.get_platform(),
+        "glibc": version if name == "glibc" else None,
+        "pip": pip_version(),
+    }
 
 
 def run_step(cmd: list, what: str) -> None:

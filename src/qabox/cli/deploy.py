@@ -31,7 +31,7 @@ def deploy(
 ):
     """Deploy a build to a host (or several) and serve it there, supervised.
 
-    Examples: qabox deploy build.tar.gz --host oldbox --env main; qabox deploy . --host oldbox
+    Example: qabox deploy build.tar.gz --host oldbox --env main (or a project: qabox deploy . --host oldbox)
     """
     with reporting(ctx, as_json):
         from qabox.commands import deploy as deploying

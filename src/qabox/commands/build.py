@@ -2,7 +2,10 @@
 
 The app's files (minus what .gitignore and ``[build] exclude`` leave out),
 and a ``wheels/`` wheelhouse of its requirements for the host's Python, so the
-host never needs an index. Same inputs, byte-identical tarball (``pack``).
+host never needs an index. The wheelhouse is resolved for a Target (the host's
+python with ``--for``, else this machine's), recorded in the build as
+``wheels/resolved-for.json``; the project's own ``wheels/`` is searched too.
+Same inputs, byte-identical tarball (``pack``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pathspec
 from packaging.requirements import InvalidRequirement, Requirement
@@ -26,12 +29,18 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from qabox import build_check
+from qabox import build_check, host_python, wheelhouse
 from qabox.errors import BuildError
-from qabox.pack import PackError, download_wheels, pack
+from qabox.host_python import Target
+from qabox.pack import PackError, pack
+
+if TYPE_CHECKING:
+    from qabox.context import Context  # loads paramiko, which only --for needs
 
 SECRETS = (".env", ".env.*", "id_rsa*", "id_ed25519*", "id_ecdsa*", "*.pem", "*.key", "*.p12", ".netrc")
 SERVER = "werkzeug"  # qabox's app server: every build brings it
+BOTH_TARGETS = "--for names the host's python and platform: leave out --python-version and --platform"
+# wheels/: the build's is the resolved wheelhouse, the project's own wheels/ is searched for it
 ALWAYS_OUT = (".git/", "__pycache__/", "*.pyc", ".venv/", "venv/", "wheels/", ".qabox/")
 
 
@@ -45,6 +54,8 @@ class BuildReport:
     requirements: str  # where the build's requirements come from
     entry: str
     entry_reason: str | None  # why qabox picked the entry, when none was given
+    target: str = ""  # the python its wheels are for, described
+    built: tuple[str, ...] = ()  # requirements built into wheels here, from their sdists
 
 
 def exclusions(src: Path) -> pathspec.PathSpec:
@@ -115,19 +126,20 @@ def project_requirements(src: Path) -> tuple[list[str], str]:
     return list(dependencies), "pyproject.toml's [project] dependencies"
 
 
-def requirement_wheels(src: Path, added: list[str], tmp: Path, python_version: str | None,
-                       platform: str | None) -> list[Path]:
-    """The wheels of the project's requirements.txt (if any) and the ``added`` requirements, in tmp/wheels."""
+def requirement_pins(src: Path, added: list[str], tmp: Path, target: Target, find_links: list[Path]) -> list[str]:
+    """The pins of the project's requirements.txt (if any) and the ``added`` requirements for ``target``."""
     own = src / "requirements.txt"
     lines = ([f"-r {own.resolve()}"] if own.is_file() else []) + added
     if not lines:
         return []
     (tmp / "requirements.txt").write_text("".join(line + "\n" for line in lines))
-    return download_wheels(tmp / "requirements.txt", tmp / "wheels", python_version, platform)
+    return wheelhouse.pins(tmp / "requirements.txt", target, find_links)
 
 
-def wheel_name(wheel: Path) -> str:
-    return canonicalize_name(wheel.name.split("-", 1)[0])
+def target_of(ctx: Context, host: str) -> Target:
+    """The python ``host`` installs a build with, asked through its agent (for ``make``'s ``target``)."""
+    with ctx.remote(host) as remote:
+        return host_python.of_host(remote, host)
 
 
 def sources(src: Path, entry: str | None) -> tuple[Callable[[str, bool], bool], dict[str, bytes]]:
@@ -141,22 +153,30 @@ def sources(src: Path, entry: str | None) -> tuple[Callable[[str, bool], bool], 
 
 
 def make(src: Path, out: Path, python_version: str | None = None, platform: str | None = None,
-         entry: str | None = None) -> BuildReport:
+         entry: str | None = None, target: Target | None = None) -> BuildReport:
     """Pack ``src`` with its requirements' wheels into ``out``; checks the result like deploy does.
-    ``entry`` (--app) is written into the build's qabox.toml."""
+    ``entry`` (--app) is written into the build's qabox.toml. The wheels are for ``target``
+    (``host_python.of_host``: a host's python), else for this machine's python, or the one
+    ``python_version``/``platform`` name."""
     keep, extra = sources(src, entry)
+    if target and (python_version or platform):
+        raise BuildError(BOTH_TARGETS)
+    target = target or host_python.here(python_version, platform)
     try:
         with tempfile.TemporaryDirectory(prefix="qabox-wheels-") as tmp:
             added, origin = project_requirements(src)
-            wheels = requirement_wheels(src, added, Path(tmp), python_version, platform)
-            if not any(wheel_name(w) == SERVER for w in wheels):  # qabox serves the app with it
+            find_links = [src / "wheels"] if (src / "wheels").is_dir() else []
+            pinned = requirement_pins(src, added, Path(tmp), target, find_links)
+            if not any(canonicalize_name(pin.split("==")[0]) == SERVER for pin in pinned):  # qabox serves with it
                 added.append(SERVER)
-                wheels = requirement_wheels(src, added, Path(tmp), python_version, platform)
+                pinned = requirement_pins(src, added, Path(tmp), target, find_links)
                 origin += f", and {SERVER} (qabox's app server)"
+            wheels, built = wheelhouse.fetch(pinned, Path(tmp) / "wheels", target, find_links)
             if added:
                 own = (src / "requirements.txt").read_text() if origin.startswith("requirements.txt") else ""
                 extra["requirements.txt"] = (own + ("\n" if own and not own.endswith("\n") else "")
                                              + "".join(line + "\n" for line in added)).encode()
+            extra[build_check.RESOLVED_FOR] = (json.dumps(target.to_json(), indent=1, sort_keys=True) + "\n").encode()
             pack(src, out, wheels=wheels, extra=extra, include=keep)
     except PackError as e:
         raise BuildError(str(e)) from None
@@ -165,4 +185,5 @@ def make(src: Path, out: Path, python_version: str | None = None, platform: str 
         packed = [m.name for m in tar.getmembers() if m.isfile() and not m.name.startswith("wheels/")]
     secrets = tuple(f for f in packed if any(fnmatch.fnmatch(Path(f).name, s) for s in SECRETS))
     return BuildReport(path=out, files=len(packed), wheels=len(wheels), size=out.stat().st_size,
-                       secrets=secrets, requirements=origin, entry=checked.entry, entry_reason=checked.entry_reason)
+                       secrets=secrets, requirements=origin, entry=checked.entry, entry_reason=checked.entry_reason,
+                       target=target.describe(), built=tuple(built))

@@ -17,7 +17,7 @@ from typing import Callable
 
 from rich.filesize import decimal
 
-from qabox import build_check
+from qabox import build_check, host_python
 from qabox.build_cache import cached_build
 from qabox.context import Context, check_env, whoami
 from qabox.errors import ConfigError, ConnectError, RemoteError
@@ -82,12 +82,15 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
         build = build_check.inspect(path, entry, *limits)
     hooks.step("connecting")
     with ctx.remote(host) as remote:
-        if project:
+        target = None
+        if project:  # built before the lock is taken: resolving can take a while
+            target = host_python.of_host(remote, host)
             hooks.step(f"building {path}")
-            built, report = cached_build(path, ctx.cache_dir, entry, rebuild=rebuild)
+            built, report = cached_build(path, ctx.cache_dir, entry, target, rebuild)
             build = build_check.inspect(built, None, *limits)
         hooks.step("waiting for the deploy lock")
         with remote.session(env, lock_timeout, whoami(), create=True) as session:
+            host_python.check_build(build, target or host_python.of_host(session, host), host)
             state = session.call("upload-state", env=env, sha256=build.sha256)
             sent = 0
             if not state["have"]:
