@@ -42,6 +42,8 @@ class DeployResult:
     entry: str = ""
     entry_reason: str | None = None  # why qabox picked the entry, when none was given
     venv_created: bool = False
+    wheels_linked: int = 0  # from the host's wheel cache, not installed by pip
+    wheels_installed: int = 0
     pruned: list = field(default_factory=list)
     testers: list = field(default_factory=list)
     snapshot_skipped: str | None = None
@@ -112,6 +114,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
         changed=data["changed"], port=data["port"], sent_bytes=sent,
         seconds=round(time.monotonic() - started, 2), entry=build.entry, entry_reason=build.entry_reason, venv_created=data.get("venv_created", False),
         pruned=data.get("pruned", []), testers=data.get("testers", []),
+        wheels_linked=data.get("wheels_linked", 0), wheels_installed=data.get("wheels_installed", 0),
         snapshot_skipped=data.get("snapshot_skipped"),
     )
 
