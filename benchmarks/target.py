@@ -85,6 +85,11 @@ class DeployTarget:
         remove_env(HOST, self.env, self.base,
                    [hashlib.sha256(build.read_bytes()).hexdigest() for build in self.builds])
 
+    def forget_wheels(self) -> None:
+        """Empty the host's wheel cache, so the next deploy installs as on a host that never
+        installed these wheels (other envs' venvs keep their own links to those files)."""
+        shutil.rmtree(Path(find_host(HOST).home, self.base, "wheelcache"), ignore_errors=True)
+
     def venv_python(self) -> str:
         """The python of the env's virtualenv on lab1."""
         envs = Path(find_host(HOST).home, self.base, "envs")
