@@ -76,7 +76,8 @@ def section(bench: Bench) -> list[Row]:
     with the same requirements while the first env's release (its venv) is kept."""
     assets = 4 if bench.quick else 40
     target = DeployTarget(bench, REPO / "examples" / "notes", assets_mb=assets)
-    other = DeployTarget(bench, REPO / "examples" / "notes", suffix="b", assets_mb=assets)
+    other = DeployTarget(bench, REPO / "examples" / "notes", suffix="b", assets_mb=assets,
+                         first_port=target.port + 1)  # not bound yet: free_port would pick it again
     build = target.make_build("first")
     other_build = other.make_build("first")  # another build (all of it sent), the same requirements
     changes = [target.make_build(f"change{i}") for i in range(bench.repeats)]
@@ -85,14 +86,16 @@ def section(bench: Bench) -> list[Row]:
         copies = [baseline_copy(build) for _ in range(bench.repeats)]
         ssh_noop = statistics.median(timed(lambda: ssh("true")) for _ in range(bench.repeats))
 
-        firsts, clocks, seconds, other_clocks = [], [], [], []
+        firsts, clocks, seconds, same_builds, other_clocks = [], [], [], [], []
         for _ in range(bench.repeats):
             target.reset()
             target.forget_wheels()
             firsts.append(target.deploy_cli(build))
-        for _ in range(bench.repeats):
+        for _ in range(bench.repeats):  # target's release is kept: its wheels are cached
             other.reset()
-            seconds.append(other.deploy_cli(other_build))  # target's release links the wheels
+            seconds.append(other.deploy_cli(other_build))
+            other.reset()
+            same_builds.append(other.deploy_cli(build))  # on the host already: nothing to send
         for _ in range(bench.repeats):
             target.reset()
             target.forget_wheels()
@@ -115,6 +118,7 @@ def section(bench: Bench) -> list[Row]:
     rows = [Row("build size", size / MB, "MB", note="changed builds add one small file")]
     rows += deploy_rows("first deploy", firsts, copy)
     rows += deploy_rows("second env's first deploy (same requirements)", seconds, copy)
+    rows += deploy_rows("second env's first deploy (the same build)", same_builds, copy)
     rows += deploy_rows("unchanged redeploy", unchanged, copy)
     rows += deploy_rows("changed redeploy", changed, copy)
     rows += [

@@ -60,11 +60,11 @@ class DeployTarget:
     it, and deleting it disturbs nobody.
     """
 
-    def __init__(self, bench: Bench, app: Path, suffix: str = "", assets_mb: int = 0):
+    def __init__(self, bench: Bench, app: Path, suffix: str = "", assets_mb: int = 0, first_port: int = 9900):
         self.bench = bench
         self.env = f"bench{os.getpid()}{suffix}"
         self.base = load_settings(HOST, HOSTS_DIR).dir.removeprefix("~/")  # relative to home
-        self.port = int(run(*host_program("free_port.py", 9900, 9999)).stdout)
+        self.port = int(run(*host_program("free_port.py", first_port, 9999)).stdout)
         self.assets_mb = assets_mb
         self.builds: list[Path] = []
         self.src = bench.tmp / self.env
