@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, local_get, wait_until
+from conftest import Host, free_port, local_get, wait_until, wsgi_build
 from qabox.pack import pack
 
+PYTHON36 = "/root/.pyenv/versions/3.6.15/bin/python"  # the oldest python a host may have, pip 18.1
 pytestmark = pytest.mark.network  # Flask's wheels, downloaded once into .cache/wheels
 FLASK_APP = "import flask\napp = flask.Flask(__name__)\n@app.get('/')\ndef index():\n    return flask.__file__\n"
 WERKZEUG_APP = ("import werkzeug\ndef app(environ, start_response):\n"
@@ -64,6 +65,7 @@ def test_a_second_env_with_equal_requirements_links_every_wheel_and_runs_no_pip(
     assert code == 200 and path.startswith(str(venv) + "/lib/"), path  # imported from its own venv
     theirs = venv_of(host, "one") / path[len(str(venv)) + 1:]
     assert os.stat(path).st_ino == os.stat(theirs).st_ino  # one file on disk, linked in both
+    assert not os.stat(path).st_mode & 0o222  # an app writing into its venv cannot change the other's
     script = (venv / "bin" / "flask").read_text()
     assert script.startswith(f"#!{venv}/bin/python\n"), script  # written for this venv, not linked
     flask = subprocess.run([str(venv / "bin" / "flask"), "--version"], capture_output=True, text=True)
@@ -121,3 +123,19 @@ def test_a_deploy_killed_mid_install_leaves_no_venv_a_later_one_trusts(host, bui
     code, path = local_get(port)
     assert code == 200 and path.startswith(str(venv_of(host, "one")) + "/lib/"), path
     assert not list((Path(host.base) / "wheelcache").glob("*/.*.tmp"))
+
+
+@pytest.mark.skipif(not os.path.exists(PYTHON36), reason=f"no {PYTHON36} on this machine")
+def test_python_3_6_and_its_pip_18_link_a_second_env_too(agent_cmd, tmp_path):
+    (tmp_path / "host").mkdir()
+    host = Host(agent_cmd(PYTHON36), tmp_path / "host")
+    build = wsgi_build(tmp_path / "v1.tar.gz", "v1", python="3.6")
+    try:
+        first = deployed(host, build, "one", free_port())
+        assert first["wheels_installed"] >= 2 and first["wheels_linked"] == 0, first
+        port = free_port()
+        second = deployed(host, build, "two", port)
+        assert (second["wheels_linked"], second["wheels_installed"]) == (first["wheels_installed"], 0), second
+        assert local_get(port) == (200, "v1")
+    finally:
+        host.kill_all()
