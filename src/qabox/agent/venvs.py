@@ -84,7 +84,7 @@ def prepare_venv(env: Env, release_dir: str, io) -> dict:
         cache = WheelCache(env.base)
         found = cache.wheels(wheels)
         with cache.locked():
-            known = cache.known_set(key)
+            known = cache.known_set(key, found)
             entries = known if known is not None else cache.cached(found)
             for entry in entries:
                 cache.link(entry, venv)
@@ -125,14 +125,18 @@ class WheelCache:
         projects = [project(p) for p in paths]
         return {file_sha256(p): p for p, name in zip(paths, projects) if projects.count(name) == 1}
 
-    def known_set(self, key: str):
-        """The entries a pip run installed for this venv key, if all of them are cached; else None."""
+    def known_set(self, key: str, found: dict):
+        """The entries a pip run installed for this venv key, if all of them are cached and
+        are wheels of this wheelhouse (the key knows wheels by name and size only); else None."""
         entries = read_json(os.path.join(self.dir, "sets", key + ".json"), None)
-        if isinstance(entries, list) and all(os.path.isdir(os.path.join(self.dir, e)) for e in entries):
+        if isinstance(entries, list) and all(e in found and os.path.isdir(os.path.join(self.dir, e))
+                                             for e in entries):
             return entries
         return None
 
     def cached(self, found: dict) -> list:
+        """The found wheels cached: a wheelhouse holds what its requirements resolved to, so
+        each is one pip would install."""
         return [sha for sha in sorted(found) if os.path.isdir(os.path.join(self.dir, sha))]
 
     def link(self, entry: str, venv: str) -> None:
@@ -142,7 +146,10 @@ class WheelCache:
             dest = os.path.join(site, os.path.relpath(root, src))
             makedirs(dest)
             for name in files:
-                os.link(os.path.join(root, name), os.path.join(dest, name))
+                target = os.path.join(dest, name)
+                if os.path.lexists(target):  # two distributions ship one file: the later wins, as with pip
+                    os.unlink(target)
+                os.link(os.path.join(root, name), target)
         for info in glob.glob(os.path.join(src, "*.dist-info")):
             write_console_scripts(info, venv)
 
@@ -192,21 +199,18 @@ class WheelCache:
         os.rename(tmp, final)
         return True
 
-    def collect(self) -> list:
+    def collect(self) -> None:
         """Delete the entries no venv links any more (on any env), a killed harvest's leftovers,
         and the sets that name a deleted entry. Under the lock: nobody links from them meanwhile."""
-        dropped = []
         with self.locked():
             for name in os.listdir(self.dir):
                 path = os.path.join(self.dir, name)
                 if name != "sets" and (name.startswith(".") or not linked_anywhere(path)):
                     shutil.rmtree(path, ignore_errors=True)
-                    dropped.append(name)
             for name in os.listdir(os.path.join(self.dir, "sets")):
                 entries = read_json(os.path.join(self.dir, "sets", name), None) or []
                 if not all(os.path.isdir(os.path.join(self.dir, e)) for e in entries):
                     os.unlink(os.path.join(self.dir, "sets", name))
-        return dropped
 
 
 def collect_wheel_caches(base: str) -> None:
@@ -216,6 +220,7 @@ def collect_wheel_caches(base: str) -> None:
 
 
 def linked_anywhere(path: str) -> bool:
+    """Whether some venv still links a file of a cache entry: its link count says, on any env."""
     for root, dirs, files in os.walk(path):
         for name in files:
             if os.stat(os.path.join(root, name)).st_nlink > 1:
@@ -243,7 +248,7 @@ def release_of(name: str) -> tuple:
 
 def entry_points(info: str) -> dict:
     """{script name: "module:attr"} of a distribution's console and gui scripts."""
-    parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
+    parser = configparser.ConfigParser(delimiters=("=",), interpolation=None, strict=False)
     parser.optionxform = str
     parser.read(os.path.join(info, "entry_points.txt"), encoding="utf-8")
     return {name.strip(): value.split("[")[0].strip() for section in ("console_scripts", "gui_scripts")
