@@ -139,3 +139,16 @@ def test_python_3_6_and_its_pip_18_link_a_second_env_too(agent_cmd, tmp_path):
         assert local_get(port) == (200, "v1")
     finally:
         host.kill_all()
+
+
+def test_two_envs_deploying_at_once_both_get_whole_venvs(host, builds):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ports = {"one": free_port(), "two": free_port()}
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda env: deployed(host, builds["flask"], env, ports[env]), ports))
+    assert all(r["wheels_installed"] + r["wheels_linked"] == 7 for r in results), results  # whoever came first
+    for env, port in ports.items():
+        code, path = local_get(port)
+        assert code == 200 and path.startswith(str(venv_of(host, env)) + "/lib/"), path
+    assert len(cache_entries(host)) == 7 and not list((Path(host.base) / "wheelcache").glob("*/.*"))
