@@ -1,5 +1,5 @@
-"""The deploy section: first, unchanged and changed deploys of examples/notes
-against scp + untar of the same build with OpenSSH."""
+"""The deploy section: first, second env's first, unchanged and changed deploys of
+examples/notes against scp + untar of the same build with OpenSSH."""
 from __future__ import annotations
 
 import os
@@ -70,26 +70,43 @@ def medians(samples: list[dict[str, float]]) -> dict[str, float]:
 
 
 def section(bench: Bench) -> list[Row]:
-    """First, unchanged and changed deploys of examples/notes against scp + untar."""
-    target = DeployTarget(bench, REPO / "examples" / "notes", assets_mb=4 if bench.quick else 40)
+    """First, second env's first, unchanged and changed deploys of examples/notes against scp + untar.
+
+    A first deploy starts with an empty wheel cache; the second env's gets another build
+    with the same requirements while the first env's release (its venv) is kept."""
+    assets = 4 if bench.quick else 40
+    target = DeployTarget(bench, REPO / "examples" / "notes", assets_mb=assets)
+    other = DeployTarget(bench, REPO / "examples" / "notes", suffix="b", assets_mb=assets,
+                         first_port=target.port + 1)  # not bound yet: free_port would pick it again
     build = target.make_build("first")
+    other_build = other.make_build("first")  # another build (all of it sent), the same requirements
     changes = [target.make_build(f"change{i}") for i in range(bench.repeats)]
     size = build.stat().st_size
     try:
         copies = [baseline_copy(build) for _ in range(bench.repeats)]
         ssh_noop = statistics.median(timed(lambda: ssh("true")) for _ in range(bench.repeats))
 
-        firsts, clocks = [], []
+        firsts, clocks, seconds, same_builds, other_clocks = [], [], [], [], []
         for _ in range(bench.repeats):
             target.reset()
+            target.forget_wheels()
             firsts.append(target.deploy_cli(build))
+        for _ in range(bench.repeats):  # target's release is kept: its wheels are cached
+            other.reset()
+            seconds.append(other.deploy_cli(other_build))
+            other.reset()
+            same_builds.append(other.deploy_cli(build))  # on the host already: nothing to send
         for _ in range(bench.repeats):
             target.reset()
+            target.forget_wheels()
             clocks.append(deploy_with_clock(target, build))
+            other.reset()
+            other_clocks.append(deploy_with_clock(other, other_build))
         unchanged = [target.deploy_cli(build) for _ in range(bench.repeats)]
         changed = [target.deploy_cli(b) for b in changes]
     finally:
         target.reset()
+        other.reset()
         remove_baseline_files()
 
     scp = statistics.median(c[0] for c in copies)
@@ -100,6 +117,8 @@ def section(bench: Bench) -> list[Row]:
     upload = phases[StepClock.UPLOADING]
     rows = [Row("build size", size / MB, "MB", note="changed builds add one small file")]
     rows += deploy_rows("first deploy", firsts, copy)
+    rows += deploy_rows("second env's first deploy (same requirements)", seconds, copy)
+    rows += deploy_rows("second env's first deploy (the same build)", same_builds, copy)
     rows += deploy_rows("unchanged redeploy", unchanged, copy)
     rows += deploy_rows("changed redeploy", changed, copy)
     rows += [
@@ -108,10 +127,15 @@ def section(bench: Bench) -> list[Row]:
         compared("upload throughput", size / MB / upload, "MB/s", size / MB / scp,
                  note=scp_note(size, scp, ssh_noop)),
     ]
-    total = sum(phases.values())
-    rows += [Row(f"  first deploy: {label}", seconds, "s", note=f"{seconds / total:.0%}")
-             for label, seconds in phases.items()]
+    rows += phase_rows("first deploy", phases)
+    rows += phase_rows("second env", medians([c.phases() for c in other_clocks]))
     return rows
+
+
+def phase_rows(name: str, phases: dict[str, float]) -> list[Row]:
+    total = sum(phases.values())
+    return [Row(f"  {name}: {label}", seconds, "s", note=f"{seconds / total:.0%}")
+            for label, seconds in phases.items()]
 
 
 def scp_note(size: int, scp: float, login: float) -> str:
@@ -128,7 +152,10 @@ def deploy_rows(name: str, results: list[tuple[float, dict]], baseline: float) -
     reported = statistics.median(r[1]["seconds"] for r in results)
     sent = statistics.median(r[1]["sent_bytes"] for r in results)
     venvs = sum(r[1]["venv_created"] for r in results)
-    facts = f"sent {f'{sent / MB:.1f} MB' if sent else '0 B'}, new venv {venvs}/{len(results)}"
+    installed = statistics.median(r[1]["wheels_installed"] for r in results)
+    linked = statistics.median(r[1]["wheels_linked"] for r in results)
+    facts = (f"sent {f'{sent / MB:.1f} MB' if sent else '0 B'}, new venv {venvs}/{len(results)}, "
+             f"wheels installed {installed:g}, linked {linked:g}")
     return [compared(f"{name}, wall", wall, "s", baseline, note=facts),
             compared(f"{name}, reported", reported, "s", baseline, note="JSON `seconds`")]
 

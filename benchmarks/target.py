@@ -60,11 +60,11 @@ class DeployTarget:
     it, and deleting it disturbs nobody.
     """
 
-    def __init__(self, bench: Bench, app: Path, suffix: str = "", assets_mb: int = 0):
+    def __init__(self, bench: Bench, app: Path, suffix: str = "", assets_mb: int = 0, first_port: int = 9900):
         self.bench = bench
         self.env = f"bench{os.getpid()}{suffix}"
         self.base = load_settings(HOST, HOSTS_DIR).dir.removeprefix("~/")  # relative to home
-        self.port = int(run(*host_program("free_port.py", 9900, 9999)).stdout)
+        self.port = int(run(*host_program("free_port.py", first_port, 9999)).stdout)
         self.assets_mb = assets_mb
         self.builds: list[Path] = []
         self.src = bench.tmp / self.env
@@ -84,6 +84,11 @@ class DeployTarget:
         # qabox stores an upload on the host under its sha256
         remove_env(HOST, self.env, self.base,
                    [hashlib.sha256(build.read_bytes()).hexdigest() for build in self.builds])
+
+    def forget_wheels(self) -> None:
+        """Empty the host's wheel cache, so the next deploy installs as on a host that never
+        installed these wheels (other envs' venvs keep their own links to those files)."""
+        shutil.rmtree(Path(find_host(HOST).home, self.base, "wheelcache"), ignore_errors=True)
 
     def venv_python(self) -> str:
         """The python of the env's virtualenv on lab1."""

@@ -14,7 +14,8 @@ import pytest
 from conftest import LAB_HOME, REPO
 LAB_ENVS = Path(f"{LAB_HOME}/.qabox/envs")
 DEPLOY_FIGURES = {
-    "build size", "first deploy, wall", "first deploy, reported", "unchanged redeploy, wall",
+    "build size", "first deploy, wall", "first deploy, reported", "second env's first deploy (same requirements), wall",
+    "second env's first deploy (same requirements), reported", "unchanged redeploy, wall",
     "unchanged redeploy, reported", "changed redeploy, wall", "changed redeploy, reported",
     "scp + untar (baseline)", "upload throughput",
 }
@@ -63,7 +64,9 @@ def test_quick_deploy_bench_reports_positive_figures():
     rows, env = run_quick_bench("deploy")
     assert_positive(rows, DEPLOY_FIGURES)
     assert rows["unchanged redeploy, reported"]["value"] < rows["first deploy, reported"]["value"]
+    assert "wheels installed 0, linked 7" in rows["second env's first deploy (same requirements), wall"]["note"]
     assert_gone(env)
+    assert_gone(env + "b")
 
 
 def test_quick_supervision_bench_reports_load_restarts_and_latency():

@@ -13,7 +13,7 @@ import time
 import paramiko
 import pytest
 
-from conftest import LAB_HOME, LAB_USER, http_get, in_host, json_data, qabox, raw_tar, wait_until
+from conftest import LAB_HOME, LAB_USER, _ports, http_get, in_host, json_data, qabox, raw_tar, remove_env, wait_until
 from qabox import ssh
 from qabox.context import Context
 from qabox.remote import Remote
@@ -72,6 +72,20 @@ def test_unchanged_redeploy_sends_nothing(notes_build, env_name, port):
     result = deploy(notes_build, env_name, port, "--json")
     data = json_data(result.stdout)
     assert result.code == 0 and data["changed"] is False and data["sent_bytes"] == 0
+
+
+def test_a_second_env_with_the_same_requirements_links_the_first_ones_wheels(notes_build, env_name, port):
+    assert deploy(notes_build, env_name, port).code == 0
+    other, other_port = env_name + "b", next(_ports)
+    try:
+        result = deploy(notes_build, other, other_port, "--json")
+        data = json_data(result.stdout)
+        assert result.code == 0 and data["venv_created"], result
+        assert (data["wheels_linked"], data["wheels_installed"]) == (7, 0), data  # no pip ran
+        code, body = http_get("lab1", other_port, "/release")
+        assert code == 200 and body == data["release"]
+    finally:
+        remove_env("lab1", other)
 
 
 def test_redeploy_switches_release_and_keeps_data(notes_build, make_build, env_name, port):

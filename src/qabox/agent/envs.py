@@ -6,6 +6,7 @@
     envs/<env>/releases/<id>/  extracted builds, each with release.json
     envs/<env>/current         symlink to the serving release
     envs/<env>/venvs/<key>/    virtualenvs, shared by releases with equal requirements
+                               (their wheels hard-linked from the host's wheelcache/, see venvs)
     envs/<env>/data/           QABOX_DATA_DIR: survives every deploy
     envs/<env>/logs/           <release>.log (app output), supervisor.log
     envs/<env>/state.json      the supervisor's view: state, pid, restarts...

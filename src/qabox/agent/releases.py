@@ -22,7 +22,7 @@ from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS
     RELEASE_FILE, RELEASE_TIMEOUT, SHA256, health_codes, parse_entry, release_hooks, static_problems
 from .session import locked
 from .sockets import bind_listener, free_port
-from .venvs import prepare_venv
+from .venvs import collect_wheel_caches, prepare_venv
 
 
 def new_release_id(env: Env) -> str:
@@ -88,7 +88,7 @@ def cmd_deploy(req, io) -> dict:
         io.check()
         snapshot, seeded = persist_release(env, release, tmp, paths, max_snapshot)
         io.check()
-        key, python, created = prepare_venv(env, tmp, io)
+        venv = prepare_venv(env, tmp, io)
         io.check()
         info = {
             "release": release,
@@ -98,7 +98,7 @@ def cmd_deploy(req, io) -> dict:
             "health": health,
             "health_status": health_status,
             "static": static,
-            "venv": key,
+            "venv": venv["key"],
             "persist": persist,
             "deployed_at": iso(now()),
             "deployed_by": req.get("by"),
@@ -131,7 +131,9 @@ def cmd_deploy(req, io) -> dict:
         "release": release,
         "previous": current,
         "port": settings["port"],
-        "venv_created": created,
+        "venv_created": venv["created"],
+        "wheels_linked": venv["linked"],
+        "wheels_installed": venv["installed"],
         "pruned": pruned,
         "snapshot_skipped": snapshot["skipped"],
         "testers": testers.connected_testers(env),
@@ -209,7 +211,8 @@ def switch_to(env: Env, release: str, settings: dict) -> dict:
 
 def prune(env: Env, keep: int) -> list:
     """Delete releases beyond the newest ``keep``, never the current one,
-    then the virtualenvs and builds no kept release uses.
+    then the virtualenvs and builds no kept release uses, and the cached wheels
+    no virtualenv on the host links.
 
     Pruning runs under the env's deploy lock, as do rollbacks, so it never
     races a rollback to the release it would delete."""
@@ -226,6 +229,7 @@ def prune(env: Env, keep: int) -> list:
     for key in os.listdir(env.path("venvs")):
         if key not in venvs:
             shutil.rmtree(env.path("venvs", key), ignore_errors=True)
+    collect_wheel_caches(env.base)  # entries no venv of any env links any more
     for name in os.listdir(env.builds):
         path = os.path.join(env.builds, name)
         # an hour's grace: a build just uploaded for another env's deploy is not garbage yet

@@ -44,6 +44,8 @@ class DeployResult:
     entry_reason: str | None = None  # why qabox picked the entry, when none was given
     built: str | None = None  # deploying a directory: its build was "built" now, or "cached"
     venv_created: bool = False
+    wheels_linked: int = 0  # from the host's wheel cache, not installed by pip
+    wheels_installed: int = 0
     pruned: list = field(default_factory=list)
     testers: list = field(default_factory=list)
     snapshot_skipped: str | None = None
@@ -126,6 +128,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
         built=None if not project else "cached" if report is None else "built",
         seconds=round(time.monotonic() - started, 2), entry=build.entry, entry_reason=build.entry_reason, venv_created=data.get("venv_created", False),
         pruned=data.get("pruned", []), testers=data.get("testers", []),
+        wheels_linked=data.get("wheels_linked", 0), wheels_installed=data.get("wheels_installed", 0),
         snapshot_skipped=data.get("snapshot_skipped"),
     )
 
