@@ -22,7 +22,8 @@ from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS
     RELEASE_FILE, RELEASE_TIMEOUT, SHA256, health_codes, parse_entry, release_hooks, static_problems
 from .session import locked
 from .sockets import bind_listener, free_port
-from .venvs import collect_wheel_caches, prepare_venv
+from .venvs import prepare_venv
+from .wheelcache import collect_wheel_caches
 
 
 def new_release_id(env: Env) -> str:
