@@ -390,6 +390,15 @@ def delta_of(build: Path, listed: dict, hashes: list, offset: int = 0) -> bytes:
         return b"".join(manifest.delta_blocks(tar, listed, hashes, offset))
 
 
+def forget(build: Path, host: str = "lab1") -> list[str]:
+    """Delete a build's manifest and blobs from a lab host (its next deploy sends all of it):
+    the names, relative to ~/.qabox. Another env's release needing them has them sent again."""
+    listed, mid = build_manifest(build)
+    names = [f"manifests/{mid}.json"] + sorted({f"blobs/{item[5]}" for item in listed["members"] if item[5]})
+    in_host(host, "sh", "-c", f"cd {LAB_HOME}/.qabox 2>/dev/null && rm -f " + " ".join(names))
+    return names
+
+
 def result_of(messages: list[dict], proc) -> dict:
     """The one result an agent call ends with (after its progress lines)."""
     results = [m for m in messages if "ok" in m]

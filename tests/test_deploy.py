@@ -257,15 +257,16 @@ def test_killed_client_leaves_no_stale_lock_and_no_half_release(tmp_path, env_na
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, forget
 
     big = tmp_path / "big.tar.gz"
     subprocess.run([sys.executable, str(REPO / "scripts" / "example-build"), "-o", str(big),
                     "--assets-mb", "60"], check=True, stdout=subprocess.DEVNULL)
+    forget(big)  # its blobs may be on the host from an earlier run: then nothing would be uploaded
     proc = subprocess.Popen([sys.executable, "-m", "qabox", "deploy", str(big), "--host", "lab1",
                              "--env", env_name, "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    uploading = wait_until(lambda: in_host("lab1", "sh", "-c", f"ls {LAB_HOME}/.qabox/builds/ | grep -q part")
+    uploading = wait_until(lambda: in_host("lab1", "sh", "-c", f"ls {LAB_HOME}/.qabox/uploads/ | grep -q delta")
                            .returncode == 0, 30)
     proc.send_signal(signal.SIGKILL)
     assert uploading, "the upload never started"

@@ -23,6 +23,7 @@ from .manifest import MAX_BYTES, delta_id, parse, wanted
 from .protocol import Fail
 from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, SHA256, check_members, name_parts, shown
 
+MISMATCH = "the uploaded files do not match the build's manifest: deploy again"
 GRACE = 3600  # seconds a new manifest or blob is kept unreferenced: another env's deploy may be using it
 COPY = 1 << 20
 
@@ -109,21 +110,48 @@ class Store:
 
     def take_delta(self, members: list) -> None:
         """Split the env's uploaded delta into blobs, verifying each; then the
-        build's blobs must all be here."""
+        build's blobs must all be here.
+
+        From its end: each blob copied out is cut off the part, and the first
+        becomes a blob by renaming, so taking a delta in needs no more room
+        than its largest blob (a delta of one file, none). Cut midway, what is
+        left is the start of a delta, resumed as one."""
         hashes = wanted(members, self.has)
         if hashes:
             sizes = {m.sha256: m.size for m in members if m.isfile()}
+            starts = [0]
+            for sha in hashes:
+                starts.append(starts[-1] + sizes[sha])
             part = self.upload("delta-" + delta_id(hashes))
-            try:
-                f = open(part, "rb")
-            except FileNotFoundError:
+            if not os.path.isfile(part):
                 raise Fail("no_build", "the host lacks %d of the build's files (pruned meanwhile?): deploy "
                            "again to send them" % len(hashes))
-            with f:
-                for sha in hashes:
-                    self.put(f, sha, sizes[sha], part)
-            os.unlink(part)
+            if os.path.getsize(part) < starts[-1]:
+                raise Fail("no_build", "the upload is incomplete: deploy again to resume it")
+            with open(part, "r+b") as f:
+                f.truncate(starts[-1])
+                for sha, start in reversed(list(zip(hashes, starts))):
+                    f.seek(start)
+                    if start:
+                        self.put(f, sha, sizes[sha], part)
+                        f.truncate(start)
+                    elif self.digest(f) == sha:
+                        os.chmod(part, 0o600)
+                        os.replace(part, self.blob(sha))
+                    else:
+                        os.unlink(part)
+                        raise Fail("checksum", MISMATCH)
         self.discard()
+
+    @staticmethod
+    def digest(f, out=None) -> str:
+        """The sha256 of the rest of ``f``, copied into ``out`` if given."""
+        h = hashlib.sha256()
+        for block in iter(lambda: f.read(COPY), b""):
+            h.update(block)
+            if out is not None:
+                out.write(block)
+        return h.hexdigest()
 
     def put(self, source, sha: str, size: int, part: str) -> None:
         """One blob from ``size`` bytes of ``source``: under its name only if they hash to it."""
@@ -141,7 +169,7 @@ class Store:
                     left -= len(block)
             if h.hexdigest() != sha:
                 os.unlink(part)
-                raise Fail("checksum", "the uploaded files do not match the build's manifest: deploy again")
+                raise Fail("checksum", MISMATCH)
             os.replace(tmp, self.blob(sha))
         finally:
             if os.path.lexists(tmp):
@@ -149,7 +177,6 @@ class Store:
 
     def copy_blob(self, sha: str, out) -> None:
         """A blob's content into ``out``, verified as it goes: a damaged blob is removed, never served."""
-        h = hashlib.sha256()
         try:
             source = open(self.blob(sha), "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW))
         except OSError as e:
@@ -158,10 +185,8 @@ class Store:
             raise Fail("no_build", "a file of the build is missing on the host (%s): deploy again to send it"
                        % sha[:12])
         with source:
-            for block in iter(lambda: source.read(COPY), b""):
-                h.update(block)
-                out.write(block)
-        if h.hexdigest() != sha:
+            ok = self.digest(source, out) == sha
+        if not ok:
             os.unlink(self.blob(sha))
             raise Fail("checksum", "a stored file of the build (%s) was damaged on the host and was removed: "
                        "deploy again to send it anew" % sha[:12])

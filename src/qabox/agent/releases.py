@@ -131,7 +131,9 @@ def cmd_deploy(req, io) -> dict:
     try:
         store.take_delta(members)
         io.emit({"progress": "extracting"})
-        remove(tmp)
+        for name in os.listdir(env.path("releases")):  # left by an agent killed midway (we hold the lock)
+            if name.startswith(".") and name.endswith(".tmp"):
+                remove(env.path("releases", name))
         assemble(store, members, tmp)
         io.check()
         snapshot, seeded = persist_release(env, release, tmp, paths, max_snapshot)
@@ -170,7 +172,8 @@ def cmd_deploy(req, io) -> dict:
             shutil.rmtree(snapshot_dir(env, release), ignore_errors=True)
             full = isinstance(e, OSError) and e.errno == errno.ENOSPC
             if full or getattr(e, "code", None) == "disk_full":
-                store.gc(grace=0)  # it cannot be assembled here anyway: give its space back
+                store.discard()  # it cannot be assembled here anyway: give its space back
+                store.gc(grace=0)
             if full:
                 raise disk_full(env.base)
             raise
