@@ -291,7 +291,9 @@ def test_sshd_restart_during_logs_follow_fails_clearly(tmp_path, env_name, port)
     assert http_get("lab1", port, "/health")[0] == 200  # the app never noticed
 
 
-def test_client_killed_mid_extract_leaves_nothing_half_done(tmp_path, env_name, port, make_build):
+@pytest.mark.parametrize("killed", ["client", "agent"])
+def test_client_killed_mid_extract_leaves_nothing_half_done(tmp_path, env_name, port, make_build, killed):
+    """Killed as the host assembles the release: qabox (the agent notices), or the agent itself (kill -9)."""
     import signal
 
     build = make_build({"wsgi.py": "from flask import Flask\napp = Flask(__name__)\n"
@@ -307,9 +309,14 @@ def test_client_killed_mid_extract_leaves_nothing_half_done(tmp_path, env_name, 
         time.sleep(0.05)
     else:
         raise AssertionError("the deploy never reached extraction")
+    if killed == "agent":  # the session's agent: the one run with no role (a supervisor's names its env)
+        from qabox.agent_zip import AGENT_HASH
+
+        in_host("lab1", "sh", "-c", f"kill -KILL $(pgrep -n -f 'agent-{AGENT_HASH}[.]pyz$')")
+        assert proc.wait(60) != 0
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    # the agent notices at its next step, removes the half release and frees the lock
+    # the agent notices at its next step (or, killed, the next deploy does), removes the half release
     assert qabox("deploy", build, "--host", "lab1", "--env", env_name, "--port", port,
                  "--lock-timeout", "30").code == 0
     left = in_host("lab1", "ls", "-A", releases).stdout.split()
