@@ -204,3 +204,24 @@ def test_an_agent_killed_midway_leaves_nothing_half_done(host, tmp_path, moment)
     assert result["ok"], result
     assert local_get(port) == (200, "v2")
     assert [n for n in os.listdir(releases) if n.startswith(".")] == []
+
+
+def test_a_manifest_lying_about_the_size_of_a_blob_the_host_has_is_refused(host, tmp_path):
+    """Sizes are what the member limits count: a known blob cannot be claimed small."""
+    port = free_port()
+    first = wsgi_build(tmp_path / "a.tar.gz")
+    assert host.deploy(first, ENV, port)["ok"]
+    served = local_get(port, "/release")
+    listed, _ = build_manifest(first)
+    for item in listed["members"]:
+        if item[0].endswith("wsgi.py"):
+            item[4] = 1
+    raw = manifest.canonical(listed)
+    mid = manifest.identity(listed)
+    with host.session(ENV) as call:
+        asked = call("upload-state", env=ENV, manifest=mid, port=port)
+        Path(asked["data"]["manifest_path"]).write_bytes(raw)
+        assert call("upload-state", env=ENV, manifest=mid, port=port, uploaded=True)["data"]["blobs"] == 0
+        refused = call("deploy", env=ENV, manifest=mid, port=port, entry="wsgi:app")
+    assert not refused["ok"] and "wsgi.py: the manifest says 1 bytes" in refused["error"]["message"], refused
+    assert local_get(port, "/release") == served and local_get(port) == (200, "v1")

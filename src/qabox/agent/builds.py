@@ -114,8 +114,8 @@ class Store:
 
         From its end: each blob copied out is cut off the part, and the first
         becomes a blob by renaming, so taking a delta in needs no more room
-        than its largest blob (a delta of one file, none). Cut midway, what is
-        left is the start of a delta, resumed as one."""
+        than its largest blob (a delta of one file, none). Killed midway, the
+        blobs taken in stay, each whole under its name, and the rest is sent again."""
         hashes = wanted(members, self.has)
         if hashes:
             sizes = {m.sha256: m.size for m in members if m.isfile()}
@@ -135,7 +135,7 @@ class Store:
                     if start:
                         self.put(f, sha, sizes[sha], part)
                         f.truncate(start)
-                    elif self.digest(f) == sha:
+                    elif self.digest(f) == (sha, sizes[sha]):
                         os.chmod(part, 0o600)
                         os.replace(part, self.blob(sha))
                     else:
@@ -144,14 +144,15 @@ class Store:
         self.discard()
 
     @staticmethod
-    def digest(f, out=None) -> str:
-        """The sha256 of the rest of ``f``, copied into ``out`` if given."""
-        h = hashlib.sha256()
+    def digest(f, out=None) -> tuple:
+        """The sha256 and length of the rest of ``f``, copied into ``out`` if given."""
+        h, size = hashlib.sha256(), 0
         for block in iter(lambda: f.read(COPY), b""):
             h.update(block)
+            size += len(block)
             if out is not None:
                 out.write(block)
-        return h.hexdigest()
+        return h.hexdigest(), size
 
     def put(self, source, sha: str, size: int, part: str) -> None:
         """One blob from ``size`` bytes of ``source``: under its name only if they hash to it."""
@@ -175,8 +176,11 @@ class Store:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
 
-    def copy_blob(self, sha: str, out) -> None:
-        """A blob's content into ``out``, verified as it goes: a damaged blob is removed, never served."""
+    def copy_blob(self, member, out) -> None:
+        """A file member's content from its blob into ``out``, verified as it goes
+        (its hash, and its size, which the member limits count): a damaged blob
+        is removed, never served."""
+        sha = member.sha256
         try:
             source = open(self.blob(sha), "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW))
         except OSError as e:
@@ -185,8 +189,11 @@ class Store:
             raise Fail("no_build", "a file of the build is missing on the host (%s): deploy again to send it"
                        % sha[:12])
         with source:
-            ok = self.digest(source, out) == sha
-        if not ok:
+            digest, size = self.digest(source, out)
+        if digest == sha and size != member.size:
+            raise Fail("bad_build", "%s: the manifest says %d bytes, its content has %d: deploy it with this qabox"
+                       % (shown(member.name), member.size, size))
+        if digest != sha:
             os.unlink(self.blob(sha))
             raise Fail("checksum", "a stored file of the build (%s) was damaged on the host and was removed: "
                        "deploy again to send it anew" % sha[:12])
@@ -243,7 +250,7 @@ def open_dir(root: int, parts: list) -> int:
 
 def write_member(member, root: int, copy) -> None:
     """Write one member under the directory ``root``, following no link;
-    ``copy(sha256, out)`` writes a file's content.
+    ``copy(member, out)`` writes a file's content.
 
     Safe even for a member check_members would refuse: it fails instead of
     writing outside. Modes are the deploy account's only: directories 0700,
@@ -275,7 +282,7 @@ def write_member(member, root: int, copy) -> None:
         elif member.isfile():
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             with os.fdopen(os.open(name, flags, 0o600, dir_fd=parent), "wb") as out:
-                copy(member.sha256, out)
+                copy(member, out)
                 out.flush()
                 os.fchmod(out.fileno(), member.mode & 0o700 | 0o600)
                 try:  # the build's mtimes, as tar keeps them: static files' Last-Modified survives a deploy
