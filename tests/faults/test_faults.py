@@ -309,10 +309,11 @@ def test_client_killed_mid_extract_leaves_nothing_half_done(tmp_path, env_name, 
         time.sleep(0.05)
     else:
         raise AssertionError("the deploy never reached extraction")
-    if killed == "agent":  # the session's agent: the one run with no role (a supervisor's names its env)
-        from qabox.agent_zip import AGENT_HASH
-
-        in_host("lab1", "sh", "-c", f"kill -KILL $(pgrep -n -f 'agent-{AGENT_HASH}[.]pyz$')")
+    if killed == "agent":  # the session's agent: the process holding the env's deploy lock
+        holder = in_host("lab1", "sh", "-c", f"for p in /proc/[0-9]*; do ls -l $p/fd 2>/dev/null | grep -q "
+                                             f"'/{env_name}/deploy.lock$' && echo ${{p#/proc/}}; done").stdout.split()
+        assert len(holder) == 1, holder
+        in_host("lab1", "kill", "-KILL", holder[0])
         assert proc.wait(60) != 0
     proc.send_signal(signal.SIGKILL)
     proc.wait()
