@@ -16,6 +16,7 @@ LAB_ENVS = Path(f"{LAB_HOME}/.qabox/envs")
 DEPLOY_FIGURES = {
     "build size", "first deploy, wall", "first deploy, reported", "unchanged redeploy, wall",
     "unchanged redeploy, reported", "changed redeploy, wall", "changed redeploy, reported",
+    "changed redeploy, bytes sent",
     "scp + untar (baseline)", "upload throughput",
 }
 SUPERVISION_FIGURES = {
