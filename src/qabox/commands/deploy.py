@@ -119,7 +119,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     ctx.remember_host(host)
     return DeployResult(
         host=host, env=env, file=path.name, release=data["release"], previous=data.get("previous"),
-        changed=data.get("changed", False), port=data["port"], sent_bytes=sent,
+        changed=data["changed"], port=data["port"], sent_bytes=sent,
         seconds=round(time.monotonic() - started, 2), entry=build.entry, entry_reason=build.entry_reason, venv_created=data.get("venv_created", False),
         pruned=data.get("pruned", []), testers=data.get("testers", []),
         snapshot_skipped=data.get("snapshot_skipped"),
