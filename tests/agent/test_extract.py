@@ -293,8 +293,8 @@ def test_member_count_and_headers_are_capped(tmp_path):
         [i for i, _ in infos(many * 5)[:4500]], max_bytes=2 * 2**20))
     # and a tar of many members is read only one past the limit
     path = tar_of(tmp_path / "many.tar", many * 3)
-    with tarfile.open(path) as tar:
-        assert len(rules.read_members(tar, 1000)) == 1001
+    with tarfile.open(path, "r|") as tar:
+        assert len(manifest.scan(tar, 1000)[0]) == 1001
 
 
 def test_an_extraction_failure_names_the_member_and_what_to_do(tmp_path, monkeypatch):

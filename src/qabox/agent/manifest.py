@@ -39,8 +39,8 @@ def entry(member: tarfile.TarInfo, sha: str) -> list:
 
 
 def scan(tar: tarfile.TarFile, max_members: int, keep=None):
-    """A tar's members (at most one past ``max_members``, as rules.read_members)
-    and its manifest, in one streaming pass; ``keep(member, data)`` is given each
+    """A tar's members (at most one past ``max_members``: a small tar.gz can
+    hold millions of empty members) and its manifest, in one streaming pass; ``keep(member, data)`` is given each
     small file's content (at most 1 MB), for a caller that reads some of them."""
     members, entries = [], []
     for member in tar:
