@@ -225,3 +225,16 @@ def test_a_manifest_lying_about_the_size_of_a_blob_the_host_has_is_refused(host,
         refused = call("deploy", env=ENV, manifest=mid, port=port, entry="wsgi:app")
     assert not refused["ok"] and "wsgi.py: the manifest says 1 bytes" in refused["error"]["message"], refused
     assert local_get(port, "/release") == served and local_get(port) == (200, "v1")
+
+
+def test_a_blob_another_env_took_in_meanwhile_leaves_the_delta_whole(host, tmp_path):
+    """Blobs are shared: env b may take in a blob of env a's delta between a's upload and its deploy."""
+    shared = build(tmp_path, "s", "v2", shared=BIG.replace("x", "s"))
+    port, other = free_port(), free_port()
+    with host.session("a") as call:
+        state, args = host.upload(call, shared, "a", port)
+        assert state["data"]["blobs"] >= 2, state
+        assert host.deploy(shared, "b", other)["ok"]  # b takes in every blob of a's delta
+        result = call("deploy", **args)
+    assert result["ok"], result
+    assert local_get(port) == (200, "v2") and local_get(other) == (200, "v2")

@@ -18,7 +18,7 @@ import stat
 import time
 
 from .envs import Env, all_envs
-from .files import makedirs, remove
+from .files import makedirs, remove, write_json
 from .manifest import MAX_BYTES, delta_id, parse, wanted
 from .protocol import Fail
 from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, SHA256, check_members, name_parts, shown
@@ -99,11 +99,15 @@ class Store:
 
     def delta(self, members: list) -> dict:
         """The delta the host needs for a build: the blobs it lacks, in order, and
-        what of it was sent already (a part for another delta is discarded)."""
+        what of it was sent already (a part for another delta is discarded).
+        Its list is kept beside the part: another env may take in some of its
+        blobs before this deploy does."""
         hashes = wanted(members, self.has)
         did = delta_id(hashes)
         self.discard(keep="delta-" + did)
         part = self.upload("delta-" + did)
+        if hashes:
+            write_json(part[:-len(".part")] + ".json", hashes)
         sizes = {m.sha256: m.size for m in members if m.isfile()}
         return {"delta": did, "hashes": hashes, "blobs": len(hashes), "size": sum(sizes[h] for h in hashes),
                 "part_path": part, "part": os.path.getsize(part) if os.path.isfile(part) else 0}
@@ -116,23 +120,22 @@ class Store:
         becomes a blob by renaming, so taking a delta in needs no more room
         than its largest blob (a delta of one file, none). Killed midway, the
         blobs taken in stay, each whole under its name, and the rest is sent again."""
-        hashes = wanted(members, self.has)
+        sizes = {m.sha256: m.size for m in members if m.isfile()}
+        hashes = self.delta_list(sizes)
         if hashes:
-            sizes = {m.sha256: m.size for m in members if m.isfile()}
             starts = [0]
             for sha in hashes:
                 starts.append(starts[-1] + sizes[sha])
             part = self.upload("delta-" + delta_id(hashes))
-            if not os.path.isfile(part):
-                raise Fail("no_build", "the host lacks %d of the build's files (pruned meanwhile?): deploy "
-                           "again to send them" % len(hashes))
-            if os.path.getsize(part) < starts[-1]:
+            if not os.path.isfile(part) or os.path.getsize(part) < starts[-1]:
                 raise Fail("no_build", "the upload is incomplete: deploy again to resume it")
             with open(part, "r+b") as f:
                 f.truncate(starts[-1])
                 for sha, start in reversed(list(zip(hashes, starts))):
                     f.seek(start)
-                    if start:
+                    if self.has(sha):  # taken in meanwhile, for another env
+                        f.truncate(start)
+                    elif start:
                         self.put(f, sha, sizes[sha], part)
                         f.truncate(start)
                     elif self.digest(f) == (sha, sizes[sha]):
@@ -142,6 +145,23 @@ class Store:
                         os.unlink(part)
                         raise Fail("checksum", MISMATCH)
         self.discard()
+        missing = wanted(members, self.has)
+        if missing:
+            raise Fail("no_build", "the host lacks %d of the build's files (pruned meanwhile?): deploy again "
+                       "to send them" % len(missing))
+
+    def delta_list(self, sizes: dict) -> list:
+        """The hashes of the env's delta for this build (as upload-state named
+        them), or none; a list naming content the build has not is refused."""
+        folder = os.path.join(self.base, "uploads")
+        for name in os.listdir(folder):
+            if name.startswith(self.env + ".delta-") and name.endswith(".json"):
+                with open(os.path.join(folder, name)) as f:
+                    hashes = json.load(f)
+                if not all(sha in sizes for sha in hashes):
+                    raise Fail("no_build", "the upload is for another build: deploy again")
+                return hashes
+        return []
 
     @staticmethod
     def digest(f, out=None) -> tuple:
