@@ -5,6 +5,7 @@ them safely.
     blobs/<sha256>              a file's content, written only here (tmp, then rename)
     manifests/<id>.json         a build's manifest (see manifest), its id its sha256
     uploads/<env>.<what>.part   what SFTP writes for this module to take in
+    uploads/<env>.delta-<id>.json  the blobs a delta carries, in order
 
 Nothing is trusted before it is checked: a manifest against its id, a delta's
 pieces and every blob (again, as it is copied) against their hashes.
