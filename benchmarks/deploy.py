@@ -10,14 +10,14 @@ from pathlib import Path
 from qabox.context import Context
 from qabox.commands.deploy import Hooks, deploy
 
-from .harness import MB, Bench, BenchError, Row, compared, run, timed
+from .harness import MB, Bench, BenchError, Row, compared, run, target_note, timed
 from .target import HOST, REPO, SSH_CONFIG, DeployTarget, ssh
 
 
 class StepClock:
     """Times between a deploy's progress hooks: each phase runs until the next mark."""
 
-    UPLOADING, UPLOADED = "uploading", "after upload (acks, agent start, sha256)"
+    UPLOADING, UPLOADED = "uploading", "after upload (acks, blobs verified, release assembled)"
 
     def __init__(self):
         self.started = time.perf_counter()
@@ -121,6 +121,10 @@ def section(bench: Bench) -> list[Row]:
     rows += deploy_rows("second env's first deploy (the same build)", same_builds, copy)
     rows += deploy_rows("unchanged redeploy", unchanged, copy)
     rows += deploy_rows("changed redeploy", changed, copy)
+    sent = statistics.median(r[1]["sent_bytes"] for r in changed)
+    rows.append(compared("changed redeploy, bytes sent", sent / MB, "MB", size / MB,
+                         note=f"{sent:.0f} B, manifest included, of the {size / MB:.1f} MB build; "
+                              + target_note(sent < 0.01 * size, "< 1%")))
     rows += [
         Row("scp + untar (baseline)", copy, "s", note=f"scp alone {scp:.2f} s"),
         Row("ssh lab1 true (floor)", ssh_noop, "s", note="one OpenSSH login and command"),
@@ -154,7 +158,7 @@ def deploy_rows(name: str, results: list[tuple[float, dict]], baseline: float) -
     venvs = sum(r[1]["venv_created"] for r in results)
     installed = statistics.median(r[1]["wheels_installed"] for r in results)
     linked = statistics.median(r[1]["wheels_linked"] for r in results)
-    facts = (f"sent {f'{sent / MB:.1f} MB' if sent else '0 B'}, new venv {venvs}/{len(results)}, "
+    facts = (f"sent {f'{sent / MB:.1f} MB' if sent >= MB / 10 else f'{sent:.0f} B'}, new venv {venvs}/{len(results)}, "
              f"wheels installed {installed:g}, linked {linked:g}")
     return [compared(f"{name}, wall", wall, "s", baseline, note=facts),
             compared(f"{name}, reported", reported, "s", baseline, note="JSON `seconds`")]

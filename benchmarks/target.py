@@ -3,16 +3,17 @@ in $QABOX_LAB_DIR and $QABOX_LAB_SLOT), reached with the lab's ssh_config, and a
 env and port of this run's own there."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 from lab.control import up
 from lab.hosts import LAB, exec_command, find_host, remove_env
+from qabox.agent import manifest
 from qabox.hosts import load_settings
 
 from .harness import Bench, BenchError, run
@@ -45,6 +46,13 @@ def ssh(command: str, input: str | None = None, timeout: float = 120):
 def in_lab_host(*cmd) -> list[str]:
     """A command line that runs cmd where lab1's loopback is: its network namespace, as root."""
     return exec_command(HOST, cmd)
+
+
+def stored_as(build: Path) -> list[str]:
+    """The names a build is stored under on the host: its manifest's id and its files' contents."""
+    with tarfile.open(build, "r|*") as tar:
+        listed = manifest.scan(tar, 10**9)[1]
+    return [manifest.identity(listed)] + [item[5] for item in listed["members"] if item[5]]
 
 
 def host_program(name: str, *args) -> list[str]:
@@ -81,9 +89,8 @@ class DeployTarget:
 
     def reset(self) -> None:
         """Stop and delete the env and every build we uploaded, as before a first deploy."""
-        # qabox stores an upload on the host under its sha256
-        remove_env(HOST, self.env, self.base,
-                   [hashlib.sha256(build.read_bytes()).hexdigest() for build in self.builds])
+        # qabox stores a build on the host as its manifest and blobs, by sha256
+        remove_env(HOST, self.env, self.base, [sha for build in self.builds for sha in stored_as(build)])
 
     def forget_wheels(self) -> None:
         """Empty the host's wheel cache, so the next deploy installs as on a host that never

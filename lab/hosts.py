@@ -248,7 +248,7 @@ def env_pids(host, env):
 
 def remove_env(name, env, base=".qabox", builds=(), timeout=20.0):
     """Stop an env's supervisor and apps on a lab host, delete its files and the
-    uploaded builds named (by sha256).  Killed, not terminated: a supervisor that is
+    manifests and blobs named in ``builds`` (by sha256).  Killed, not terminated: a supervisor that is
     only terminated leaves its app serving for the next one to adopt, and a supervisor
     restarts an app it sees die, so this kills until nothing of the env is left."""
     host = find_host(name)
@@ -260,5 +260,5 @@ def remove_env(name, env, base=".qabox", builds=(), timeout=20.0):
     root = Path(host.home, base)
     shutil.rmtree(root / "envs" / env, ignore_errors=True)
     for sha in builds:
-        for file in (sha, sha + ".part"):
-            (root / "builds" / file).unlink(missing_ok=True)
+        for file in (root / "manifests" / f"{sha}.json", root / "blobs" / sha):
+            file.unlink(missing_ok=True)

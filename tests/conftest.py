@@ -7,7 +7,6 @@ deploy use an env name and port of their own on the shared lab host.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import itertools
@@ -29,6 +28,7 @@ from typer.testing import CliRunner
 
 from lab.control import up as lab_up
 from lab.hosts import LAB as LAB_DIR, Host, env_slot, exec_command, remove_env
+from qabox.agent import manifest
 from qabox.cli import app
 from qabox.pack import pack
 
@@ -331,17 +331,32 @@ class Host:
             proc.stdout.close()
 
     def deploy(self, build: Path, env: str, port: int, sent: bytes | None = None, **request) -> dict:
-        """qabox deploy's steps, with no check on this side: lock, upload-state, the bytes
-        (the build's, or ``sent``) to its .part as SFTP writes them, deploy (``request``
-        overriding its arguments). Its result."""
-        sha = hashlib.sha256(build.read_bytes()).hexdigest()
+        """qabox deploy's steps, with no check on this side: lock, then upload and deploy
+        (``request`` overriding its arguments). Its result: deploy's, or upload-state's when
+        that refused the build or found it served already."""
         with self.session(env) as call:
-            state = call("upload-state", env=env, sha256=sha)
-            assert state["ok"], state
-            if not state["data"]["have"]:
-                Path(state["data"]["part_path"]).write_bytes(build.read_bytes() if sent is None else sent)
-            return call("deploy", **{"env": env, "sha256": sha, "file": build.name, "entry": "wsgi:app",
-                                     "health": "/", "port": port, "by": "tests", "start_timeout": 20, **request})
+            state, args = self.upload(call, build, env, port, sent, **request)
+            if not state["ok"] or state["data"].get("unchanged"):
+                return state
+            return call("deploy", **args)
+
+    def upload(self, call, build: Path, env: str, port: int, sent: bytes | None = None, **request):
+        """What qabox sends of a build, in a session's ``call``: upload-state, the manifest and
+        the delta (as qabox makes them from any tar, or ``sent``) written to their .part files
+        as SFTP writes them. Upload-state's last answer, and the arguments it was asked with
+        (deploy's too)."""
+        listed, mid = build_manifest(build)
+        args = {"env": env, "manifest": mid, "port": port, "start_timeout": 20, "file": build.name,
+                "entry": "wsgi:app", "health": "/", "by": "tests", **request}
+        state = call("upload-state", **args)
+        assert state["ok"], state
+        if "manifest_path" in state["data"]:
+            Path(state["data"]["manifest_path"]).write_bytes(manifest.canonical(listed))
+            state = call("upload-state", uploaded=True, **args)
+        if state["ok"] and state["data"].get("blobs"):
+            Path(state["data"]["part_path"]).write_bytes(
+                delta_of(build, listed, state["data"]["hashes"]) if sent is None else sent)
+        return state, args
 
     def processes(self) -> list[int]:
         """Pids of processes running for this host's base (supervisors, apps)."""
@@ -360,6 +375,28 @@ class Host:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def build_manifest(build: Path) -> tuple[dict, str]:
+    """Any tar (a hostile one too) as qabox lists it: its manifest, and its id. Nothing is checked."""
+    with tarfile.open(build, "r|*") as tar:
+        listed = manifest.scan(tar, 10**9)[1]
+    return listed, manifest.identity(listed)
+
+
+def delta_of(build: Path, listed: dict, hashes: list, offset: int = 0) -> bytes:
+    """The delta of ``hashes`` from a tar, as qabox sends it."""
+    with tarfile.open(build, "r|*") as tar:
+        return b"".join(manifest.delta_blocks(tar, listed, hashes, offset))
+
+
+def forget(build: Path, host: str = "lab1") -> list[str]:
+    """Delete a build's manifest and blobs from a lab host (its next deploy sends all of it):
+    the names, relative to ~/.qabox. Another env's release needing them has them sent again."""
+    listed, mid = build_manifest(build)
+    names = [f"manifests/{mid}.json"] + sorted({f"blobs/{item[5]}" for item in listed["members"] if item[5]})
+    in_host(host, "sh", "-c", f"cd {LAB_HOME}/.qabox 2>/dev/null && rm -f " + " ".join(names))
+    return names
 
 
 def result_of(messages: list[dict], proc) -> dict:

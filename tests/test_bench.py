@@ -17,6 +17,7 @@ DEPLOY_FIGURES = {
     "build size", "first deploy, wall", "first deploy, reported", "second env's first deploy (same requirements), wall",
     "second env's first deploy (same requirements), reported", "unchanged redeploy, wall",
     "unchanged redeploy, reported", "changed redeploy, wall", "changed redeploy, reported",
+    "changed redeploy, bytes sent",
     "scp + untar (baseline)", "upload throughput",
 }
 SUPERVISION_FIGURES = {

@@ -21,7 +21,7 @@ def tar_of(tmp_path, files: dict[str, str], name="b.tar") -> object:
 def test_entry_from_qabox_toml(tmp_path):
     path = tar_of(tmp_path, {"./notes.py": "", "./qabox.toml": '[app]\nentry = "notes:app"\nhealth = "/health"\n'})
     b = build_check.inspect(path)
-    assert (b.entry, b.health, len(b.sha256)) == ("notes:app", "/health", 64)
+    assert (b.entry, b.health, len(b.id)) == ("notes:app", "/health", 64)
 
 
 def test_default_entries_in_order(tmp_path):

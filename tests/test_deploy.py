@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import secrets
 import shutil
 import tarfile
 import threading
@@ -13,7 +14,8 @@ import time
 import paramiko
 import pytest
 
-from conftest import LAB_HOME, LAB_USER, _ports, http_get, in_host, json_data, qabox, raw_tar, remove_env, wait_until
+from conftest import LAB_HOME, LAB_USER, _ports, build_manifest, http_get, in_host, json_data, qabox, raw_tar, \
+    remove_env, wait_until
 from qabox import ssh
 from qabox.context import Context
 from qabox.remote import Remote
@@ -86,6 +88,80 @@ def test_a_second_env_with_the_same_requirements_links_the_first_ones_wheels(not
         assert code == 200 and body == data["release"]
     finally:
         remove_env("lab1", other)
+
+
+def test_an_unchanged_redeploy_is_one_request_after_the_lock(notes_build, env_name, port, monkeypatch):
+    from qabox.remote import Session
+
+    assert deploy(notes_build, env_name, port).code == 0
+    asked, call = [], Session.call
+    monkeypatch.setattr(Session, "call", lambda self, cmd, *a, **k: asked.append(cmd) or call(self, cmd, *a, **k))
+    result = deploy(notes_build, env_name, port, "--json")
+    assert result.code == 0 and json_data(result.stdout)["changed"] is False, result
+    assert asked == ["upload-state"], asked
+
+
+def big_app(make_build, **files):
+    """A Flask app with 3 MB of static content of its own (new to the host), and ``files``."""
+    return make_build({"wsgi.py": "from flask import Flask\napp = Flask(__name__)\n"
+                                  "@app.get('/')\ndef i():\n    return open('note.txt').read()\n",
+                       "note.txt": "v1", "static/big.txt": secrets.token_hex(1_500_000), **files})
+
+
+def content_size(build) -> int:
+    return sum(item[4] for item in build_manifest(build)[0]["members"])
+
+
+def test_a_one_file_change_sends_only_that_file(make_build, env_name, port):
+    first = big_app(make_build)
+    assert deploy(first, env_name, port).code == 0
+    changed = make_build(dict(files_of(first), **{"note.txt": "v2, one file changed"}))
+    result = deploy(changed, env_name, port, "--json")
+    assert result.code == 0, result
+    sent = json_data(result.stdout)["sent_bytes"]
+    assert len("v2, one file changed") <= sent < 0.01 * content_size(changed), sent  # its content, the manifest
+    assert http_get("lab1", port, "/") == (200, "v2, one file changed")
+
+
+def files_of(build) -> dict:
+    """A build's own files (not its wheels or requirements), to make another from."""
+    with tarfile.open(build) as tar:
+        return {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers()
+                if m.isfile() and not m.name.startswith(("wheels/", "requirements"))}
+
+
+def test_a_delta_whose_base_release_was_pruned_sends_what_the_host_lacks(make_build, env_name, port, tmp_path,
+                                                                        monkeypatch):
+    hosts = tmp_path / "hosts"
+    hosts.mkdir()
+    (hosts / "lab1.toml").write_text("keep = 1\n")
+    monkeypatch.setenv("QABOX_HOSTS_DIR", str(hosts))
+    first = big_app(make_build)
+    assert deploy(first, env_name, port).code == 0
+    # older than the store's grace: what no kept release uses is garbage at the next prune
+    in_host("lab1", "sh", "-c", f"touch -d '2 days ago' {LAB_HOME}/.qabox/blobs/* {LAB_HOME}/.qabox/manifests/*")
+    assert deploy(big_app(make_build), env_name, port).code == 0  # another big file: the first release is pruned
+    based = make_build(dict(files_of(first), **{"note.txt": "based on a pruned release"}))
+    result = deploy(based, env_name, port, "--json")
+    assert result.code == 0, result
+    assert json_data(result.stdout)["sent_bytes"] > 3_000_000  # its big file again
+    assert http_get("lab1", port, "/") == (200, "based on a pruned release")
+
+
+def test_a_blob_damaged_on_the_host_is_refused_never_served_and_sent_again(make_build, env_name, port):
+    first = big_app(make_build)
+    assert deploy(first, env_name, port).code == 0
+    sha = next(item[5] for item in build_manifest(first)[0]["members"] if item[0].endswith("static/big.txt"))
+    blob = f"{LAB_HOME}/.qabox/blobs/{sha}"
+    in_host("lab1", "sh", "-c", f"printf 0 | dd of={blob} conv=notrunc status=none")  # one byte changed
+    changed = make_build(dict(files_of(first), **{"note.txt": "v2"}))
+    refused = deploy(changed, env_name, port)
+    assert refused.code == 6 and "was damaged on the host and was removed: deploy again" in refused.stderr, refused
+    assert http_get("lab1", port, "/") == (200, "v1")
+    result = deploy(changed, env_name, port, "--json")
+    assert result.code == 0 and json_data(result.stdout)["sent_bytes"] >= 3_000_000, result  # the big file again
+    assert http_get("lab1", port, "/") == (200, "v2")
+    assert in_host("lab1", "sha256sum", blob).stdout.split()[0] == sha
 
 
 def test_redeploy_switches_release_and_keeps_data(notes_build, make_build, env_name, port):
@@ -272,15 +348,16 @@ def test_killed_client_leaves_no_stale_lock_and_no_half_release(tmp_path, env_na
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, forget
 
     big = tmp_path / "big.tar.gz"
     subprocess.run([sys.executable, str(REPO / "scripts" / "example-build"), "-o", str(big),
                     "--assets-mb", "60"], check=True, stdout=subprocess.DEVNULL)
+    forget(big)  # its blobs may be on the host from an earlier run: then nothing would be uploaded
     proc = subprocess.Popen([sys.executable, "-m", "qabox", "deploy", str(big), "--host", "lab1",
                              "--env", env_name, "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    uploading = wait_until(lambda: in_host("lab1", "sh", "-c", f"ls {LAB_HOME}/.qabox/builds/ | grep -q part")
+    uploading = wait_until(lambda: in_host("lab1", "sh", "-c", f"ls {LAB_HOME}/.qabox/uploads/ | grep -q delta")
                            .returncode == 0, 30)
     proc.send_signal(signal.SIGKILL)
     assert uploading, "the upload never started"
@@ -330,12 +407,18 @@ def test_deploy_summary_counts_bytes_in_decimal_units_like_the_progress_bar(make
 
     build = make_build({"wsgi.py": f"from flask import Flask\napp = Flask(__name__)  # {env_name}\n"
                                    "@app.get('/')\ndef i():\n    return 'ok'\n"})  # a 404 is not up
+    from conftest import forget
+    from qabox.agent import manifest
+
+    forget(build)  # all of it is sent: its manifest and each content once
+    listed = build_manifest(build)[0]
+    size = len(manifest.canonical(listed)) + sum({item[5]: item[4] for item in listed["members"]}.values())
     result = deploy(build, env_name, port)
     assert result.code == 0, result
     first = result.stdout.splitlines()[0]
     assert re.fullmatch(rf"✓ lab1/{env_name}: release \d{{8}}-\d{{6}} is live \({build.name}, "
-                        rf"\d+\.\d s, sent {re.escape(decimal(build.stat().st_size))}\)", first), first
-    assert decimal(build.stat().st_size).endswith((" kB", " MB"))
+                        rf"\d+\.\d s, sent {re.escape(decimal(size))}\)", first), first
+    assert decimal(size).endswith((" kB", " MB"))
 
 
 def test_status_on_an_80_column_terminal(notes_build, env_name, port, tmp_path, monkeypatch):

@@ -206,7 +206,7 @@ def test_a_build_for_another_python_is_refused_before_anything_is_sent(tmp_path,
     assert release[0] == 200
     notes = Path(__file__).resolve().parents[1] / "examples" / "notes"
     assert qabox("build", notes, "-o", tmp_path / "py312.tar.gz", "--python-version", "3.12").code == 0
-    sha = build_check.inspect(tmp_path / "py312.tar.gz").sha256
+    build_id = build_check.inspect(tmp_path / "py312.tar.gz").id
 
     result = qabox("deploy", tmp_path / "py312.tar.gz", "--host", "lab1", "--env", env_name, "--port", port)
     assert result.code == 5 and len(result.stderr.strip().splitlines()) == 1, result
@@ -215,7 +215,8 @@ def test_a_build_for_another_python_is_refused_before_anything_is_sent(tmp_path,
     assert f"does not install on lab1's python {host_python_version()} (linux-x86_64" in message, message
     assert message.endswith("(the build was resolved for python 3.12): make the build for it with "
                             "`qabox build --for lab1`"), message
-    assert in_host("lab1", "sh", "-c", f"ls {LAB_HOME}/.qabox/builds/ | grep -c {sha}").stdout.strip() == "0"
+    sent = in_host("lab1", "sh", "-c", f"ls {LAB_HOME}/.qabox/manifests/ {LAB_HOME}/.qabox/uploads/ | grep -c {build_id}")
+    assert sent.stdout.strip() == "0"  # neither its manifest nor any of its content
     assert http_get("lab1", port, "/release") == release  # the current release still serves
 
 

@@ -1,4 +1,5 @@
-"""Checking a build file before anything is sent: format, members, entry point.
+"""Checking a build file before anything is sent: format, members, entry point,
+and its manifest (what the host assembles it from), all in one read of the file.
 
 The member rules are the agent's own (``rules.check_members``), so the host
 refuses exactly what qabox refuses here.
@@ -6,7 +7,6 @@ refuses exactly what qabox refuses here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -19,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from qabox.agent import rules
+from qabox.agent import manifest, rules
 from qabox.errors import BuildError
 
 
@@ -30,11 +30,11 @@ SERVER_REQUIREMENT = re.compile(r"^[ \t]*(werkzeug|flask)[ \t]*([\[<>=!~;#]|$)",
 
 @dataclass(frozen=True)
 class Build:
-    """A checked build: its file, checksum, size and how to start its app."""
+    """A checked build: its file, its manifest (and so its identity) and how to start its app."""
 
     path: Path
-    sha256: str
-    size: int
+    manifest: dict
+    id: str  # the sha256 of the manifest: the build's identity on the host
     entry: str
     entry_reason: str | None  # why qabox picked the entry, when none was given
     health: str
@@ -61,23 +61,25 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
     if not path.is_file():
         raise BuildError(f"build file {path} does not exist: give the path to a .tar or .tar.gz build")
     try:
-        with tarfile.open(path) as tar:
-            members = rules.read_members(tar, max_members)
+        texts = {}
+        with tarfile.open(path, "r|*") as tar:  # a stream: the file is read once, whatever its compression
+            members, listed = manifest.scan(
+                tar, max_members, lambda m, data: texts.setdefault(normalise(m.name), data))
             problems = rules.check_members(members, max_bytes, max_members)
             if problems:
                 shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
                 raise BuildError(f"{path.name} is refused, unsafe members: {shown}")
             files = {normalise(m.name) for m in members if m.isfile()}
-            config = read_config(tar, members, path)
+            config = read_config(texts, path)
             app = config.get("app", {})
             chosen, reason = entry or app.get("entry"), None
             if chosen is None:
-                chosen, reason = default_entry(files, lambda name: member_text(tar, members, name), path)
-            problems = rules.requirements_problems(lambda name: member_text(tar, members, name))
+                chosen, reason = default_entry(files, lambda name: member_text(texts, name), path)
+            problems = rules.requirements_problems(lambda name: member_text(texts, name))
             if problems:
                 raise BuildError(f"{path.name} is refused: " + "; ".join(problems[:5]))
-            requirements = member_text(tar, members, "requirements.txt")
-            resolved_for = read_resolved_for(member_text(tar, members, RESOLVED_FOR))
+            requirements = member_text(texts, "requirements.txt")
+            resolved_for = read_resolved_for(member_text(texts, RESOLVED_FOR))
             if requirements is not None and not brings_server(files, requirements):
                 raise BuildError(f"{path.name} does not bring Werkzeug, qabox's app server: add `werkzeug` to "
                                  f"its requirements.txt (and its wheel to wheels/), or make the build with "
@@ -128,7 +130,7 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
     problems = rules.static_problems(static)
     if problems:
         raise BuildError(f"qabox.toml in {path.name}: " + "; ".join(problems))
-    return Build(path=path, sha256=file_sha256(path), size=path.stat().st_size, entry=chosen,
+    return Build(path=path, manifest=listed, id=manifest.identity(listed), entry=chosen,
                  entry_reason=reason, health=health, health_status=health_status, static=static,
                  members=len(members), environment=environment, release_hooks=hooks,
                  release_timeout=float(timeout), persist=tuple(persist), snapshot_max_mb=snapshot_max_mb,
@@ -184,15 +186,16 @@ def read_resolved_for(text: str | None) -> dict | None:
     return record if re.fullmatch(r"\d+\.\d+(\.\d+)?", record.get("python") or "") else None
 
 
-def member_text(tar: tarfile.TarFile, members: list, name: str) -> str | None:
-    """A regular file of the build as text, or None if it has none by that name."""
-    member = next((m for m in members if normalise(m.name) == name and m.isfile()), None)
-    return None if member is None else tar.extractfile(member).read().decode("utf-8", "replace")
+def member_text(texts: dict, name: str) -> str | None:
+    """A regular file of the build (its first by that name, of at most 1 MB) as
+    text, or None if it has none."""
+    data = texts.get(name)
+    return None if data is None else data.decode("utf-8", "replace")
 
 
-def read_config(tar: tarfile.TarFile, members: list, path: Path) -> dict:
+def read_config(texts: dict, path: Path) -> dict:
     """The build's own qabox.toml, if it has one."""
-    text = member_text(tar, members, "qabox.toml")
+    text = member_text(texts, "qabox.toml")
     if text is None:
         return {}
     try:
@@ -203,10 +206,3 @@ def read_config(tar: tarfile.TarFile, members: list, path: Path) -> dict:
         raise BuildError(f"qabox.toml in {path.name}: [app] must be a table")
     return config
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()

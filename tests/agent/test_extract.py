@@ -1,5 +1,8 @@
 """A build is checked and extracted as the tree its members make, in order:
 no member lands outside its release, whatever links earlier members made.
+Builds reach the host as qabox sends them (a manifest, then a delta of blobs),
+made from any tar, hostile ones too, by qabox's own code, and the host's
+checks and assembly do the rest.
 
 The oracle of the property tests is the filesystem: builds are extracted in a
 deep sandbox, and nothing outside the release may change.
@@ -12,15 +15,17 @@ import os
 import stat
 import subprocess
 import tarfile
+import tempfile
 import shutil
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from conftest import raw_tar
+from conftest import build_manifest, delta_of, raw_tar
 from qabox import build_check
-from qabox.agent import builds as extraction, rules
+from qabox.agent import builds as extraction, manifest, rules
 from qabox.agent.protocol import Fail
 from qabox.agent_zip import AGENT_PYZ
 from qabox.errors import BuildError
@@ -49,16 +54,43 @@ def tar_of(path, specs) -> str:
     return str(raw_tar(path, infos(specs)))
 
 
+@contextmanager
+def sent(tar_path, checked: bool = True, max_bytes: int = 2**30, **limits):
+    """A host's store holding a tar as qabox sends it (manifest, then delta): the
+    store and the members, as the host checks them (``checked``) or not."""
+    base = tempfile.mkdtemp()
+    try:
+        listed, mid = build_manifest(Path(tar_path))
+        store = extraction.Store(base, "e")
+        Path(store.upload("manifest-" + mid)).write_bytes(manifest.canonical(listed))
+        if checked:
+            members = store.members(mid, max_bytes, uploaded=True, **limits)
+        else:
+            members = manifest.parse(manifest.canonical(listed), mid, 10**9)
+        delta = store.delta(members)
+        Path(delta["part_path"]).write_bytes(delta_of(Path(tar_path), listed, delta["hashes"]))
+        store.take_delta(members)
+        yield store, members
+    finally:
+        shutil.rmtree(base)
+
+
+def extract(tar_path, dest: str, max_bytes: int) -> None:
+    """What the host does with a build from its manifest on: check it, take in the delta, assemble."""
+    with sent(tar_path, max_bytes=max_bytes) as (store, members):
+        extraction.assemble(store, members, dest)
+
+
 def extract_unchecked(tar_path: str, dest: str) -> list:
-    """Every member through builds.extract_member, skipping the check: the errors it raised."""
+    """Every member through builds.write_member, skipping the check: the errors it raised."""
     os.mkdir(dest, 0o700)
     root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     errors = []
     try:
-        with tarfile.open(tar_path) as tar:
-            for member in tar.getmembers():
+        with sent(tar_path, checked=False) as (store, members):
+            for member in members:
                 try:
-                    extraction.extract_member(tar, member, root)
+                    extraction.write_member(member, root, store.copy_blob)
                 except OSError as e:
                     errors.append((member.name, e))
     finally:
@@ -156,7 +188,7 @@ def test_the_chain_is_refused_by_the_client_and_the_host(tmp_path, box):
     with sandbox(box) as (top, release):
         before = snapshot(top, release)
         with pytest.raises(Fail, match="unsafe members: a/b/c: written through the link a/b"):
-            extraction.extract(path, release, 2**30)
+            extract(path, release, 2**30)
         assert snapshot(top, release) == before
 
 
@@ -184,7 +216,7 @@ def test_a_chain_to_home_changes_nothing_outside_the_release(home, tmp_path):
     problems = rules.check_members(tarfile.open(path).getmembers())
     assert [p.split(":")[0] for p in problems] == ["a/b/c", "a/b/c/d", "a/b/c/d/.ssh/authorized_keys"]
     with pytest.raises(Fail, match="unsafe members"):
-        extraction.extract(path, releases + "/.r.tmp", 2**30)
+        extract(path, releases + "/.r.tmp", 2**30)
     # the extractor alone, given the same members unchecked, writes nothing through a link either
     errors = extract_unchecked(path, releases + "/.u.tmp")
     assert [name for name, _ in errors] == ["a/b/c", "a/b/c/d", "a/b/c/d/.ssh/authorized_keys"]
@@ -202,7 +234,7 @@ def test_modes_are_the_accounts_only_and_set_without_following_links(tmp_path):
     members[1][0].mtime = 1_000_000_000
     path = str(raw_tar(tmp_path / "good.tar", members))
     dest = tmp_path / "release"
-    extraction.extract(path, str(dest), 2**30)
+    extract(path, str(dest), 2**30)
     modes = {p: stat.S_IMODE(os.lstat(dest / p).st_mode) for p in ("", "static", "static/app.js", "run.sh")}
     assert modes == {"": 0o700, "static": 0o700, "static/app.js": 0o600, "run.sh": 0o700}
     assert os.readlink(dest / "static/current") == "app.js" and os.readlink(dest / "up") == "static"
@@ -261,8 +293,8 @@ def test_member_count_and_headers_are_capped(tmp_path):
         [i for i, _ in infos(many * 5)[:4500]], max_bytes=2 * 2**20))
     # and a tar of many members is read only one past the limit
     path = tar_of(tmp_path / "many.tar", many * 3)
-    with tarfile.open(path) as tar:
-        assert len(rules.read_members(tar, 1000)) == 1001
+    with tarfile.open(path, "r|") as tar:
+        assert len(manifest.scan(tar, 1000)[0]) == 1001
 
 
 def test_an_extraction_failure_names_the_member_and_what_to_do(tmp_path, monkeypatch):
@@ -272,7 +304,7 @@ def test_an_extraction_failure_names_the_member_and_what_to_do(tmp_path, monkeyp
         ([("file", "x" * 300, "")], "x" * 300, "File name too long"),
     ):
         with pytest.raises(Fail) as e:
-            extraction.extract(tar_of(tmp_path / "x.tar", specs), str(tmp_path / why[:4]), 2**30)
+            extract(tar_of(tmp_path / "x.tar", specs), str(tmp_path / why[:4]), 2**30)
         assert e.value.message.startswith("%s could not be extracted: %s: change or remove it"
                                           % (rules.shown(bad), why))
         assert "\n" not in e.value.message
@@ -334,7 +366,7 @@ def test_an_accepted_build_stays_inside_even_extracted_naively(box, specs):
         extract_naively(path, release)
         assert snapshot(top, release) == before
         assert all(inside(os.path.join(release, p), release) for p in listing(release))
-        extraction.extract(path, release + "2", 2**30)
+        extract(path, release + "2", 2**30)
         assert listing(release + "2") == listing(release)
 
 
@@ -386,7 +418,7 @@ PYTHONS = sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python")) + ["/usr/bin
 CROSS_CHECK = r'''
 import os, stat, sys, tarfile, tempfile
 sys.path.insert(0, sys.argv[1])  # the archive as the host runs it, under this python
-from qabox_agent import builds, rules
+from qabox_agent import builds, manifest, rules
 from qabox_agent.protocol import Fail
 KINDS = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "link": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE}
 
@@ -397,6 +429,25 @@ def tar_of(path, specs):
             info.type, info.linkname, info.mode = KINDS[kind], target, mode
             tar.addfile(info)
     return path
+
+def sent(path, base, checked=True):
+    """The store of a host at base holding a tar as qabox sends it, and its members (checked or not)."""
+    with tarfile.open(path, "r|*") as tar:
+        listed = manifest.scan(tar, 10**9)[1]
+    mid = manifest.identity(listed)
+    store = builds.Store(base, "e")
+    with open(store.upload("manifest-" + mid), "wb") as f:
+        f.write(manifest.canonical(listed))
+    if checked:
+        members = store.members(mid, 2**30, uploaded=True)
+    else:
+        members = manifest.parse(manifest.canonical(listed), mid, 10**9)
+    delta = store.delta(members)
+    with tarfile.open(path, "r|*") as tar, open(delta["part_path"], "wb") as f:
+        for block in manifest.delta_blocks(tar, listed, delta["hashes"]):
+            f.write(block)
+    store.take_delta(members)
+    return store, members
 
 failures = []
 with tempfile.TemporaryDirectory() as top:
@@ -409,21 +460,22 @@ with tempfile.TemporaryDirectory() as top:
     with open(keys, "w") as f:
         f.write("owner\n")
     evil = tar_of(os.path.join(top, "evil.tar"), [(k, n, t, 0o644) for k, n, t in %(to_home)r])
+    base = os.path.join(home, ".qabox")
     try:
-        builds.extract(evil, os.path.join(releases, ".r.tmp"), 2**30)
-        failures.append("extract accepted the chain to home")
+        sent(evil, base)
+        failures.append("the host accepted the chain to home")
     except Fail:
         pass
     if not rules.check_members(tarfile.open(evil).getmembers()):
         failures.append("check_members accepted the chain to home")
     os.mkdir(os.path.join(releases, ".u.tmp"))
     root = os.open(os.path.join(releases, ".u.tmp"), os.O_RDONLY)
-    with tarfile.open(evil) as tar:
-        for member in tar.getmembers():
-            try:
-                builds.extract_member(tar, member, root)
-            except OSError:
-                pass
+    store, members = sent(evil, base, checked=False)
+    for member in members:
+        try:
+            builds.write_member(member, root, store.copy_blob)
+        except OSError:
+            pass
     if open(keys).read() != "owner\n":
         failures.append("authorized_keys was written")
     if stat.S_IMODE(os.stat(home).st_mode) != 0o755:
@@ -434,7 +486,7 @@ with tempfile.TemporaryDirectory() as top:
         ("dir", "static", "", 0o777), ("file", "static/app.js", "", 0o644), ("file", "run.sh", "", 0o755),
         ("link", "static/current", "app.js", 0o777), ("hard", "again.sh", "run.sh", 0o755)])
     dest = os.path.join(releases, "1")
-    builds.extract(good, dest, 2**30)
+    builds.assemble(*sent(good, base) + (dest,))
     modes = [stat.S_IMODE(os.lstat(os.path.join(dest, p)).st_mode) for p in ("static", "static/app.js", "run.sh")]
     if modes != [0o700, 0o600, 0o700] or os.readlink(os.path.join(dest, "static/current")) != "app.js":
         failures.append("good build extracted with modes %%s" %% [oct(m) for m in modes])

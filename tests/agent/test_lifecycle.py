@@ -39,7 +39,8 @@ def test_deploy_steps_start_the_app_and_a_second_identical_deploy_changes_nothin
     assert data["previous"] is None and data["port"] == port and data["venv_created"] and data["pruned"] == []
     assert local_get(port) == (200, "v1") and local_get(port, "/release") == (200, data["release"])
     sha = local.data("releases", env=ENV)["releases"][0]["sha256"]
-    assert local.data("upload-state", env=ENV, sha256=sha)["have"]  # kept: the next deploy sends nothing
+    with local.session(ENV) as call:  # kept: the next deploy sends nothing, in one answer
+        assert call("upload-state", env=ENV, manifest=sha, port=port)["data"]["unchanged"]
     again = local.deploy(box["builds"]["v1"], ENV, port)
     assert again["ok"] and not again["changed"] and again["data"]["release"] == data["release"], again
 
@@ -52,8 +53,8 @@ def test_status_says_running_and_healthy(box):
 
 
 def test_commands_that_change_an_env_need_its_deploy_lock(box):
-    for cmd in ("deploy", "start", "stop", "restart", "rollback"):
-        refused = box["host"].call(cmd, env=ENV, sha256="0" * 64, entry="wsgi:app")
+    for cmd in ("upload-state", "deploy", "start", "stop", "restart", "rollback"):
+        refused = box["host"].call(cmd, env=ENV, manifest="0" * 64, entry="wsgi:app")
         assert not refused["ok"] and refused["error"]["code"] == "bad_request", refused
         assert "runs only in a session holding env main's lock" in refused["error"]["message"]
 

@@ -4,7 +4,6 @@ runs it: a real deploy of a bare WSGI app, real hook processes, no SSH."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import shlex
@@ -164,17 +163,17 @@ def test_a_hook_whose_client_went_away_is_ended_with_its_group_and_its_release_r
     hanging = ("python -c \"import os, subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
                f"open(sys.argv[1], 'w').write('%d %d' % (os.getpid(), child.pid)); time.sleep(60)\" {pids}")
     build = box["builds"]["v3"]
-    sha = hashlib.sha256(build.read_bytes()).hexdigest()
     agent = subprocess.Popen(local.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=local.environ)
-    for cmd, args in (("session", dict(env=ENV, timeout=10, by="tests")), ("upload-state", dict(env=ENV, sha256=sha))):
+
+    def call(cmd: str, **args) -> dict:
         agent.stdin.write((local.request(cmd, **args) + "\n").encode())
         agent.stdin.flush()
-        answer = json.loads(agent.stdout.readline())
-        assert answer["ok"], answer
-    if not answer["data"]["have"]:
-        Path(answer["data"]["part_path"]).write_bytes(build.read_bytes())
-    agent.stdin.write((local.request("deploy", env=ENV, sha256=sha, file=build.name, entry="wsgi:app", port=box["port"],
-                                     by="tests", release_hooks=[hanging]) + "\n").encode())
+        return json.loads(agent.stdout.readline())
+
+    assert call("session", env=ENV, timeout=10, by="tests")["ok"]
+    answer, args = local.upload(call, build, ENV, box["port"])
+    assert answer["ok"], answer
+    agent.stdin.write((local.request("deploy", **args, release_hooks=[hanging]) + "\n").encode())
     agent.stdin.flush()
     assert wait_until(pids.exists, 60)
     agent.stdin.close()  # qabox went away

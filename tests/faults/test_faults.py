@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, REPO, Lines, http_get, in_host, json_data,
-                      link, qabox, raw_tar, wait_until)
+from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, REPO, Lines, build_manifest, forget, http_get,
+                      in_host, json_data, link, qabox, raw_tar, wait_until)
 from qabox.agent import rules
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -63,10 +63,11 @@ def throttle(rate: str | None) -> None:
                         "burst", "64kb", "latency", "400ms"], check=True)
 
 
-def wait_for_part(sha: str, min_bytes: int, timeout: float = 60) -> int:
+def wait_for_part(env: str, min_bytes: int, timeout: float = 60) -> int:
+    """The size of the env's delta upload once it has at least ``min_bytes``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = in_host("lab1", "sh", "-c", f"stat -c %s {HOME}/.qabox/builds/{sha}.part 2>/dev/null").stdout
+        out = in_host("lab1", "sh", "-c", f"stat -c %s {HOME}/.qabox/uploads/{env}.delta-*.part 2>/dev/null").stdout
         if out.strip() and int(out) >= min_bytes:
             return int(out)
         time.sleep(0.2)
@@ -76,15 +77,12 @@ def wait_for_part(sha: str, min_bytes: int, timeout: float = 60) -> int:
 def test_cut_link_during_upload_fails_clearly_and_the_retry_resumes(tmp_path, env_name, port):
     big = example_build(tmp_path, "big.tar.gz", assets_mb=100)
     size = big.stat().st_size
-    from qabox.build_check import file_sha256
-
-    sha = file_sha256(big)
-    in_host("lab1", "sh", "-c", f"rm -f {HOME}/.qabox/builds/{sha}*")
+    forget(big)
     throttle("80mbit")
     try:
         proc = subprocess.Popen(deploy_cmd(big, env_name, port), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-        wait_for_part(sha, 20 * 2**20)
+        wait_for_part(env_name, 20 * 2**20)
         subprocess.run([sys.executable, str(LAB), "link", "lab1", "down"], check=True)
         started = time.monotonic()
         try:
@@ -133,10 +131,13 @@ def test_disk_full_fails_naming_the_disk_and_keeps_the_release(tmp_path, env_nam
                        "--env", env_name, "--port", port)
         assert result.code == 6 and "disk is full" in result.stderr, result
         assert served_release(port) == before
-        left = subprocess.run(in_sshd + ["sh", "-c", f"ls -A {mount}/envs/{env_name}/releases; ls {mount}/builds"],
-                              capture_output=True, text=True).stdout.split()
-        assert len(left) == 2, left  # the current release and its build: nothing partial
-        assert not [name for name in left if name.startswith(".") or name.endswith(".part")], left
+        def ls(path: str) -> list:
+            return subprocess.run(in_sshd + ["ls", "-A", path], capture_output=True, text=True).stdout.split()
+
+        left, uploads = ls(f"{mount}/envs/{env_name}/releases"), ls(f"{mount}/uploads")
+        kept = {item[5] for item in build_manifest(notes)[0]["members"] if item[5]}
+        assert len(left) == 1 and set(ls(f"{mount}/blobs")) == kept, left  # the current release and its build
+        assert not [name for name in left + uploads if name.startswith(".") or name.endswith(".part")], left
 
 
 def test_app_hanging_at_start_keeps_the_old_release(tmp_path, env_name, port, make_build, monkeypatch):
@@ -156,13 +157,14 @@ def test_app_hanging_at_start_keeps_the_old_release(tmp_path, env_name, port, ma
 
 def test_planted_symlinks_are_never_followed(tmp_path, env_name, port):
     build = example_build(tmp_path, "n.tar.gz")
-    from qabox.build_check import file_sha256
-
-    sha = file_sha256(build)
+    listed, mid = build_manifest(build)
+    forget(build)
     victim = f"{HOME}/victim.txt"
-    in_host("lab1", "sh", "-c", f"echo untouched > {victim}; mkdir -p {HOME}/.qabox/builds; "
-                                f"ln -sf {victim} {HOME}/.qabox/builds/{sha}.part; chown -h {LAB_USER} {victim} "
-                                f"{HOME}/.qabox/builds/{sha}.part")
+    planted = [f"{HOME}/.qabox/uploads/{env_name}.manifest-{mid}.part"] + [  # and a blob's name, for each blob
+        f"{HOME}/.qabox/blobs/{item[5]}" for item in listed["members"] if item[5]]
+    in_host("lab1", "sh", "-c", f"echo untouched > {victim}; mkdir -p {HOME}/.qabox/uploads {HOME}/.qabox/blobs; "
+                                f"chown {LAB_USER} {victim}; for p in {' '.join(planted)}; do ln -sf {victim} $p; "
+                                f"chown -h {LAB_USER} $p; done")
     try:
         assert qabox("deploy", build, "--host", "lab1", "--env", env_name, "--port", port).code == 0
         assert in_host("lab1", "cat", victim).stdout == "untouched\n"
@@ -212,7 +214,7 @@ def test_files_on_the_host_are_the_deploy_accounts_only(tmp_path, env_name, port
                  "--port", port).code == 0
     base = f"{HOME}/.qabox"
     listing = in_host("lab1", "sh", "-c", f"find {base} -maxdepth 1 -printf '%m %p\\n'; "
-                                          f"find {base}/envs/{env_name} {base}/builds {base}/agent "
+                                          f"find {base}/envs/{env_name} {base}/blobs {base}/manifests {base}/uploads {base}/agent "
                                           f"-maxdepth 2 -not -type l -printf '%m %p\\n'").stdout
     for line in listing.splitlines():
         mode, path = line.split(" ", 1)
@@ -289,7 +291,9 @@ def test_sshd_restart_during_logs_follow_fails_clearly(tmp_path, env_name, port)
     assert http_get("lab1", port, "/health")[0] == 200  # the app never noticed
 
 
-def test_client_killed_mid_extract_leaves_nothing_half_done(tmp_path, env_name, port, make_build):
+@pytest.mark.parametrize("killed", ["client", "agent"])
+def test_client_killed_mid_extract_leaves_nothing_half_done(tmp_path, env_name, port, make_build, killed):
+    """Killed as the host assembles the release: qabox (the agent notices), or the agent itself (kill -9)."""
     import signal
 
     build = make_build({"wsgi.py": "from flask import Flask\napp = Flask(__name__)\n"
@@ -305,9 +309,15 @@ def test_client_killed_mid_extract_leaves_nothing_half_done(tmp_path, env_name, 
         time.sleep(0.05)
     else:
         raise AssertionError("the deploy never reached extraction")
+    if killed == "agent":  # the session's agent: the process holding the env's deploy lock
+        holder = in_host("lab1", "sh", "-c", f"for p in /proc/[0-9]*; do ls -l $p/fd 2>/dev/null | grep -q "
+                                             f"'/{env_name}/deploy.lock$' && echo ${{p#/proc/}}; done").stdout.split()
+        assert len(holder) == 1, holder
+        in_host("lab1", "kill", "-KILL", holder[0])
+        assert proc.wait(60) != 0
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    # the agent notices at its next step, removes the half release and frees the lock
+    # the agent notices at its next step (or, killed, the next deploy does), removes the half release
     assert qabox("deploy", build, "--host", "lab1", "--env", env_name, "--port", port,
                  "--lock-timeout", "30").code == 0
     left = in_host("lab1", "ls", "-A", releases).stdout.split()

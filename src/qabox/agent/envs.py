@@ -36,10 +36,6 @@ class Env:
     def path(self, *parts) -> str:
         return os.path.join(self.dir, *parts)
 
-    @property
-    def builds(self) -> str:
-        return os.path.join(self.base, "builds")
-
     def release_dir(self, release: str) -> str:
         return self.path("releases", release)
 
@@ -96,7 +92,6 @@ class Env:
     def ensure(self) -> None:
         for sub in ("releases", "venvs", "data", "logs"):
             makedirs(self.path(sub))
-        makedirs(self.builds)
         os.chmod(self.base, 0o700)
 
 

@@ -147,16 +147,6 @@ def disk_full(path: str) -> Fail:
     )
 
 
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def remove(path: str) -> None:
     """Delete a file, a symlink (not what it points to) or a tree."""
     if os.path.islink(path) or os.path.isfile(path):

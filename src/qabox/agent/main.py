@@ -21,7 +21,7 @@ COMMANDS = {  # request name: (module, function), imported when it runs
     "hello": ("status", "cmd_hello"),
     "install": ("agents", "cmd_install"),
     "session": ("session", "cmd_session"),
-    "upload-state": ("builds", "cmd_upload_state"),
+    "upload-state": ("releases", "cmd_upload_state"),
     "python-info": ("venvs", "cmd_python_info"),
     "deploy": ("releases", "cmd_deploy"),
     "rollback": ("releases", "cmd_rollback"),

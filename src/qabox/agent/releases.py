@@ -7,8 +7,8 @@ import shutil
 import time
 
 from . import agents, testers
-from .builds import drop_build, extract, take_build
-from .config import checked_environment, record_hosts_file
+from .builds import Store, assemble
+from .config import checked_environment, record_hosts_file, stored
 from .control import ensure_supervisor, env_apps, foreign_listeners, revive, supervisor_call, supervisor_ping, \
     supervisor_state
 from .envs import START_TIMEOUT, Env, all_envs, existing_env, update_settings
@@ -19,7 +19,7 @@ from .procs import STOP_TIMEOUT, stop_group
 from .protocol import Fail
 from .oneoff import run_release_hooks
 from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, DEFAULT_PERSIST, HEALTH_PATH, \
-    RELEASE_FILE, RELEASE_TIMEOUT, SHA256, health_codes, parse_entry, release_hooks, static_problems
+    RELEASE_FILE, RELEASE_TIMEOUT, health_codes, parse_entry, release_hooks, static_problems
 from .session import locked
 from .sockets import bind_listener, free_port
 from .venvs import prepare_venv
@@ -35,17 +35,65 @@ def new_release_id(env: Env) -> str:
     return rid
 
 
+SETTINGS = ("health_interval", "log_max_bytes", "start_timeout")  # of env.json, as a deploy may ask them
+RECORDED = ("entry", "health", "health_status", "static", "environment", "release_hooks", "persist")  # release.json
+
+
+def cmd_upload_state(req, io) -> dict:
+    """What the host needs of a build, in one answer: nothing (the env serves it
+    already, as asked: the deploy is done), its manifest, or the blobs it lacks
+    (a delta) and how much of that was sent already (to resume)."""
+    env = locked(req, io)
+    store = Store(env.base, env.name)
+    if req.get("discard"):  # the client gave up on an upload (disk full)
+        store.discard()
+        return {"discarded": True, "free_bytes": shutil.disk_usage(store.base).free}
+    same = unchanged(env, req)
+    if same:
+        return same
+    mid = req["manifest"]
+    free = {"free_bytes": shutil.disk_usage(store.base).free}
+    if not os.path.isfile(store.manifest_path(mid)) and not req.get("uploaded"):
+        store.discard()  # what was sent for another build, or half a manifest
+        return dict(free, manifest_path=store.upload("manifest-" + mid))
+    members = store.members(mid, int(req.get("max_bytes") or DEFAULT_MAX_BYTES),
+                            int(req.get("max_members") or DEFAULT_MAX_MEMBERS),
+                            uploaded=not os.path.isfile(store.manifest_path(mid)))
+    return dict(store.delta(members), **free)
+
+
+def unchanged(env: Env, req: dict) -> "dict | None":
+    """A deploy's answer when it would change nothing (the env runs this build as
+    asked: its app's settings, port, hosts file, env settings), found without
+    writing anything; else None."""
+    current = env.current()
+    info = env.release_info(current) if current else {}
+    if not current or info.get("sha256") != req.get("manifest") or \
+            any(key in req and info.get(key) != req[key] for key in RECORDED):
+        return None
+    if req.get("hosts_environment") is not None and \
+            (stored(env).get("hosts_file") or {}) != req["hosts_environment"]:
+        return None
+    settings = env.settings()
+    if any(req.get(key) and settings.get(key) != req[key] for key in SETTINGS):
+        return None
+    pong = supervisor_ping(env)
+    port = req.get("port") or settings.get("port") or (pong or {}).get("port")
+    if not (pong and pong.get("state") == "running" and pong.get("port") == port):
+        return None
+    return {"unchanged": True, "release": current, "previous": current, "port": port,
+            "testers": testers.connected_testers(env), "changed": False}
+
+
 def cmd_deploy(req, io) -> dict:
-    """Extract an uploaded build as a new release and switch the env to it.
+    """Assemble an uploaded build as a new release and switch the env to it.
 
     The current release keeps serving until the new one passes its health
     check; on any failure the new release is removed and nothing else changes.
     """
     env = locked(req, io)
     env.ensure()
-    sha = req["sha256"]
-    if not SHA256.fullmatch(sha):
-        raise Fail("bad_request", "not a sha256: %r" % sha)
+    mid = req["manifest"]
     started = time.monotonic()
     current = env.current()
     settings = env_settings(env, req)
@@ -71,21 +119,23 @@ def cmd_deploy(req, io) -> dict:
     paths = checked_paths(persist)
     max_snapshot = req.get("snapshot_max_bytes")
     max_snapshot = DEFAULT_SNAPSHOT_MAX_MB * 2**20 if max_snapshot is None else int(max_snapshot)
-    if not hosts_changed and current and env.release_info(current).get("sha256") == sha:
-        pong = supervisor_ping(env)
-        if pong and pong.get("state") == "running" and pong.get("port") == settings["port"]:
-            return {"release": current, "previous": current, "port": settings["port"],
-                    "testers": testers.connected_testers(env), "changed": False}
-    build = take_build(env.builds, sha)
+    same = None if hosts_changed else unchanged(env, req)
+    if same:
+        return same
+    store = Store(env.base, env.name)
+    members = store.members(mid, int(req.get("max_bytes") or DEFAULT_MAX_BYTES),
+                            int(req.get("max_members") or DEFAULT_MAX_MEMBERS))
     release = new_release_id(env)
     rdir = env.release_dir(release)
     tmp = env.path("releases", "." + release + ".tmp")
     seeded = []
     try:
+        store.take_delta(members)
         io.emit({"progress": "extracting"})
-        remove(tmp)
-        extract(build, tmp, int(req.get("max_bytes") or DEFAULT_MAX_BYTES),
-                int(req.get("max_members") or DEFAULT_MAX_MEMBERS))
+        for name in os.listdir(env.path("releases")):  # left by an agent killed midway (we hold the lock)
+            if name.startswith(".") and name.endswith(".tmp"):
+                remove(env.path("releases", name))
+        assemble(store, members, tmp)
         io.check()
         snapshot, seeded = persist_release(env, release, tmp, paths, max_snapshot)
         io.check()
@@ -93,7 +143,7 @@ def cmd_deploy(req, io) -> dict:
         io.check()
         info = {
             "release": release,
-            "sha256": sha,
+            "sha256": mid,  # the build's identity: its manifest's
             "file": req.get("file"),
             "entry": req["entry"],
             "health": health,
@@ -123,7 +173,8 @@ def cmd_deploy(req, io) -> dict:
             shutil.rmtree(snapshot_dir(env, release), ignore_errors=True)
             full = isinstance(e, OSError) and e.errno == errno.ENOSPC
             if full or getattr(e, "code", None) == "disk_full":
-                drop_build(env.base, sha)  # it cannot be extracted here anyway: give its space back
+                store.discard()  # it cannot be assembled here anyway: give its space back
+                store.gc(grace=0)
             if full:
                 raise disk_full(env.base)
             raise
@@ -212,8 +263,8 @@ def switch_to(env: Env, release: str, settings: dict) -> dict:
 
 def prune(env: Env, keep: int) -> list:
     """Delete releases beyond the newest ``keep``, never the current one,
-    then the virtualenvs and builds no kept release uses, and the cached wheels
-    no virtualenv on the host links.
+    then the virtualenvs, manifests and blobs no kept release uses, and the
+    cached wheels no virtualenv on the host links.
 
     Pruning runs under the env's deploy lock, as do rollbacks, so it never
     races a rollback to the release it would delete."""
@@ -231,11 +282,7 @@ def prune(env: Env, keep: int) -> list:
         if key not in venvs:
             shutil.rmtree(env.path("venvs", key), ignore_errors=True)
     collect_wheel_caches(env.base)  # entries no venv of any env links any more
-    for name in os.listdir(env.builds):
-        path = os.path.join(env.builds, name)
-        # an hour's grace: a build just uploaded for another env's deploy is not garbage yet
-        if not name.endswith(".part") and now() - os.path.getmtime(path) > 3600:
-            drop_build(env.base, name)
+    Store(env.base).gc()
     return old
 
 

@@ -174,17 +174,6 @@ def resolve(tree: dict, base: tuple, target: str):
     return tuple(path)
 
 
-def read_members(tar, max_members: int = DEFAULT_MAX_MEMBERS) -> list:
-    """A tar's members, reading at most one past the limit (a small tar.gz
-    can hold millions of empty members)."""
-    members = []
-    for member in tar:
-        members.append(member)
-        if len(members) > max_members:
-            break
-    return members
-
-
 def check_members(members, max_bytes: int = DEFAULT_MAX_BYTES,
                   max_members: int = DEFAULT_MAX_MEMBERS) -> list:
     """All problems of a build's members as ``"name: reason"`` strings."""

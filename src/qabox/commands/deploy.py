@@ -1,14 +1,17 @@
 """``qabox deploy``: check a build, send it once, and switch the env to it (on one host or many).
 
 Order matters for "nothing half-done": the build is checked locally before
-connecting, the lock is taken before anything is written, the upload lands in
-a ``.part`` file the host verifies by sha256, and only a release that passed
-its health check becomes current (the agent and supervisor see to that).
+connecting, the lock is taken before anything is written, only what the host
+lacks is sent (the manifest, then the content it names that the host does not
+hold, as one delta in a ``.part`` file the host verifies piece by piece), and
+only a release that passed its health check becomes current (the agent and
+supervisor see to that).
 """
 
 from __future__ import annotations
 
 import socket
+import tarfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,9 +21,10 @@ from typing import Callable
 from rich.filesize import decimal
 
 from qabox import build_check, host_python
+from qabox.agent import manifest
 from qabox.build_cache import cached_build
 from qabox.context import Context, check_env, whoami
-from qabox.errors import ConfigError, ConnectError, RemoteError
+from qabox.errors import BuildError, ConfigError, ConnectError, RemoteError
 from qabox.fleet import each_host
 from qabox.paramiko_compat import paramiko
 from qabox.remote import Remote
@@ -92,33 +96,40 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
             build = build_check.inspect(built, None, *limits)
         hooks.step("waiting for the deploy lock")
         with remote.session(env, lock_timeout, whoami(), create=True) as session:
-            host_python.check_build(build, target or host_python.of_host(session, host), host)
-            state = session.call("upload-state", env=env, sha256=build.sha256)
+            ask = dict(  # what makes a deploy a change: upload-state answers "unchanged" if none is
+                env=env, manifest=build.id, entry=build.entry, health=build.health,
+                health_status=build.health_status, static=build.static, environment=build.environment,
+                release_hooks=build.release_hooks, persist=list(build.persist), port=port or settings.env_port(env),
+                hosts_environment=settings.env_environment(env), start_timeout=settings.start_timeout,
+                health_interval=settings.health_interval, log_max_bytes=int(settings.log_max_mb * 2**20),
+                max_bytes=settings.max_build_mb * 2**20, max_members=settings.max_build_members)
+            state = session.call("upload-state", **ask)
             sent = 0
-            if not state["have"]:
-                check_space(remote, build.size - state["part"], state["free_bytes"])
-                try:
-                    sent = upload(remote, build, state["part_path"], state["part"], hooks)
-                except UploadFailed as e:
-                    if e.code != "stalled":
-                        # A full disk shows as a bare SFTP "Failure": ask the host, and clean up.
-                        left = session.call("upload-state", timeout=15, env=env, sha256=build.sha256,
-                                            discard=True)
-                        check_space(remote, build.size, left["free_bytes"])
-                    raise
-            data = session.call(
-                "deploy", timeout=900 + build.release_timeout, progress=hooks.step, env=env,
-                sha256=build.sha256, file=path.name, entry=build.entry, health=build.health,
-                release_hooks=build.release_hooks, release_timeout=build.release_timeout,
-                persist=list(build.persist), snapshot_max_bytes=build.snapshot_max_mb * 2**20,
-                health_status=build.health_status, static=build.static,
-                port=port or settings.env_port(env), keep=settings.keep, by=whoami(),
-                start_timeout=settings.start_timeout, max_bytes=settings.max_build_mb * 2**20,
-                max_members=settings.max_build_members,
-                health_interval=settings.health_interval,
-                log_max_bytes=int(settings.log_max_mb * 2**20),
-                environment=build.environment, hosts_environment=settings.env_environment(env),
-            )
+            if not state.get("unchanged"):  # a build that runs there installs there
+                host_python.check_build(build, target or host_python.of_host(session, host), host)
+            if "manifest_path" in state:  # a build new to the host
+                listed = manifest.canonical(build.manifest)
+                check_space(remote, len(listed), state["free_bytes"])
+                send(remote, [listed], state["manifest_path"], 0, len(listed), Hooks())
+                sent = len(listed)
+                state = session.call("upload-state", uploaded=True, **ask)
+            if state.get("unchanged"):
+                data = state
+            else:
+                if state["blobs"]:
+                    check_space(remote, state["size"] - state["part"], state["free_bytes"])
+                    try:
+                        sent += upload(remote, build, state, hooks)
+                    except UploadFailed as e:
+                        if e.code != "stalled":
+                            # A full disk shows as a bare SFTP "Failure": ask the host, and clean up.
+                            left = session.call("upload-state", timeout=15, discard=True, **ask)
+                            check_space(remote, state["size"], left["free_bytes"])
+                        raise
+                data = session.call(
+                    "deploy", timeout=900 + build.release_timeout, progress=hooks.step, file=path.name,
+                    release_timeout=build.release_timeout, snapshot_max_bytes=build.snapshot_max_mb * 2**20,
+                    keep=settings.keep, by=whoami(), **ask)
             if on_boot:
                 session.call("on-boot")
     ctx.remember_host(host)
@@ -195,32 +206,41 @@ def check_space(remote: Remote, needed: int, free: int) -> None:
             f"deploy again", code="disk_full")
 
 
-def upload(remote: Remote, build: build_check.Build, part_path: str, offset: int, hooks: Hooks) -> int:
-    """Send the build to its ``.part`` file over SFTP, resuming after ``offset`` bytes.
+def upload(remote: Remote, build: build_check.Build, state: dict, hooks: Hooks) -> int:
+    """Send the delta the host asked for (the content it lacks, in manifest
+    order) to its ``.part`` file, resuming after what it holds of it already."""
+    offset = state["part"] if state["part"] <= state["size"] else 0
+    try:
+        with tarfile.open(build.path, "r|*") as tar:
+            blocks = manifest.delta_blocks(tar, build.manifest, state["hashes"], offset)
+            return send(remote, blocks, state["part_path"], offset, state["size"], hooks)
+    except (tarfile.TarError, ValueError) as e:
+        raise BuildError(f"{build.path.name} changed while it was sent ({e}): deploy it again") from None
+
+
+def send(remote: Remote, blocks, part_path: str, offset: int, total: int, hooks: Hooks) -> int:
+    """Write ``blocks`` to ``part_path`` over SFTP after its first ``offset`` bytes; the bytes sent.
 
     A write that makes no progress for STALL seconds (a cut link) fails the
     upload instead of hanging; the next deploy resumes where it stopped.
     """
-    if offset > build.size:
-        offset = 0
-    hooks.upload(offset, build.size)
+    hooks.upload(offset, total)
     sftp = remote.sftp
     sftp.get_channel().settimeout(STALL)
     watchdog = Watchdog(remote.client, STALL)
+    done = offset
     try:
-        with open(build.path, "rb") as local:
-            f = sftp.open(part_path, "r+b" if offset else "wb")
-            f.chmod(0o600)
-            f.set_pipelined(True)
-            local.seek(offset)
-            f.seek(offset)
-            done = offset
-            while block := local.read(CHUNK):
-                f.write(block)
-                watchdog.progress()
-                done += len(block)
-                hooks.upload(done, build.size)
-            f.close()  # waits for the host to acknowledge every write
+        f = sftp.open(part_path, "r+b" if offset else "wb")
+        f.chmod(0o600)
+        f.set_pipelined(True)
+        f.seek(offset)
+        for block in blocks:
+            for start in range(0, len(block), CHUNK):
+                f.write(block[start:start + CHUNK])
+            watchdog.progress()
+            done += len(block)
+            hooks.upload(done, total)
+        f.close()  # waits for the host to acknowledge every write
     except (OSError, EOFError, paramiko.SSHException) as e:
         sftp.get_channel().close()  # not f.close(): it would wait for acks that never come
         if watchdog.fired or isinstance(e, socket.timeout):
@@ -230,4 +250,4 @@ def upload(remote: Remote, build: build_check.Build, part_path: str, offset: int
                            f"deploy again to resume it") from None
     finally:
         watchdog.stop()
-    return build.size - offset
+    return done - offset
