@@ -100,15 +100,18 @@ def test_cached_wheels_go_only_once_no_kept_release_of_any_env_uses_them(host, b
 
 def test_a_deploy_killed_mid_install_leaves_no_venv_a_later_one_trusts(host, builds):
     build = builds["flask"]
-    sha = hashlib.sha256(build.read_bytes()).hexdigest()
     agent = subprocess.Popen(host.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=host.environ)
-    agent.stdin.write(host.request("session", env="one", timeout=10, by="tests", create=True) + "\n")
-    agent.stdin.write(host.request("upload-state", env="one", sha256=sha) + "\n")
-    agent.stdin.flush()
-    state = [json.loads(agent.stdout.readline()) for _ in range(2)][-1]
-    Path(state["data"]["part_path"]).write_bytes(build.read_bytes())
-    agent.stdin.write(host.request("deploy", env="one", sha256=sha, file=build.name, entry="wsgi:app",
-                                   health="/", port=free_port(), by="tests") + "\n")
+
+    def call(cmd: str, **args) -> dict:
+        agent.stdin.write(host.request(cmd, **args) + "\n")
+        agent.stdin.flush()
+        while "ok" not in (message := json.loads(agent.stdout.readline())):
+            pass
+        return message
+
+    assert call("session", env="one", timeout=10, by="tests", create=True)["ok"]
+    state, args = host.upload(call, build, "one", free_port())
+    agent.stdin.write(host.request("deploy", **args) + "\n")
     agent.stdin.flush()
     for line in agent.stdout:
         if json.loads(line).get("progress") == "installing requirements":

@@ -19,7 +19,7 @@ import stat
 import time
 
 from .envs import Env, all_envs
-from .files import makedirs, remove, write_json
+from .files import digest, makedirs, remove, write_json
 from .manifest import MAX_BYTES, delta_id, parse, wanted
 from .protocol import Fail
 from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, SHA256, check_members, name_parts, shown
@@ -139,7 +139,7 @@ class Store:
                     elif start:
                         self.put(f, sha, sizes[sha], part)
                         f.truncate(start)
-                    elif self.digest(f) == (sha, sizes[sha]):
+                    elif digest(f) == (sha, sizes[sha]):
                         os.chmod(part, 0o600)
                         os.replace(part, self.blob(sha))
                     else:
@@ -163,17 +163,6 @@ class Store:
                     raise Fail("no_build", "the upload is for another build: deploy again")
                 return hashes
         return []
-
-    @staticmethod
-    def digest(f, out=None) -> tuple:
-        """The sha256 and length of the rest of ``f``, copied into ``out`` if given."""
-        h, size = hashlib.sha256(), 0
-        for block in iter(lambda: f.read(COPY), b""):
-            h.update(block)
-            size += len(block)
-            if out is not None:
-                out.write(block)
-        return h.hexdigest(), size
 
     def put(self, source, sha: str, size: int, part: str) -> None:
         """One blob from ``size`` bytes of ``source``: under its name only if they hash to it."""
@@ -210,11 +199,11 @@ class Store:
             raise Fail("no_build", "a file of the build is missing on the host (%s): deploy again to send it"
                        % sha[:12])
         with source:
-            digest, size = self.digest(source, out)
-        if digest == sha and size != member.size:
+            found, size = digest(source, out)
+        if found == sha and size != member.size:
             raise Fail("bad_build", "%s: the manifest says %d bytes, its content has %d: deploy it with this qabox"
                        % (shown(member.name), member.size, size))
-        if digest != sha:
+        if found != sha:
             os.unlink(self.blob(sha))
             raise Fail("checksum", "a stored file of the build (%s) was damaged on the host and was removed: "
                        "deploy again to send it anew" % sha[:12])

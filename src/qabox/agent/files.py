@@ -1,5 +1,6 @@
 """Files on the host: atomic JSON writes, the env's records, logs, checksums."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -138,6 +139,17 @@ def tail(path: str, lines: int = LOG_TAIL) -> list:
     except OSError:
         return []
     return data.decode("utf-8", "replace").splitlines()[-lines:]
+
+
+def digest(f, out=None) -> tuple:
+    """The sha256 and length of the rest of the file ``f``, copied into ``out`` if given."""
+    h, size = hashlib.sha256(), 0
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+        size += len(block)
+        if out is not None:
+            out.write(block)
+    return h.hexdigest(), size
 
 
 def disk_full(path: str) -> Fail:

@@ -20,7 +20,7 @@ import re
 import shutil
 import sys
 
-from .files import file_sha256, makedirs, read_json, write_json
+from .files import digest, makedirs, read_json, write_json
 
 CONSOLE_SCRIPT = """#!%s
 # -*- coding: utf-8 -*-
@@ -51,7 +51,7 @@ class WheelCache:
         """{sha256: wheel path} of the wheelhouse's wheels whose project no other wheel there names."""
         paths = sorted(glob.glob(os.path.join(wheelhouse, "*.whl")))
         projects = [project(p) for p in paths]
-        return {file_sha256(p): p for p, name in zip(paths, projects) if projects.count(name) == 1}
+        return {sha256_of(p): p for p, name in zip(paths, projects) if projects.count(name) == 1}
 
     def known_set(self, key: str, found: dict):
         """The entries a pip run installed for this venv key, if all of them are cached and
@@ -154,6 +154,11 @@ def linked_anywhere(path: str) -> bool:
             if os.stat(os.path.join(root, name)).st_nlink > 1:
                 return True
     return False
+
+
+def sha256_of(path: str) -> str:
+    with open(path, "rb") as f:
+        return digest(f)[0]
 
 
 def site_packages(venv: str) -> str:
