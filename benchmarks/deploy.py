@@ -79,7 +79,7 @@ def section(bench: Bench) -> list[Row]:
     other = DeployTarget(bench, REPO / "examples" / "notes", suffix="b", assets_mb=assets,
                          first_port=target.port + 1)  # not bound yet: free_port would pick it again
     build = target.make_build("first")
-    other_build = other.make_build("first")  # another build (all of it sent), the same requirements
+    other_build = other.make_build("first")  # another build (its own stamp file), the same requirements
     changes = [target.make_build(f"change{i}") for i in range(bench.repeats)]
     size = build.stat().st_size
     try:
@@ -91,16 +91,16 @@ def section(bench: Bench) -> list[Row]:
             target.reset()
             target.forget_wheels()
             firsts.append(target.deploy_cli(build))
-        for _ in range(bench.repeats):  # target's release is kept: its wheels are cached
-            other.reset()
-            seconds.append(other.deploy_cli(other_build))
-            other.reset()
+        for _ in range(bench.repeats):  # target's release is kept: its wheels and files are on the host
+            other.reset(keep=target)
+            seconds.append(other.deploy_cli(other_build))  # sends what it does not share with target's
+            other.reset(keep=target)
             same_builds.append(other.deploy_cli(build))  # on the host already: nothing to send
         for _ in range(bench.repeats):
             target.reset()
             target.forget_wheels()
             clocks.append(deploy_with_clock(target, build))
-            other.reset()
+            other.reset(keep=target)
             other_clocks.append(deploy_with_clock(other, other_build))
         unchanged = [target.deploy_cli(build) for _ in range(bench.repeats)]
         changed = [target.deploy_cli(b) for b in changes]

@@ -87,10 +87,13 @@ class DeployTarget:
         self.builds.append(out)
         return out
 
-    def reset(self) -> None:
-        """Stop and delete the env and every build we uploaded, as before a first deploy."""
+    def reset(self, keep: "DeployTarget | None" = None) -> None:
+        """Stop and delete the env and every build we uploaded, as before a first deploy;
+        but what ``keep``'s builds are stored as too stays (its release shares it)."""
         # qabox stores a build on the host as its manifest and blobs, by sha256
-        remove_env(HOST, self.env, self.base, [sha for build in self.builds for sha in stored_as(build)])
+        kept = {sha for build in keep.builds for sha in stored_as(build)} if keep else set()
+        remove_env(HOST, self.env, self.base,
+                   [sha for build in self.builds for sha in stored_as(build) if sha not in kept])
 
     def forget_wheels(self) -> None:
         """Empty the host's wheel cache, so the next deploy installs as on a host that never

@@ -358,6 +358,25 @@ class Host:
                 delta_of(build, listed, state["data"]["hashes"]) if sent is None else sent)
         return state, args
 
+    def start_deploy(self, build: Path, env: str, port: int, **request):
+        """A deploy left running, as by a qabox that may go away at any moment: the agent
+        (holding the env's lock, its deploy request sent) and upload-state's last answer."""
+        agent = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.environ)
+
+        def call(cmd: str, **args) -> dict:
+            agent.stdin.write((self.request(cmd, **args) + "\n").encode())
+            agent.stdin.flush()
+            while "ok" not in (message := json.loads(agent.stdout.readline())):
+                pass  # progress
+            return message
+
+        assert call("session", env=env, timeout=10, by="tests", create=True)["ok"]
+        state, args = self.upload(call, build, env, port)
+        assert state["ok"], state
+        agent.stdin.write((self.request("deploy", **args, **request) + "\n").encode())
+        agent.stdin.flush()
+        return agent, state
+
     def processes(self) -> list[int]:
         """Pids of processes running for this host's base (supervisors, apps)."""
         found = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -175,18 +174,8 @@ def test_an_agent_killed_midway_leaves_nothing_half_done(host, tmp_path, moment)
     many = {f"static/{i}.txt": f"{i}" * 2000 for i in range(3000)}
     new = wsgi_build(tmp_path / "b.tar.gz", "v2", files=many)
     releases = Path(host.base, "envs", ENV, "releases")
-    agent = subprocess.Popen(host.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=host.environ)
-
-    def call(cmd: str, **args) -> dict:
-        agent.stdin.write((host.request(cmd, **args) + "\n").encode())
-        agent.stdin.flush()
-        return json.loads(agent.stdout.readline())
-
-    assert call("session", env=ENV, timeout=10, by="tests")["ok"]
-    state, args = host.upload(call, new, ENV, port)
+    agent, state = host.start_deploy(new, ENV, port)
     part = Path(state["data"]["part_path"])
-    agent.stdin.write((host.request("deploy", **args) + "\n").encode())
-    agent.stdin.flush()
     if moment == "taking in the delta":
         started = wait_until(lambda: part.exists() and part.stat().st_size < state["data"]["size"], 30, 0.001)
     else:

@@ -163,18 +163,7 @@ def test_a_hook_whose_client_went_away_is_ended_with_its_group_and_its_release_r
     hanging = ("python -c \"import os, subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
                f"open(sys.argv[1], 'w').write('%d %d' % (os.getpid(), child.pid)); time.sleep(60)\" {pids}")
     build = box["builds"]["v3"]
-    agent = subprocess.Popen(local.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=local.environ)
-
-    def call(cmd: str, **args) -> dict:
-        agent.stdin.write((local.request(cmd, **args) + "\n").encode())
-        agent.stdin.flush()
-        return json.loads(agent.stdout.readline())
-
-    assert call("session", env=ENV, timeout=10, by="tests")["ok"]
-    answer, args = local.upload(call, build, ENV, box["port"])
-    assert answer["ok"], answer
-    agent.stdin.write((local.request("deploy", **args, release_hooks=[hanging]) + "\n").encode())
-    agent.stdin.flush()
+    agent, _ = local.start_deploy(build, ENV, box["port"], release_hooks=[hanging])
     assert wait_until(pids.exists, 60)
     agent.stdin.close()  # qabox went away
     assert agent.wait(30) == 0

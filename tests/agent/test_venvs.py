@@ -100,19 +100,7 @@ def test_cached_wheels_go_only_once_no_kept_release_of_any_env_uses_them(host, b
 
 def test_a_deploy_killed_mid_install_leaves_no_venv_a_later_one_trusts(host, builds):
     build = builds["flask"]
-    agent = subprocess.Popen(host.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=host.environ)
-
-    def call(cmd: str, **args) -> dict:
-        agent.stdin.write(host.request(cmd, **args) + "\n")
-        agent.stdin.flush()
-        while "ok" not in (message := json.loads(agent.stdout.readline())):
-            pass
-        return message
-
-    assert call("session", env="one", timeout=10, by="tests", create=True)["ok"]
-    state, args = host.upload(call, build, "one", free_port())
-    agent.stdin.write(host.request("deploy", **args) + "\n")
-    agent.stdin.flush()
+    agent, _ = host.start_deploy(build, "one", free_port())
     for line in agent.stdout:
         if json.loads(line).get("progress") == "installing requirements":
             break
