@@ -7,7 +7,7 @@ import hashlib
 import json
 import subprocess
 
-from conftest import LAB_HOME, LAB_USER, in_host, qabox, ssh_as_tester
+from conftest import LAB_HOME, LAB_USER, in_host, qabox, ssh_as_tester, wait_until
 from qabox import remote
 from qabox.agent import protocol
 
@@ -58,11 +58,11 @@ def test_upgrades_keep_keys_and_cron_on_current_and_remove_unused_agents(tester,
     assert tester_lines and all(f" {AGENTS}/current tester-session " in line for line in tester_lines)
     cron = in_host("lab1", "crontab", "-u", LAB_USER, "-l").stdout
     assert f"{AGENTS}/current boot " in cron and OLD not in cron
-    # The restart retired everything the older builds ran: only the new one is left.
-    assert agent_files() == (sorted(["current", other]), other)
+    # The restart retired everything the older builds ran (the old app in the background): only the new one is left.
+    assert wait_until(lambda: agent_files() == (sorted(["current", other]), other), 15)
     assert session_works(tester, tmp_path)
 
     assert use_agent(monkeypatch, original_pyz) == original
     assert qabox("restart", "--host", "lab1", "--env", env).code == 0
-    assert agent_files() == (sorted(["current", original]), original)
+    assert wait_until(lambda: agent_files() == (sorted(["current", original]), original), 15)
     assert session_works(tester, tmp_path)

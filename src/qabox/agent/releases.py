@@ -15,7 +15,7 @@ from .envs import START_TIMEOUT, Env, all_envs, existing_env, update_settings
 from .files import disk_full, is_port, iso, now, remove, write_json
 from .persist import DEFAULT_SNAPSHOT_MAX_MB, checked_paths, drop_replaced, persist_release, \
     prune_snapshots, restore, snapshot_dir, undo_restore, unseed
-from .procs import STOP_TIMEOUT, stop_group
+from .procs import STOP_TIMEOUT, pid_alive, stop_group, wait_for
 from .protocol import Fail
 from .oneoff import run_release_hooks
 from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, DEFAULT_PERSIST, HEALTH_PATH, \
@@ -257,7 +257,7 @@ def switch_to(env: Env, release: str, settings: dict) -> dict:
         raise Fail(err.get("code", "start_failed"), err.get("message", "the app did not start"),
                    log=err.get("log", []))
     update_settings(env, port=port)
-    agents.prune()  # the old app was retired: an older agent it ran from may be unused now
+    agents.prune()  # versions nothing runs (the supervisor prunes again once the old app is retired)
     return result
 
 
@@ -271,6 +271,9 @@ def prune(env: Env, keep: int) -> list:
     current = env.current()
     releases = env.releases()
     old = [r for r in releases[: max(0, len(releases) - keep)] if r != current]
+    for app in env_apps(env):
+        if app["release"] in old:  # replaced, and still draining (the supervisor retires it meanwhile)
+            wait_for(lambda: not pid_alive(app["pid"]), STOP_TIMEOUT + 1)
     for release in old:
         shutil.rmtree(env.release_dir(release), ignore_errors=True)
         for log in glob.glob(env.path("logs", release + ".log*")):

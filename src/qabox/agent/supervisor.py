@@ -444,9 +444,26 @@ class Supervisor:
         self.save()
         self.log("release %s is live (pid %d)" % (release, new.pid))
         if old:
+            self.retire(old)
+        return {"ok": True, "pid": new.pid, "health": result}
+
+    def retire(self, old: AppProcess) -> None:
+        """Stop a replaced app in the background: it drains its open requests
+        (up to STOP_TIMEOUT) while the deploy that replaced it returns. A prune
+        that would delete its release waits for it first (releases.prune)."""
+        try:
+            os.killpg(old.pid, signal.SIGTERM)  # now, not when the thread first runs: it stops taking connections
+        except (ProcessLookupError, PermissionError):
+            pass
+
+        def stop() -> None:
             old.stop()
             self.log("retired %s (pid %d)" % (old.release, old.pid))
-        return {"ok": True, "pid": new.pid, "health": result}
+            try:
+                agents.prune()  # the agent version it ran from may be unused now
+            except OSError:
+                pass
+        threading.Thread(target=stop, daemon=True).start()
 
     def tick(self) -> None:
         """Restart an app that died or hangs; mark one that became healthy; rotate
