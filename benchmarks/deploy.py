@@ -81,6 +81,7 @@ def section(bench: Bench) -> list[Row]:
     build = target.make_build("first")
     other_build = other.make_build("first")  # another build (its own stamp file), the same requirements
     changes = [target.make_build(f"change{i}") for i in range(bench.repeats)]
+    timed_changes = [target.make_build(f"timed{i}") for i in range(bench.repeats)]
     size = build.stat().st_size
     try:
         copies = [baseline_copy(build) for _ in range(bench.repeats)]
@@ -104,6 +105,7 @@ def section(bench: Bench) -> list[Row]:
             other_clocks.append(deploy_with_clock(other, other_build))
         unchanged = [target.deploy_cli(build) for _ in range(bench.repeats)]
         changed = [target.deploy_cli(b) for b in changes]
+        changed_clocks = [deploy_with_clock(target, b) for b in timed_changes]
     finally:
         target.reset()
         other.reset()
@@ -133,6 +135,7 @@ def section(bench: Bench) -> list[Row]:
     ]
     rows += phase_rows("first deploy", phases)
     rows += phase_rows("second env", medians([c.phases() for c in other_clocks]))
+    rows += phase_rows("changed redeploy", medians([c.phases() for c in changed_clocks]))
     return rows
 
 

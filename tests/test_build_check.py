@@ -204,3 +204,17 @@ def test_static_is_read_from_qabox_toml_and_checked(tmp_path):
     bad = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nstatic = {"/static" = "/var/www"}\n'}, "s.tar")
     with pytest.raises(BuildError, match=r"qabox.toml in s.tar: \[app\] static: /static = '/var/www' is not"):
         build_check.inspect(bad)
+
+
+def test_a_checked_build_is_remembered_by_its_file_and_checked_again_once_it_changes(tmp_path):
+    path = tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nhealth = "/up"\n'})
+    cache = tmp_path / "cache"
+    first = build_check.checked(path, None, 2**30, 1000, cache)
+    assert first == build_check.inspect(path)
+    (memo,) = (cache / "checked").glob("*.json")
+    assert build_check.checked(path, None, 2**30, 1000, cache) == first  # from the memo
+    memo.write_text("{garbage")
+    assert build_check.checked(path, None, 2**30, 1000, cache) == first  # a damaged memo: the file is read again
+    tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nhealth = "/ok"\n'})  # rewritten in place, same size
+    assert build_check.checked(path, None, 2**30, 1000, cache).health == "/ok"
+    assert build_check.checked(path, "app:app", 2**30, 1000, cache).entry_reason is None  # the entry is part of the key

@@ -68,3 +68,4 @@ def prune(builds: Path) -> None:
     for old in found[KEEP:]:
         old.unlink(missing_ok=True)
         Path(str(old) + ".lock").unlink(missing_ok=True)
+

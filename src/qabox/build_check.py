@@ -7,11 +7,13 @@ refuses exactly what qabox refuses here.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import sys
 import tarfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -20,10 +22,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from qabox.agent import manifest, rules
+from qabox.agent_zip import AGENT_HASH
 from qabox.errors import BuildError
 
 
 SERVER_WHEEL = re.compile(r"wheels/werkzeug-[^/]*\.whl", re.I)  # fullmatch
+KEEP_CHECKS = 100  # remembered checks (see checked)
 RESOLVED_FOR = "wheels/resolved-for.json"  # written by qabox build (host_python.Target.to_json)
 SERVER_REQUIREMENT = re.compile(r"^[ \t]*(werkzeug|flask)[ \t]*([\[<>=!~;#]|$)", re.I | re.M)  # it, or Flask
 
@@ -206,3 +210,33 @@ def read_config(texts: dict, path: Path) -> dict:
         raise BuildError(f"qabox.toml in {path.name}: [app] must be a table")
     return config
 
+
+def checked(path: Path, entry: str | None, max_bytes: int, max_members: int, cache_dir: Path) -> Build:
+    """``inspect(path, ...)``, remembered by the file's device, inode,
+    size, mtime and ctime (which any write changes, ``touch -d`` included): a
+    redeploy of the same file does not read and hash all of it again. The host
+    verifies every piece it is sent against the manifest regardless."""
+    if not path.is_file():
+        return inspect(path, entry, max_bytes, max_members)  # its error
+    st = path.stat()
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # these checks, as they are now
+    key = hashlib.sha256(json.dumps([str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                     st.st_ctime_ns, entry, max_bytes, max_members, AGENT_HASH, code]).encode())
+    folder = cache_dir / "checked"
+    memo = folder / f"{key.hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(memo.read_text())
+        return Build(**{**saved, "path": path, "persist": tuple(saved["persist"]), "wheels": tuple(saved["wheels"])})
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # none yet, or damaged: check the file
+    build = inspect(path, entry, max_bytes, max_members)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**asdict(build), "path": str(path)}))
+        tmp.replace(memo)
+        for old in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_CHECKS:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass  # a full or read-only cache costs the next deploy a read of the file, nothing more
+    return build

@@ -9,12 +9,10 @@ before sending anything.
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
-from packaging.requirements import InvalidRequirement, Requirement
 from packaging.tags import Tag, compatible_tags, cpython_tags, generic_tags
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
@@ -142,6 +140,8 @@ class Target:
 
 def here(python_version: str | None = None, platform: str | None = None) -> Target:
     """This machine's python, or one given by hand (``--python-version X.Y``, ``--platform TAG``)."""
+    import importlib.metadata  # here, not at the top: every deploy's start-up pays for an import
+
     try:
         pip = importlib.metadata.version("pip")
     except importlib.metadata.PackageNotFoundError:
@@ -181,6 +181,8 @@ def check_build(build: Build, target: Target, host: str) -> None:
                              f"{made_for}: {fix}")
     if not build.resolved_for or not build.requirements:
         return
+    from packaging.requirements import InvalidRequirement, Requirement  # as above: only a build's markers need it
+
     made = Target.from_json(build.resolved_for, "")
     for line in build.requirements.replace("\\\n", " ").splitlines():
         try:

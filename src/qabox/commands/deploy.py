@@ -22,7 +22,6 @@ from rich.filesize import decimal
 
 from qabox import build_check, host_python
 from qabox.agent import manifest
-from qabox.build_cache import cached_build
 from qabox.context import Context, check_env, whoami
 from qabox.errors import BuildError, ConfigError, ConnectError, RemoteError
 from qabox.fleet import each_host
@@ -85,15 +84,17 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     project = path.is_dir()
     if not project:
         hooks.step("checking build")
-        build = build_check.inspect(path, entry, *limits)
+        build = build_check.checked(path, entry, *limits, ctx.cache_dir)
     hooks.step("connecting")
     with ctx.remote(host) as remote:
         target = None
         if project:  # built before the lock is taken: resolving can take a while
             target = host_python.of_host(remote, host)
             hooks.step(f"building {path}")
+            from qabox.build_cache import cached_build  # building brings pathspec, packaging, uv: only here
+
             built, report = cached_build(path, ctx.cache_dir, entry, target, rebuild)
-            build = build_check.inspect(built, None, *limits)
+            build = build_check.checked(built, None, *limits, ctx.cache_dir)
         hooks.step("waiting for the deploy lock")
         with remote.session(env, lock_timeout, whoami(), create=True) as session:
             ask = dict(  # what makes a deploy a change: upload-state answers "unchanged" if none is
