@@ -147,6 +147,19 @@ def app_ctl_path(env: Env, pid: int) -> str:
     return env.path("run", "app-%d.sock" % pid)
 
 
+def stop_accepting(env: Env, pid: int) -> bool:
+    """Have an app take no new connection (those open are still served), at
+    once; False if it did not say so: an app of an older agent answers with its
+    sockets instead, and SIGTERM alone stops it."""
+    try:
+        answer, fds = app_request(env, pid, {}, cmd="retire")
+    except (OSError, ValueError):
+        return False
+    for fd in fds.values():
+        os.close(fd)
+    return answer.get("ok") is True
+
+
 def app_request(env: Env, pid: int, fds: dict, **message) -> tuple:
     """Ask a running app over its control socket: (its answer, the fds it sent)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -194,8 +194,20 @@ def serve(spec: dict) -> None:
         if go_live.is_set():
             serve_all()
 
+    def stop_accepting() -> None:
+        """Take no new connection on any port, all at once (each server's loop
+        ends within its poll interval); those open are still served."""
+        with lock:
+            running = [probe] + list(servers.values())
+        stoppers = [threading.Thread(target=server.shutdown) for server in running]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
+
     def control(path: str) -> None:
-        """A new supervisor asks for the sockets (adoption), or sends new ones."""
+        """A new supervisor asks for the sockets (adoption), or sends new ones;
+        the supervisor that replaced this app has it stop accepting (retire)."""
         if os.path.lexists(path):
             os.unlink(path)
         ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -210,6 +222,11 @@ def serve(spec: dict) -> None:
                     if foreign:
                         raise OSError("refused a connection from %s: not this env's supervisor" % foreign)
                     message, fds = recv_fds(conn)
+                    if message.get("cmd") == "retire":
+                        stop_accepting()
+                        send_fds(conn, {}, ok=True)
+                        stop.set()  # then drain and exit, as on SIGTERM
+                        continue
                     with lock:
                         if message.get("cmd") == "serve":
                             serve_only(fds)
@@ -219,9 +236,9 @@ def serve(spec: dict) -> None:
                 except (OSError, ValueError) as e:
                     print("control request failed: %s" % e, flush=True)
 
+    probe = start(spec["probe_fd"], QuietHandler, ProbeServer)
     ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
     threading.Thread(target=control, args=(ctl_path,), daemon=True).start()
-    probe = start(spec["probe_fd"], QuietHandler, ProbeServer)
     if spec.get("live"):
         go_live.set()
     live = False
@@ -231,9 +248,7 @@ def serve(spec: dict) -> None:
                 serve_all()
             live = True
         stop.wait(0.05)
-    with lock:
-        for server in [probe] + list(servers.values()):
-            server.shutdown()
+    stop_accepting()
     deadline = time.monotonic() + STOP_TIMEOUT - 1
     while active[0] and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -13,7 +13,7 @@ import time
 
 from . import agents
 from .appenv import app_environ, venv_python
-from .control import app_request, env_apps
+from .control import app_request, env_apps, stop_accepting
 from .envs import START_TIMEOUT, Env, link_current
 from .files import is_port, iso, makedirs, now, rotate, tail, write_json
 from .procs import STOP_TIMEOUT, pid_alive, process_started, stop_group
@@ -306,6 +306,7 @@ class Supervisor:
                     self.log("adopted %s (pid %d)" % (app["release"], app["pid"]))
                     continue
             self.log("ending %s (pid %d): an app of this env that no supervisor ran" % (app["release"], app["pid"]))
+            stop_accepting(self.env, app["pid"])  # at once, before this supervisor serves
             enders.append(threading.Thread(target=stop_group, args=(app["pid"], STOP_TIMEOUT), daemon=True))
             enders[-1].start()
         if self.app is None:
@@ -448,13 +449,15 @@ class Supervisor:
         return {"ok": True, "pid": new.pid, "health": result}
 
     def retire(self, old: AppProcess) -> None:
-        """Stop a replaced app in the background: it drains its open requests
-        (up to STOP_TIMEOUT) while the deploy that replaced it returns. A prune
-        that would delete its release waits for it first (releases.prune)."""
-        try:
-            os.killpg(old.pid, signal.SIGTERM)  # now, not when the thread first runs: it stops taking connections
-        except (ProcessLookupError, PermissionError):
-            pass
+        """Stop a replaced app: once it takes no new connection (it says so over
+        its control socket) the switch returns, and it drains its open requests
+        (up to STOP_TIMEOUT) in the background. A prune that would delete its
+        release waits for it first (releases.prune). An app of an older agent
+        is stopped whole, as it was."""
+        if not stop_accepting(self.env, old.pid):
+            old.stop()
+            self.log("retired %s (pid %d)" % (old.release, old.pid))
+            return
 
         def stop() -> None:
             old.stop()
