@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_USER, add_tester, free_port, http_get, in_host, json_data,
-                      new_key, qabox, ssh_as_tester)
+from qabox.agent.protocol import SESSION_IDLE
+
+from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, Lines, add_tester, free_port, http_get, in_host,
+                      json_data, new_key, qabox, ssh_as_tester, wait_until)
 from conftest import url_get as get
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -163,6 +167,75 @@ def test_deploy_notice_reaches_a_running_tunnel(tester, make_build):
     finally:
         _, err = stop(proc)
     assert f"lab1/{tester['env']}: release {release} deployed by" in err
+
+
+def session_records(tester) -> list[dict]:
+    """The tester's session records on lab1 (``connected/NAME-PID.json``), as its agent wrote them."""
+    code = "import glob,json,sys; print(json.dumps([json.load(open(p)) for p in glob.glob(sys.argv[1])]))"
+    pattern = f"{LAB_HOME}/.qabox/connected/{tester['name']}-*.json"
+    return json.loads(in_host("lab1", "/usr/bin/python3", "-c", code, pattern).stdout)
+
+
+def presence(tester) -> tuple[list, list]:
+    """The tester's connections as `testers list --json` and `status --json` show them."""
+    listed = json_data(qabox("testers", "list", "--host", "lab1", "--json").stdout)["testers"]
+    envs = json_data(qabox("status", "--host", "lab1", "--env", tester["env"], "--json").stdout)["hosts"][0]["envs"]
+    return ([c for t in listed if t["name"] == tester["name"] for c in t["connected"]],
+            [c for c in envs[0]["testers"] if c["name"] == tester["name"]])
+
+
+def test_presence_and_notices_outlast_a_killed_session(tester, make_build):
+    """The tester session's process on the host is killed while the tunnel stays
+    up: the tester stays connected (once) in `testers list` and `status`, the
+    tunnel opens its session again, so a deploy's notice reaches it, and its
+    traffic never stops."""
+    proc, url = start_tunnel(tester)
+    shown = Lines(proc.stderr)
+    answers, done = [], threading.Event()
+
+    def browse() -> None:
+        while not done.wait(0.05):
+            answers.append(get(url + "/health", timeout=10)[0])
+
+    browser = threading.Thread(target=browse, daemon=True)
+    try:
+        first = wait_until(lambda: session_records(tester), 10)
+        assert len(first) == 1 and first[0]["sshd"], first
+        first = first[0]
+        browser.start()
+        in_host("lab1", "kill", "-9", str(first["pid"]))
+
+        def back() -> dict | None:
+            listed, in_status = presence(tester)
+            assert len(listed) == len(in_status) == 1, (listed, in_status)  # never gone, never twice
+            again = listed[0]
+            return again if again["session"] and again["pid"] != first["pid"] else None
+
+        again = wait_until(back, 30)
+        assert again and again["since"] == first["since"], (first, again)  # the tunnel's, not the session's
+        build = make_build({"wsgi.py": "from flask import Flask\napp = Flask(__name__)\n"
+                                       "@app.get('/')\n@app.get('/health')\ndef i():\n    return 'ok'\n"})
+        result = qabox("deploy", build, "--host", "lab1", "--env", tester["env"], "--json")
+        assert result.code == 0, result
+        release = json_data(result.stdout)["release"]
+        assert wait_until(lambda: shown.saying(f"lab1/{tester['env']}: release {release} deployed by"), 30)
+        done.set()
+        # Idle for longer than the host waits for a word from a session: its heartbeats keep it open.
+        time.sleep(SESSION_IDLE + 3)
+        listed, in_status = presence(tester)
+        assert listed == [again] and [{k: v for k, v in c.items() if k != "requests"} for c in in_status] == [again]
+    finally:
+        done.set()
+        if browser.is_alive():
+            browser.join(15)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    err = shown.text()
+    assert answers and set(answers) == {200}, answers
+    states = [line.rsplit(", ", 1)[0] for line in err.splitlines() if line.endswith("requests served")]
+    assert states == ["connected", "connected (host session ended, opening it again: no deploy notices meanwhile)",
+                      "connected", "stopped"], err
+    assert "Traceback" not in err
 
 
 def cut_link(seconds: float) -> None:

@@ -35,10 +35,10 @@ class Recorder:
         self.requests = 0
 
     def __call__(self, status: TunnelState) -> None:
-        if status.state == self.state and (status.requests == self.requests
-                                           or time.time() - self.written < 1):
+        if (status.state, status.reason) == self.state and (status.requests == self.requests
+                                                            or time.time() - self.written < 1):
             return  # request counts: at most once a second
-        self.state, self.requests, self.written = status.state, status.requests, time.time()
+        self.state, self.requests, self.written = (status.state, status.reason), status.requests, time.time()
         t = self.tunnel
         data = {"pid": os.getpid(), "user": t.user, "host": t.host, "env": t.env, "url": t.url,
                 "port": t.port, "state": status.state, "reason": status.reason,

@@ -4,7 +4,9 @@ What a plain sshtunnel forward lacks for testers: the host key verified
 (through qabox's own connection), a dead link noticed within seconds
 (keepalives whose replies are counted), reconnection while the local port
 stays bound, so a browser only sees a short wait, and a data path that keeps
-up with ``ssh -L`` (``forward.py``).
+up with ``ssh -L`` (``forward.py``), and a tester session kept open beside
+it (heartbeats; opened again should it end while the link stays up), since
+that session is what counts the tester as connected and brings deploy notices.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from qabox import ssh
 from qabox.context import Context
 from qabox.errors import ConfigError, HostKeyError, QaboxError
 from qabox.forward import Forward
-from qabox.remote import Remote
+from qabox.remote import Remote, Session
 
 KEEPALIVE_INTERVAL = 3.0  # like ServerAliveInterval x ServerAliveCountMax, but from the
 # first unanswered keepalive (3 s) fresh links are tried, and the first that works is used
 RECONNECT_BACKOFF = (0.1, 0.2, 0.5, 1.0)
 FINAL_CODES = ("login_refused", "no_tester")  # errors that no retry can fix
+# A session that ends while its link stays up is opened again after these
+# waits (the last one repeats), counted afresh once one lasted SESSION_STEADY s.
+SESSION_BACKOFF = (0.2, 1.0, 3.0, 10.0)
+SESSION_STEADY = 30.0
 
 
 @dataclass
@@ -58,18 +64,36 @@ class Link:
             target = replace(target, identity_files=(identity,), identities_only=True)
         if connect_timeout:
             target = replace(target, connect_timeout=connect_timeout)
+        self.host, self.env, self.user = host, env, user
         self.client = ssh.connect(target, ctx.accept_new_host_key)
         self.transport = self.client.get_transport()
         self.remote = Remote(host, self.client, ctx.settings(host))
-        self.channel = self.remote._open("tester-session", {"name": user})
-        first = self.remote._read(self.channel, 30, None)
-        data = self.remote._result("tester-session", *first)
-        envs = data.get("envs", {})
-        if env not in envs:
-            self.close()
-            raise ConfigError(f"tester {user} has no port for env {env} on {host}: deploy the env, "
-                              f"then run `qabox testers add {user} --host {host}` again")
-        self.remote_port = envs[env]["port"]
+        try:
+            self.envs = self.open_session()
+        except BaseException:
+            self.client.close()
+            raise
+
+    def open_session(self) -> dict:
+        """Open the tester session on this connection (again, if it ended): the
+        tester's envs, each with its port and release.
+
+        Its heartbeats keep it open: the host ends a session that sends nothing
+        for SESSION_IDLE (30) seconds, and with it the tester's presence.
+        """
+        channel = self.remote._open("tester-session", {"name": self.user})
+        session = Session(self.remote, channel)
+        try:
+            data = self.remote._result("tester-session", *self.remote._read(channel, 30, None))
+            envs = data.get("envs", {})
+            if self.env not in envs:
+                raise ConfigError(f"tester {self.user} has no port for env {self.env} on {self.host}: deploy "
+                                  f"the env, then run `qabox testers add {self.user} --host {self.host}` again")
+        except BaseException:
+            session.close()
+            raise
+        self.session, self.remote_port = session, envs[self.env]["port"]
+        return envs
 
     def alive(self, timeout: float) -> bool:
         """One keepalive@openssh.com request, answered within timeout (any answer counts)."""
@@ -86,7 +110,7 @@ class Link:
 
     def close(self) -> None:
         try:
-            self.channel.close()
+            self.session.close()
         finally:
             self.client.close()
 
@@ -103,6 +127,7 @@ class Tunnel:
         self.on_change, self.on_notice = on_change, on_notice
         self.status = TunnelState(since=time.time())
         self.link: Link | None = None
+        self.releases: dict[str, str | None] = {}  # each env's release, as last heard
         self.stopping = threading.Event()
         self.forward: Forward | None = None
         self.error: Exception | None = None  # what ended the watch thread
@@ -139,6 +164,7 @@ class Tunnel:
         self.link = link
         self.forward.remote_port = link.remote_port
         self.forward.use(link.transport)
+        self._caught_up(link.envs)
         self._set("connected", None)
         threading.Thread(target=self._notices, args=(link,), daemon=True).start()
 
@@ -160,17 +186,61 @@ class Tunnel:
             self.on_change(self.status)
 
     def _notices(self, link: Link) -> None:
-        """Deploy notices from the host's tester session, printed as they come."""
-        def on_message(message: dict) -> None:
-            notice = message.get("notice")
-            if notice:
-                self.on_notice(f"{self.host}/{notice['env']}: release {notice['release']} "
-                               f"deployed by {notice.get('by') or 'someone'}")
+        """Deploy notices from the link's tester session, printed as they come.
 
-        try:
-            link.remote._read(link.channel, float("inf"), on_message)
-        except QaboxError:
-            pass
+        A session that ends while its link stays up (its process on the host
+        was killed, say) is opened again, with a backoff: it is what counts the
+        tester as connected. A dead link is the watch thread's to replace; a
+        refusal no retry can fix ends the tunnel, saying why.
+        """
+        attempt = 0
+        while True:
+            opened = time.monotonic()
+            try:
+                link.remote._read(link.session.channel, float("inf"), self._on_message)
+            except QaboxError:
+                pass  # the link broke: the watch thread sees it too
+            link.session.close()
+            if time.monotonic() - opened >= SESSION_STEADY:
+                attempt = 0
+            envs = None
+            while envs is None:
+                if self.stopping.wait(SESSION_BACKOFF[min(attempt, len(SESSION_BACKOFF) - 1)]):
+                    return
+                if self.link is not link or not link.transport.is_active():
+                    return  # the watch thread replaces the link, and its session with it
+                attempt += 1
+                self._set_if_connected("host session ended, opening it again: no deploy notices meanwhile")
+                try:
+                    envs = link.open_session()
+                except QaboxError as e:
+                    if isinstance(e, ConfigError) or e.code in FINAL_CODES + ("too_many_sessions",):
+                        self._end(e)
+                        return
+            self._caught_up(envs)
+            self._set_if_connected(None)
+
+    def _on_message(self, message: dict) -> None:
+        notice = message.get("notice")
+        if notice:
+            self.releases[notice["env"]] = notice["release"]
+            self._notice(notice["env"], notice["release"], notice.get("by"))
+
+    def _notice(self, env: str, release: str | None, by: str | None) -> None:
+        self.on_notice(f"{self.host}/{env}: release {release} deployed by {by or 'someone'}")
+
+    def _caught_up(self, envs: dict) -> None:
+        """Notices of the deploys made while no session was open (none at the start)."""
+        for env, info in sorted(envs.items()):
+            release = info.get("release")
+            if env in self.releases and release and release != self.releases[env]:
+                self._notice(env, release, info.get("by"))
+            self.releases[env] = release
+
+    def _set_if_connected(self, reason: str | None) -> None:
+        """The session's news, unless the link's state (reconnecting, stopped) says more."""
+        if self.status.state == "connected" and self.status.reason != reason:
+            self._set("connected", reason)
 
     def _watch(self) -> None:
         """The watch thread: what ends it, refresh() raises in the foreground."""
@@ -207,12 +277,8 @@ class Tunnel:
                 if isinstance(e, (HostKeyError, ConfigError)) or e.code in FINAL_CODES:
                     # Retrying would not help (and failed logins every second get
                     # an address banned): end, saying why.
-                    why = (f"the host no longer accepts {self.user}'s key (removed as a tester?): "
-                           f"ask for `qabox testers add {self.user} --host {self.host}` again"
-                           if e.code == "login_refused" else e.message)
-                    self.error = type(e)(f"{self.user}'s tunnel to {self.host}/{self.env} ended: {why}",
-                                         code=e.code)
-                    return  # refresh() raises it in the foreground
+                    self._end(e)
+                    return
                 self._set("reconnecting", e.message)
             else:
                 threading.Thread(target=old.close, daemon=True).start()
@@ -224,6 +290,13 @@ class Tunnel:
                 return
             self.stopping.wait(RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)])
             attempt += 1
+
+    def _end(self, e: QaboxError) -> None:
+        """End the tunnel, saying why: refresh() raises it in the foreground."""
+        why = (f"the host no longer accepts {self.user}'s key (removed as a tester?): "
+               f"ask for `qabox testers add {self.user} --host {self.host}` again"
+               if e.code == "login_refused" else e.message)
+        self.error = type(e)(f"{self.user}'s tunnel to {self.host}/{self.env} ended: {why}", code=e.code)
 
     def stop(self) -> None:
         """Stop serving (open connections are reset) and close the link; the last

@@ -287,38 +287,72 @@ def cmd_tester_list(req, io) -> dict:
 
 
 def connected(base: str) -> list:
-    """Testers connected now: those whose tunnel's session is open, and those
-    with a connection open to one of their ports (``ssh -N`` opens no session)."""
-    folder = os.path.join(os.path.abspath(os.path.expanduser(base)), "connected")
-    result = []
-    for name in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        record = read_json(name)
-        if record and pid_alive(record.get("pid")):
-            result.append(record)
+    """Testers connected now, one entry per SSH connection: those whose tunnel's
+    session is open, or whose session ended while its SSH connection lasts (the
+    tunnel opens its session again), and those with a connection open to one
+    of their ports (``ssh -N`` opens no session). An entry's ``pid`` is a
+    process of its connection: its session's, or else its sshd's."""
+    by_connection = {}
+    for record in session_records(base):
+        live, sshd = pid_alive(record.get("pid")), record.get("sshd")
+        if not live and not (sshd and connection_alive(sshd)):
+            continue
+        record = dict(record, session=live) if live else dict(record, pid=sshd[0], session=False)
+        key = tuple(sshd) if isinstance(sshd, list) else record.pop("path")
+        if key not in by_connection or not by_connection[key]["session"]:
+            by_connection[key] = record  # a connection's open session over its ended ones
+    result = sorted(({k: v for k, v in r.items() if k != "path"} for r in by_connection.values()),
+                    key=lambda r: (r["name"], r.get("since") or "", r["pid"]))
     in_use = {port for port, kind, _ in tcp_sockets() if kind == "01"}
     seen = {r["name"] for r in result}
     for name, tester in sorted(load_testers(base).items()):
         if name not in seen and in_use & set(tester.get("ports", {}).values()):
-            result.append({"name": name, "from": "a forward without a session", "since": None})
+            result.append({"name": name, "from": "a forward without a session", "since": None,
+                           "session": False})
     return result
+
+
+def session_records(base: str) -> list:
+    """The records tester sessions keep in ``connected/``, each with its ``path``."""
+    folder = os.path.join(os.path.abspath(os.path.expanduser(base)), "connected")
+    records = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        record = read_json(path)
+        if isinstance(record, dict) and record.get("name"):
+            records.append(dict(record, path=path))
+    return records
+
+
+def connection_of(pid):
+    """``[pid, start time]`` of the sshd process that pid runs under (its SSH
+    connection, whose forwards outlive a killed session), or None."""
+    while pid and pid > 1:
+        stat = proc_stat(pid)
+        if stat is None:
+            return None
+        if stat[0].startswith("sshd"):
+            return [pid, int(stat[1][19])]
+        pid = int(stat[1][1])  # the parent
+    return None
+
+
+def connection_alive(sshd) -> bool:
+    """Whether that sshd process still runs (the same one: its start time matches)."""
+    stat = proc_stat(sshd[0]) if isinstance(sshd, list) and len(sshd) == 2 else None
+    return stat is not None and stat[1][0] not in "ZX" and int(stat[1][19]) == sshd[1]
 
 
 def end_connection(pid: int) -> bool:
     """End the SSH connection a tester's session runs under (its sshd process):
     taking their key out of authorized_keys ends no connection already open."""
-    while pid > 1:
-        stat = proc_stat(pid)
-        if stat is None:
-            return False
-        name, rest = stat
-        if name.startswith("sshd"):
-            try:
-                os.kill(pid, signal.SIGTERM)
-                return True
-            except OSError:
-                return False
-        pid = int(rest[1])  # the parent
-    return False
+    found = connection_of(pid)
+    if found is None:
+        return False
+    try:
+        os.kill(found[0], signal.SIGTERM)
+        return True
+    except OSError:
+        return False
 
 
 def connected_testers(env: Env) -> list:
@@ -341,12 +375,19 @@ def tester_requests(env: Env, name: str) -> int:
 
 def tester_session(base: str, name: str, io) -> int:
     """The forced command of a tester's key: say which ports are theirs, count
-    them as connected while the tunnel is open, and pass on deploy notices."""
+    them as connected while the tunnel is open, and pass on deploy notices.
+
+    Its record names its SSH connection too: should the session end otherwise
+    than by qabox leaving (killed, say), the record counts the tester as
+    connected while that connection lasts, and the session the tunnel opens
+    again on it takes the record's place.
+    """
     testers = load_testers(base)
     if name not in testers:
         io.emit({"ok": False, "error": {"code": "no_tester", "message": "tester %s was removed" % name}})
         return 1
-    open_now = [c for c in connected(base) if c["name"] == name]
+    mine = connection_of(os.getpid())
+    open_now = [c for c in connected(base) if c["name"] == name and (mine is None or c.get("sshd") != mine)]
     if len(open_now) >= MAX_SESSIONS:
         io.emit({"ok": False, "error": {"code": "too_many_sessions", "message":
                  "tester %s has %d tunnels open already: close one first" % (name, len(open_now))}})
@@ -354,22 +395,38 @@ def tester_session(base: str, name: str, io) -> int:
     folder = makedirs(os.path.join(os.path.abspath(os.path.expanduser(base)), "connected"))
     record_path = os.path.join(folder, "%s-%d.json" % (name, os.getpid()))
     origin = (os.environ.get("SSH_CONNECTION") or "local").split()[0]
-    write_json(record_path, {"name": name, "from": origin, "since": iso(now()), "pid": os.getpid()})
+    since = iso(now())
+    for old in session_records(base):  # ended sessions: of this connection, or of none still open
+        if old["path"] != record_path and not pid_alive(old.get("pid")) and (
+                old.get("sshd") == mine or not (old.get("sshd") and connection_alive(old["sshd"]))):
+            if mine is not None and old.get("sshd") == mine:
+                since = min(since, old.get("since") or since)  # the tunnel's, not this session's
+            try:
+                os.unlink(old["path"])
+            except OSError:
+                pass
+    write_json(record_path, {"name": name, "from": origin, "since": since, "pid": os.getpid(), "sshd": mine})
     try:
         ports = testers[name].get("ports", {})
         seen = {env: Env(base, env).current() for env in ports}
         io.emit({"ok": True, "changed": False, "data": {"tester": name, "envs": {
-            env: {"port": port, "release": seen[env]} for env, port in ports.items()}}})
+            env: dict(release_by(base, env, seen[env]), port=port) for env, port in ports.items()}}})
         while not io.gone.wait(1.0):
             for env in ports:
                 release = Env(base, env).current()
                 if release != seen[env]:
                     seen[env] = release
-                    info = Env(base, env).release_info(release) if release else {}
-                    io.emit({"notice": {"env": env, "release": release, "by": info.get("deployed_by")}})
+                    io.emit({"notice": dict(release_by(base, env, release), env=env)})
     finally:
-        os.unlink(record_path)
+        if io.gone.is_set():  # qabox left; else the record lasts as long as its connection
+            os.unlink(record_path)
     return 0
+
+
+def release_by(base: str, env: str, release) -> dict:
+    """An env's release and who deployed it, as a session tells the tunnel."""
+    info = Env(base, env).release_info(release) if release else {}
+    return {"release": release, "by": info.get("deployed_by")}
 
 
 def cmd_tester_session(req, io) -> None:
