@@ -57,7 +57,7 @@ def load_testers(base: str) -> dict:
 
 
 def tester_ports(env: Env) -> dict:
-    """Each tester's own port for this env, but an expired tester's: it stays
+    """Each tester's own port for this env, except an expired tester's: it stays
     theirs (``extend`` brings it back) but is not served."""
     at = now()
     return {name: t["ports"][env.name] for name, t in load_testers(env.base).items()
