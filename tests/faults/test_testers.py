@@ -367,8 +367,9 @@ def test_a_scoped_expiring_tester_reaches_their_env_only_until_expiry(tester, tm
             idle.settimeout(10)
             assert idle.recv(4096) == b""  # the supervisor closed what the ssh -N tunnel had open
             assert listed()["expired"] is True
-            refused_login = reach(row["ports"][env])
-            assert refused_login.returncode != 0 and "Permission denied" in refused_login.stderr, refused_login
+            # sshd refuses from the second after expiry-time on
+            refused_login = wait_until(lambda: "Permission denied" in reach(row["ports"][env]).stderr, 10)
+            assert refused_login, reach(row["ports"][env])
             extended = qabox("testers", "extend", name, "--expires", "1h", "--host", "lab1")
             assert extended.code == 0 and "expires 20" in extended.stdout, extended
             assert wait_until(lambda: " 200 OK" in reach(row["ports"][env]).stdout, 10)  # back again
