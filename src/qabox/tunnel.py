@@ -26,7 +26,7 @@ from qabox.remote import Remote, Session
 KEEPALIVE_INTERVAL = 3.0  # like ServerAliveInterval x ServerAliveCountMax, but from the
 # first unanswered keepalive (3 s) fresh links are tried, and the first that works is used
 RECONNECT_BACKOFF = (0.1, 0.2, 0.5, 1.0)
-FINAL_CODES = ("login_refused", "no_tester")  # errors that no retry can fix
+FINAL_CODES = ("login_refused", "no_tester", "expired")  # errors that no retry can fix
 # A session that ends while its link stays up is opened again after these
 # waits (the last one repeats), counted afresh once one lasted SESSION_STEADY s.
 SESSION_BACKOFF = (0.2, 1.0, 3.0, 10.0)

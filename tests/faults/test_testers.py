@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 
 from conftest import (LAB_HOME, LAB_USER, add_tester, free_port, http_get, in_host, json_data, new_key, qabox,
+                      remove_env,
                       ssh_as_tester, wait_until)
 from qabox.agent import protocol, rules, serve, testers
 
@@ -323,3 +324,67 @@ def test_one_tester_cannot_starve_the_others(tester, tmp_path, port):
         assert status(tester["env"])["hangs"] == hangs  # the health probe got through all along
     finally:
         qabox("testers", "remove", name, "--host", "lab1")
+
+
+def test_a_scoped_expiring_tester_reaches_their_env_only_until_expiry(tester, tmp_path, notes_build, port):
+    ssh = ssh_as_tester(tester, tmp_path)
+    env, other, name = tester["env"], tester["env"] + "b", tester["name"]
+
+    def reach(target_port: int) -> subprocess.CompletedProcess:
+        return subprocess.run(ssh + ["-W", f"127.0.0.1:{target_port}", "lab1"], capture_output=True, text=True,
+                              input="GET /health HTTP/1.0\r\n\r\n", timeout=30)
+
+    def listed() -> dict:
+        result = qabox("testers", "list", "--host", "lab1", "--json")
+        return next(t for t in json_data(result.stdout)["testers"] if t["name"] == name)
+
+    assert qabox("testers", "add", name, "--key", tester["key"] + ".pub", "--host", "lab1", "--env", env).code == 0
+    try:
+        assert qabox("deploy", notes_build, "--host", "lab1", "--env", other, "--port", port + 1).code == 0
+        unscoped = add_tester(name + "all", tmp_path / "all")  # an unscoped tester gets the env deployed later
+        row = listed()
+        assert row["envs"] == [env] and list(row["ports"]) == [env] and row["expires"] is None  # not the new env
+        assert " 200 OK" in reach(row["ports"][env]).stdout
+        denied = reach(unscoped["ports"][other])
+        assert "administratively prohibited" in denied.stderr or "open failed" in denied.stderr, denied
+
+        local = free_port()
+        tunnel = forward(ssh, "-L", f"{local}:127.0.0.1:{row['ports'][env]}")  # ssh -N: no session
+        request = json.dumps({"protocol": protocol.PROTOCOL, "cmd": "tester-session", "args": {}}) + "\n"
+        session = subprocess.Popen(ssh + ["lab1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            session.stdin.write(request)
+            session.stdin.flush()
+            assert list(json.loads(session.stdout.readline())["data"]["envs"]) == [env]  # their envs only
+            idle = wait_until(lambda: _connect(local), 10)
+            assert idle is not None
+            added = qabox("testers", "add", name, "--key", tester["key"] + ".pub", "--host", "lab1",
+                          "--env", env, "--expires", "3s", "--json")
+            assert added.code == 0 and json_data(added.stdout)["expires"], added
+            assert 'expiry-time="' in next(line for line in authorized_keys().splitlines()
+                                            if line.endswith(":" + name))
+            session.wait(timeout=30)  # the session ended its own SSH connection at expiry
+            idle.settimeout(10)
+            assert idle.recv(4096) == b""  # the supervisor closed what the ssh -N tunnel had open
+            assert listed()["expired"] is True
+            # sshd refuses from the second after expiry-time on
+            refused_login = wait_until(lambda: "Permission denied" in reach(row["ports"][env]).stderr, 10)
+            assert refused_login, reach(row["ports"][env])
+            extended = qabox("testers", "extend", name, "--expires", "1h", "--host", "lab1")
+            assert extended.code == 0 and "expires 20" in extended.stdout, extended
+            assert wait_until(lambda: " 200 OK" in reach(row["ports"][env]).stdout, 10)  # back again
+            assert listed()["expired"] is False
+        finally:
+            session.kill()
+            tunnel.kill()
+            tunnel.communicate()
+    finally:
+        qabox("testers", "remove", name + "all", "--host", "lab1")
+        remove_env("lab1", other)
+
+
+def _connect(local: int):
+    try:
+        return socket.create_connection(("127.0.0.1", local), timeout=5)
+    except OSError:
+        return None

@@ -35,6 +35,7 @@ COMMANDS = {  # request name: (module, function), imported when it runs
     "tester-add": ("testers", "cmd_tester_add"),
     "tester-remove": ("testers", "cmd_tester_remove"),
     "tester-list": ("testers", "cmd_tester_list"),
+    "tester-extend": ("testers", "cmd_tester_extend"),
     "tester-session": ("testers", "cmd_tester_session"),
     "logs": ("status", "cmd_logs"),
     "run": ("oneoff", "cmd_run"),

@@ -20,7 +20,7 @@ from .procs import STOP_TIMEOUT, pid_alive, process_started, stop_group
 from .protocol import Fail
 from .rules import DEFAULT_HEALTH_STATUS, RELEASE_FILE, WARMING_UP, health_codes, is_up
 from .sockets import bind_listener, fd_port, foreign_peer, http_probe, listening_port, recv_line
-from .testers import tester_ports
+from .testers import next_expiry, tester_ports
 
 
 class AppProcess:
@@ -194,6 +194,7 @@ class Supervisor:
         self.next_rotate = 0.0
         self.next_testers = 0.0
         self.missing_testers = False  # a tester port could not be bound: tick() retries
+        self.expiry = None  # when the next tester of this env expires: tick() stops serving them
         self.unsaved = False  # state.json could not be written (a full disk): tick retries
         self.next_save = 0.0
 
@@ -363,8 +364,9 @@ class Supervisor:
         tick(); an unreadable tester list changes nothing.
         """
         try:
-            wanted = tester_ports(self.env)
+            wanted, self.expiry = tester_ports(self.env), next_expiry(self.env)
         except Fail as e:
+            self.expiry = None  # no retry each tick: the next change of the list brings it
             self.log(e.message)
             return False
         self.missing_testers = False
@@ -470,9 +472,11 @@ class Supervisor:
 
     def tick(self) -> None:
         """Restart an app that died or hangs; mark one that became healthy; rotate
-        logs; try again for tester ports it could not listen on."""
+        logs; try again for tester ports it could not listen on; stop serving
+        a tester who expired (the app closes their open connections)."""
         clock = time.monotonic()
-        if self.missing_testers and clock >= self.next_testers:
+        if self.missing_testers and clock >= self.next_testers or \
+                self.expiry is not None and now() >= self.expiry:
             self.next_testers = clock + 2.0
             self.update_testers()
         if self.unsaved and clock >= self.next_save:

@@ -2,8 +2,9 @@
 
 A tester's public key goes into the deploy account's authorized_keys with
 OpenSSH's restrictions: no shell, no command but the agent's tester-session,
-and port forwarding only to the tester's own ports, one per env. The app's
-supervisor listens on those ports too, so the access log can name the tester.
+and port forwarding only to the tester's own ports, one per env of their scope
+(see ``access``). The app's supervisor listens on those ports too, so the
+access log can name the tester.
 """
 
 import fcntl
@@ -13,7 +14,7 @@ import re
 import signal
 import sys
 
-from . import agents, control
+from . import access, agents, control
 from .envs import START_TIMEOUT, Env, all_envs
 from .files import iso, makedirs, now, read_json, write_json
 from .procs import STOP_TIMEOUT, own_pids, pid_alive, proc_stat
@@ -56,9 +57,19 @@ def load_testers(base: str) -> dict:
 
 
 def tester_ports(env: Env) -> dict:
-    """Each tester's own port for this env."""
+    """Each tester's own port for this env, except an expired tester's: it stays
+    theirs (``extend`` brings it back) but is not served."""
+    at = now()
     return {name: t["ports"][env.name] for name, t in load_testers(env.base).items()
-            if env.name in t.get("ports", {})}
+            if env.name in t.get("ports", {}) and not access.expired(t, at)}
+
+
+def next_expiry(env: Env) -> "float | None":
+    """When the next of this env's testers expires: its supervisor stops
+    serving their port then (and closes the connections open to it)."""
+    at = now()
+    times = [access.expires_at(t) for t in load_testers(env.base).values() if env.name in t.get("ports", {})]
+    return min([t for t in times if t is not None and t > at], default=None)
 
 
 class TestersLock:
@@ -96,7 +107,8 @@ def retire(ports) -> list:
 
 
 def allocate_tester_ports(base: str, store: dict) -> bool:
-    """Give every tester a port of their own in every env. True if any was added.
+    """Give every tester a port of their own in every env of their scope, and
+    retire the ports of envs deleted or out of it. True if any changed.
 
     A retired port is given again only once every SSH connection that was open
     when it was retired has ended (see ``retire``).
@@ -115,11 +127,12 @@ def allocate_tester_ports(base: str, store: dict) -> bool:
     envs = set(all_envs(base))
     for name in sorted(testers):
         ports = testers[name].setdefault("ports", {})
-        gone = [env for env in ports if env not in envs]  # envs deleted since
+        mine = access.in_scope(testers[name], envs)
+        gone = [env for env in ports if env not in mine]  # envs deleted or out of scope since
         if gone:
             store["retired_ports"] += retire(ports.pop(env) for env in gone)
             changed = True
-        for env in sorted(envs):
+        for env in sorted(mine):
             if env not in ports:
                 ports[env] = free_port(FIRST_TESTER_PORT, taken)
                 taken.add(ports[env])
@@ -146,8 +159,15 @@ def authorized_line(base: str, name: str, tester: dict) -> str:
     *and* remote forwarding, so ``permitlisten`` names a port the account can
     never bind, and ``permitopen`` the tester's own ports. (Unix-socket
     forwards cannot be refused per key: see ``peer_pid`` for why that is safe.)
+    ``expiry-time`` has sshd refuse the key after the tester's expiry.
     """
     options = ["restrict"]
+    stamp = tester.get("expiry_time")
+    if stamp is not None:
+        if not access.EXPIRY_TIME.fullmatch(stamp):
+            raise Fail("bad_state", "tester %s's expiry %r is not a time: set it again with "
+                       "qabox testers extend" % (name, stamp))
+        options.append('expiry-time="%s"' % stamp)
     ports = sorted(tester.get("ports", {}).values())
     if ports:
         options += ["port-forwarding", 'permitlisten="127.0.0.1:1"']
@@ -226,13 +246,26 @@ def key_fingerprint(key: str) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
+def set_expiry(tester: dict, req) -> None:
+    """The tester's ``expires`` (ISO UTC or None) from the request, and the
+    ``expiry-time`` value for this host's sshd."""
+    when = access.parse_expires(req.get("expires"), now())
+    tester["expires"] = iso(when)
+    tester["expiry_time"] = None if when is None else access.expiry_time(when, req.get("sshd"))
+
+
 def cmd_tester_add(req, io) -> dict:
+    """Add a tester, or change their key, scope (``envs``: names, or None for
+    every env) and expiry (``expires``: ISO UTC, or None for never)."""
     name, key = req["name"], " ".join(req["key"].split()[:2])
     if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
         raise Fail("bad_name", "tester name %r is not allowed: use a-z, 0-9, - and _" % name)
     if not PUBKEY.fullmatch(req["key"].strip()):
         raise Fail("bad_key", "that is not an OpenSSH public key line (type, base64 key, comment)")
     check_sshd(req.get("sshd"))
+    scope = access.check_envs(req.get("envs"), all_envs(req["base"]))
+    wanted = {"envs": scope}
+    set_expiry(wanted, req)
     with TestersLock(req["base"]):
         try:
             with open(os.path.expanduser("~/.ssh/authorized_keys")) as f:
@@ -248,15 +281,30 @@ def cmd_tester_add(req, io) -> dict:
             if t["key"] == key and other != name:
                 raise Fail("key_in_use", "this key is tester %s's already" % other)
         old = testers.get(name, {})
-        if old.get("key") == key:
-            save_testers(req["base"], store)  # unchanged, but make sure every app listens
-            return {"name": name, "fingerprint": old["fingerprint"], "ports": old["ports"], "changed": False}
-        testers[name] = {"key": key, "fingerprint": key_fingerprint(key), "added_at": iso(now()),
-                         "added_by": req.get("by"), "ports": old.get("ports", {})}
+        same = old.get("key") == key and all(old.get(k) == v for k, v in wanted.items())
+        if old.get("key") != key:
+            old = {"key": key, "fingerprint": key_fingerprint(key), "added_at": iso(now()),
+                   "added_by": req.get("by"), "ports": old.get("ports", {})}
+        testers[name] = dict(old, **wanted)
         allocate_tester_ports(req["base"], store)
-        save_testers(req["base"], store)
-    return {"name": name, "fingerprint": testers[name]["fingerprint"], "ports": testers[name]["ports"],
-            "changed": True}
+        save_testers(req["base"], store)  # unchanged or not, make sure every app listens
+        t = testers[name]
+    return {"name": name, "fingerprint": t["fingerprint"], "ports": t["ports"], "envs": t["envs"],
+            "expires": t["expires"], "changed": not same}
+
+
+def cmd_tester_extend(req, io) -> dict:
+    """Change only a tester's expiry (``expires``: ISO UTC, or None for never)."""
+    check_sshd(req.get("sshd"))
+    with TestersLock(req["base"]):
+        store = read_testers(req["base"])
+        tester = store["testers"].get(req["name"])
+        if tester is None:
+            raise Fail("no_tester", "there is no tester %r on this host" % req["name"])
+        before = tester.get("expires")
+        set_expiry(tester, req)
+        save_testers(req["base"], store)  # the supervisors serve an expired tester's ports again
+    return {"name": req["name"], "expires": tester["expires"], "changed": tester["expires"] != before}
 
 
 def cmd_tester_remove(req, io) -> dict:
@@ -277,10 +325,11 @@ def cmd_tester_remove(req, io) -> dict:
 
 
 def cmd_tester_list(req, io) -> dict:
-    base = req["base"]
+    base, at = req["base"], now()
     online = connected(base)
     return {"testers": [
         {"name": name, "fingerprint": t["fingerprint"], "ports": t.get("ports", {}),
+         "envs": t.get("envs"), "expires": t.get("expires"), "expired": access.expired(t, at),
          "added_at": t.get("added_at"), "added_by": t.get("added_by"),
          "connected": [c for c in online if c["name"] == name]}
         for name, t in sorted(load_testers(base).items())]}
@@ -373,6 +422,16 @@ def tester_requests(env: Env, name: str) -> int:
     return count
 
 
+def expired_now(base: str, name: str) -> bool:
+    """Whether the tester is past their expiry, as the store says now (an
+    ``extend`` or a new ``add`` since counts); an unreadable store says no."""
+    try:
+        tester = load_testers(base).get(name)
+    except Fail:
+        return False
+    return tester is not None and access.expired(tester, now())
+
+
 def tester_session(base: str, name: str, io) -> int:
     """The forced command of a tester's key: say which ports are theirs, count
     them as connected while the tunnel is open, and pass on deploy notices.
@@ -381,10 +440,19 @@ def tester_session(base: str, name: str, io) -> int:
     than by qabox leaving (killed, say), the record counts the tester as
     connected while that connection lasts, and the session the tunnel opens
     again on it takes the record's place.
+
+    At the tester's expiry it ends its own SSH connection (the tunnel's
+    forwards go with it): sshd refuses the key only to new logins. An
+    ``ssh -N`` tester has no session; their env's supervisor stops serving
+    their port then and closes what was open to it (``next_expiry``).
     """
     testers = load_testers(base)
     if name not in testers:
         io.emit({"ok": False, "error": {"code": "no_tester", "message": "tester %s was removed" % name}})
+        return 1
+    if access.expired(testers[name], now()):
+        io.emit({"ok": False, "error": {"code": "expired", "message": "tester %s's access expired at %s: "
+                                        "ask for it to be extended" % (name, testers[name]["expires"])}})
         return 1
     mine = connection_of(os.getpid())
     open_now = [c for c in connected(base) if c["name"] == name and (mine is None or c.get("sshd") != mine)]
@@ -412,6 +480,9 @@ def tester_session(base: str, name: str, io) -> int:
         io.emit({"ok": True, "changed": False, "data": {"tester": name, "envs": {
             env: dict(release_by(base, env, seen[env]), port=port) for env, port in ports.items()}}})
         while not io.gone.wait(1.0):
+            if expired_now(base, name):
+                end_connection(os.getpid())
+                return 1
             for env in ports:
                 release = Env(base, env).current()
                 if release != seen[env]:

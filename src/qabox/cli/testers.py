@@ -1,8 +1,10 @@
-"""``qabox testers add``, ``remove`` and ``list``."""
+"""``qabox testers add``, ``remove``, ``list`` and ``extend``."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
@@ -10,26 +12,46 @@ from qabox.cli.options import HOST, make_context
 from qabox.cli.output import out, print_json, print_table, reporting
 
 app = typer.Typer(help="Testers: keys that reach the app through a tunnel and nothing else.", no_args_is_help=True)
+EXPIRES_HELP = "A duration (30m, 12h, 7d, 2w) or a UTC date/time (2026-12-09T12:00); sshd refuses the key after it."
+
+
+def expiry(text: str | None) -> datetime | None:
+    from qabox.expiry import parse_expiry
+
+    return None if text is None else parse_expiry(text, datetime.now(timezone.utc))
+
+
+def scope_text(tester: dict) -> str:
+    """``all envs`` or the env names, then the expiry: what a person reads."""
+    envs = ", ".join(tester["envs"]) if tester.get("envs") is not None else "all envs"
+    if not tester.get("expires"):
+        return envs
+    return f"{envs}; {'expired' if tester.get('expired') else 'expires'} {tester['expires']}"
 
 
 @app.command("add")
 def testers_add(ctx: typer.Context, name: str = typer.Argument(..., metavar="NAME", help="Tester name (a-z, 0-9, -, _)."),
                 key: Path = typer.Option(..., "--key", metavar="FILE", help="The tester's public key file (.pub)."),
-                host: str = HOST, as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
+                host: str = HOST,
+                envs: Optional[List[str]] = typer.Option(None, "--env", metavar="ENV", help="Only this env (repeatable); default: every env, also those deployed later."),
+                expires: Optional[str] = typer.Option(None, "--expires", metavar="WHEN", help=EXPIRES_HELP),
+                as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
     """Let a tester's key reach the app's ports on a host, and nothing else.
 
-    Example: qabox testers add tester2 --key tester2.pub --host oldbox
+    Adding a tester again sets their key, envs and expiry anew.
+
+    Example: qabox testers add tester2 --key tester2.pub --host oldbox --env main --expires 7d
     """
     with reporting(ctx, as_json):
         from qabox.commands.testers import tester_add
 
-        result = tester_add(make_context(ctx), host, name, key)
+        result = tester_add(make_context(ctx), host, name, key, envs=envs or None, expires=expiry(expires))
         if as_json:
             print_json(ctx, result)
             return
         ports = ", ".join(f"{e}: {p}" for e, p in sorted(result["ports"].items())) or "no envs yet"
         verb = "added" if result["changed"] else "already has this key"
-        out.print(f"tester {name} {verb} on {host} ({result['fingerprint']}; ports {ports})")
+        out.print(f"tester {name} {verb} on {host} ({result['fingerprint']}; ports {ports}; {scope_text(result)})")
         out.print(f"  they connect with: qabox tunnel --user {name} --host {host} -i THEIR_KEY")
 
 
@@ -49,7 +71,7 @@ def testers_remove(ctx: typer.Context, name: str = typer.Argument(..., metavar="
 @app.command("list")
 def testers_list(ctx: typer.Context, host: str = HOST,
                  as_json: bool = typer.Option(False, "--json", help="Print them as JSON.")):
-    """List a host's testers: key fingerprints, their ports per env, who is connected.
+    """List a host's testers: key fingerprints, their ports per env, scope and expiry, who is connected.
 
     Example: qabox testers list --host oldbox
     """
@@ -60,7 +82,23 @@ def testers_list(ctx: typer.Context, host: str = HOST,
         if as_json:
             print_json(ctx, data)
             return
-        print_table(("TESTER", "FINGERPRINT", "ENVS (PORT)", "CONNECTED"), [
+        print_table(("TESTER", "FINGERPRINT", "ENVS (PORT)", "ACCESS", "CONNECTED"), [
             (t["name"], t["fingerprint"], ", ".join(f"{e} ({p})" for e, p in sorted(t["ports"].items())) or "-",
+             scope_text(t),
              ", ".join(f"from {c['from']} since {c['since']}" for c in t["connected"]) or "-")
             for t in data["testers"]], key=("TESTER", "ENVS (PORT)"))
+
+
+@app.command("extend")
+def testers_extend(ctx: typer.Context, name: str = typer.Argument(..., metavar="NAME", help="Tester name."),
+                   expires: str = typer.Option(..., "--expires", metavar="WHEN", help=EXPIRES_HELP + " 'never' lifts it."),
+                   host: str = HOST):
+    """Change only a tester's expiry (one already expired gets their access back).
+
+    Example: qabox testers extend tester2 --expires 3d --host oldbox
+    """
+    with reporting(ctx):
+        from qabox.commands.testers import tester_extend
+
+        result = tester_extend(make_context(ctx), host, name, expiry(expires))
+        out.print(f"tester {name} on {host}: " + (f"expires {result['expires']}" if result["expires"] else "never expires"))
