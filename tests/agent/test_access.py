@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import json
 import time
 from datetime import datetime, timezone
 
@@ -64,3 +65,13 @@ def test_key_line_has_the_expiry_and_only_the_scoped_ports(tmp_path, monkeypatch
     assert line.count("permitopen") == 1 and line.startswith("restrict,")
     with pytest.raises(Fail, match="not a time"):
         testers.authorized_line(str(tmp_path), "t1", dict(tester, expiry_time='1",command="sh'))
+
+
+@pytest.mark.parametrize("damage", [{"expires": "next tuesday"}, {"expires": 7}, {"envs": "main"},
+                                    {"envs": [1]}, {"expiry_time": "202612091200; rm -rf ~"}])
+def test_a_tester_list_with_a_damaged_scope_or_expiry_is_refused_whole(tmp_path, damage):
+    (tmp_path / "testers.json").write_text(json.dumps({"tester2": {"key": "ssh-ed25519 AAAA", **damage}}))
+    with pytest.raises(Fail, match="is not a readable tester list"):
+        testers.read_testers(str(tmp_path))
+    assert access.well_formed({"key": "ssh-ed25519 AAAA", "envs": ["main"], "expires": "2026-12-09T12:00:00Z",
+                               "expiry_time": "20261209120000Z"})

@@ -63,6 +63,24 @@ def expiry_time(when: float, sshd: str) -> str:
     return time.strftime("%Y%m%d%H%M%S", time.localtime(when))
 
 
+def well_formed(tester) -> bool:
+    """Whether a stored tester record can be used: a key, and a scope and
+    expiry as qabox writes them (a hand-edited store must not fail later,
+    midway through rewriting authorized_keys)."""
+    if not (isinstance(tester, dict) and isinstance(tester.get("key"), str)):
+        return False
+    envs, expires, stamp = tester.get("envs"), tester.get("expires"), tester.get("expiry_time")
+    if envs is not None and not (isinstance(envs, list) and all(isinstance(e, str) for e in envs)):
+        return False
+    if stamp is not None and not (isinstance(stamp, str) and EXPIRY_TIME.fullmatch(stamp)):
+        return False
+    try:
+        expires_at(tester)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def expires_at(tester: dict) -> "float | None":
     text = tester.get("expires")
     return calendar.timegm(time.strptime(text, ISO_UTC)) if text else None

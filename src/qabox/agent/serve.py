@@ -191,7 +191,7 @@ def serve(spec: dict) -> None:
                 os.close(fd)  # the same socket, already served
             else:
                 sockets[name] = fd
-        if go_live.is_set():
+        if go_live.is_set() and not stop.is_set():  # a retiring app takes no new port
             serve_all()
 
     def stop_accepting() -> None:

@@ -45,7 +45,7 @@ def read_testers(base: str) -> dict:
     testers = read_json(path) if os.path.lexists(path) else {}
     retired = read_json(path.replace("testers.json", "retired-ports.json"), [])
     if not (isinstance(testers, dict) and isinstance(retired, list)
-            and all(isinstance(t, dict) and isinstance(t.get("key"), str) for t in testers.values())):
+            and all(access.well_formed(t) for t in testers.values())):
         raise Fail("bad_state", "%s is not a readable tester list: restore it from a backup, or "
                    "move it away and add the testers again (their keys stay in authorized_keys "
                    "until then)" % path)
