@@ -128,7 +128,7 @@ def stop(ctx: Context, user: str | None, host: str | None, env: str, all_: bool)
     """Stop the tester's background tunnels (to that host and env, if given), or all of them."""
     invite = None if user or all_ else joined.choose(ctx, None, host)
     if invite is not None:
-        user, host = invite.invite.tester, invite.invite.host
+        user = invite.invite.tester  # the host (and env) only as given
     if not (user or all_):
         raise ConfigError("say whose tunnel to stop: --stop --user NAME, or --stop --all")
     if all_:
