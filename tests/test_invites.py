@@ -264,3 +264,18 @@ def test_an_invite_serves_a_tester_whose_machine_has_nothing_set_up(tmp_path, en
     finally:
         for name in (made, theirs):
             qabox("testers", "remove", name, "--host", "lab1")
+
+
+def test_an_invite_is_refused_before_anything_changes_without_an_address_or_a_known_key(tmp_path, monkeypatch):
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host jumped\n  HostName 10.0.0.5\n  ProxyJump bastion\n  UserKnownHostsFile {tmp_path}/kh\n"
+                      f"Host unknown\n  HostName 192.0.2.9\n  UserKnownHostsFile {tmp_path}/kh\n")
+    monkeypatch.setenv("QABOX_SSH_CONFIG", str(config))
+    monkeypatch.chdir(tmp_path)
+    jumped = qabox("testers", "invite", "t1", "--host", "jumped")
+    assert jumped.code == 2 and "reached through ProxyJump: say where testers reach it with --address" in jumped.stderr
+    unknown = qabox("testers", "invite", "t1", "--host", "jumped", "--address", "qa.example.org:2222")
+    assert unknown.code == 2 and "known_hosts has no key for jumped (10.0.0.5)" in unknown.stderr, unknown
+    assert "qabox hosts trust jumped" in unknown.stderr and not list(tmp_path.glob("*.qabox-invite"))
+    nowhere = qabox("testers", "invite", "t1", "--host", "unknown", "-o", tmp_path / "no" / "such.invite")
+    assert nowhere.code == 2 and "cannot write the invite to" in nowhere.stderr

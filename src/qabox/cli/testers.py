@@ -103,7 +103,8 @@ def testers_invite(ctx: typer.Context, name: str = typer.Argument(..., metavar="
             say(f"  without qabox (the ssh of Windows 10+, macOS, Linux): put this line in a file {host}.known_hosts")
             for known in invite.known_hosts_lines():
                 say(f"    {known}")
-            say(f"  then run{' (KEY: the private key in the invite; `qabox join` prints this with its file)' if secret else ''}")
+            say("  then run (" + ("KEY: the private key in the invite; `qabox join` prints this with its file"
+                                  if secret else "THEIR_PRIVATE_KEY: the private half of the key they sent") + ")")
             say(f"    {command}")
             say(f"  and open {'; '.join(invite.local_urls())}")
 
