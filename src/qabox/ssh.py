@@ -2,7 +2,8 @@
 
 Host keys are always verified against known_hosts. An unknown key is refused
 with its fingerprint and the command that trusts it; a changed key is refused,
-full stop. paramiko's AutoAddPolicy is never used.
+full stop. paramiko's AutoAddPolicy is never used. A tester's joined invite
+gives a target of its own whose only known_hosts is the key it pinned.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Target:
     connect_timeout: float = 10.0
     keepalive: int = 15
     config_file: str | None = field(default=None, compare=False)
+    pinned_by: str | None = None  # the invite whose key alone is trusted: never a new one
+
 
     @property
     def key_name(self) -> str:
@@ -71,6 +74,10 @@ def absolute(path: str | Path) -> Path:
 def ssh_command(target: Target) -> str:
     """The ``ssh`` command that reaches the target as qabox does, for advice:
     with ``-F`` when qabox's ssh_config is not the one ssh reads by itself."""
+    if target.pinned_by:
+        key = "".join(f" -i {shlex.quote(p)}" for p in target.identity_files)
+        return (f"ssh{key} -o UserKnownHostsFile={shlex.quote(target.known_hosts[0])} -p {target.port} "
+                f"{target.user}@{target.hostname}")
     config = target.config_file
     if config and Path(config) != absolute("~/.ssh/config"):
         return f"ssh -F {shlex.quote(config)} {target.alias}"
@@ -181,11 +188,12 @@ def connect(target: Target, accept_new_host_key: bool = False, _jumped: int = 0)
                 client.load_system_host_keys(path)
             except (OSError, paramiko.SSHException) as e:
                 raise ConfigError(f"known_hosts file {path} cannot be read: {e}") from None
-    client.set_missing_host_key_policy(_AcceptNew(target) if accept_new_host_key else _RefuseUnknown())
+    accept_new = accept_new_host_key and not target.pinned_by
+    client.set_missing_host_key_policy(_AcceptNew(target) if accept_new else _RefuseUnknown())
     where = f"{target.user + '@' if target.user else ''}{target.hostname}:{target.port}"
     sock = None
     try:
-        sock = _proxy_sock(target, accept_new_host_key, _jumped)
+        sock = _proxy_sock(target, accept_new, _jumped)
         client.connect(
             target.hostname,
             port=target.port,
@@ -200,29 +208,25 @@ def connect(target: Target, accept_new_host_key: bool = False, _jumped: int = 0)
             sock=sock,
             transport_factory=gcm_first_transport,
         )
-    except UnknownHostKey as e:
+    except (UnknownHostKey, paramiko.BadHostKeyException) as e:
         client.close()
-        raise HostKeyError(
-            f"host {target.alias} ({target.key_name}) has an unknown host key {e.key.get_name()} "
-            f"{fingerprint(e.key)}: if that is the host's key, trust it with "
-            f"`{trust_hint(target)}` or deploy with --accept-new-host-key"
-        ) from None
-    except paramiko.BadHostKeyException as e:
-        client.close()
-        raise HostKeyError(
-            f"host {target.alias} ({target.key_name}) sent a DIFFERENT host key than known_hosts "
-            f"has ({fingerprint(e.key)}, expected {fingerprint(e.expected_key)}): refusing to "
-            f"connect; if the host was reinstalled, remove the old key with "
-            f"`ssh-keygen -R '{target.key_name}' -f {known_hosts_file(target)}` and trust it again"
-        ) from None
+        raise _host_key_error(target, e) from None
     except paramiko.AuthenticationException:
         client.close()
+        if target.pinned_by:
+            raise ConnectError(
+                f"SSH login to {where} ({target.alias}) was refused: your invite ({target.pinned_by}) may "
+                f"have been replaced, removed or expired; ask the developer for a new one",
+                code="login_refused") from None
         raise ConnectError(
             f"SSH login to {where} ({target.alias}) was refused: check the user and key "
             f"(User/IdentityFile in ssh_config, or `ssh-add`), and that `{ssh_command(target)}` works",
             code="login_refused") from None
     except socket.gaierror:
         client.close()
+        if target.pinned_by:
+            raise ConnectError(f"host {target.hostname!r} (from your invite) does not resolve: check your "
+                               f"network or VPN, or ask the developer for an invite with --address") from None
         raise ConnectError(
             f"host {target.hostname!r} does not resolve: add `Host {target.alias}` with a HostName "
             f"to {target.config_file or '~/.ssh/config'}, or use the host's address"
@@ -236,6 +240,26 @@ def connect(target: Target, accept_new_host_key: bool = False, _jumped: int = 0)
         ) from None
     client.get_transport().set_keepalive(target.keepalive)
     return client
+
+
+def _host_key_error(target: Target, e: Exception) -> HostKeyError:
+    """Why the host's key is refused, and what to do: a developer trusts a host's
+    new key themselves; a tester's invite pinned one key, and only that one counts."""
+    if target.pinned_by:
+        return HostKeyError(
+            f"host {target.alias} ({target.key_name}) presented the host key {e.key.get_name()} "
+            f"{fingerprint(e.key)}, not a key your invite ({target.pinned_by}) pinned: refusing to "
+            f"connect; ask the developer whether the host was reinstalled, and for a new invite")
+    if isinstance(e, UnknownHostKey):
+        return HostKeyError(
+            f"host {target.alias} ({target.key_name}) has an unknown host key {e.key.get_name()} "
+            f"{fingerprint(e.key)}: if that is the host's key, trust it with "
+            f"`{trust_hint(target)}` or deploy with --accept-new-host-key")
+    return HostKeyError(
+        f"host {target.alias} ({target.key_name}) sent a DIFFERENT host key than known_hosts "
+        f"has ({fingerprint(e.key)}, expected {fingerprint(e.expected_key)}): refusing to "
+        f"connect; if the host was reinstalled, remove the old key with "
+        f"`ssh-keygen -R '{target.key_name}' -f {known_hosts_file(target)}` and trust it again")
 
 
 def _proxy_sock(target: Target, accept_new: bool, jumped: int):

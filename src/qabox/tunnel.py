@@ -58,8 +58,8 @@ class Link:
     """One verified SSH connection of a tester: transport plus the tester session."""
 
     def __init__(self, ctx: Context, host: str, env: str, user: str, identity: str | None,
-                 connect_timeout: float | None = None):
-        target = ctx.target(host)
+                 connect_timeout: float | None = None, target: ssh.Target | None = None):
+        target = target or ctx.target(host)
         if identity:
             target = replace(target, identity_files=(identity,), identities_only=True)
         if connect_timeout:
@@ -87,8 +87,10 @@ class Link:
             data = self.remote._result("tester-session", *self.remote._read(channel, 30, None))
             envs = data.get("envs", {})
             if self.env not in envs:
-                raise ConfigError(f"tester {self.user} has no port for env {self.env} on {self.host}: deploy "
-                                  f"the env, then run `qabox testers add {self.user} --host {self.host}` again")
+                theirs = f" (theirs: {', '.join(sorted(envs))})" if envs else ""
+                raise ConfigError(f"tester {self.user} has no port for env {self.env} on {self.host}{theirs}: "
+                                  f"pick one with --env, or deploy the env, then run "
+                                  f"`qabox testers add {self.user} --host {self.host}` again")
         except BaseException:
             session.close()
             raise
@@ -120,8 +122,9 @@ class Tunnel:
 
     def __init__(self, ctx: Context, host: str, env: str, user: str, port: int,
                  identity: str | None = None, on_change: Callable[[TunnelState], None] = lambda s: None,
-                 on_notice: Callable[[str], None] = lambda text: None):
+                 on_notice: Callable[[str], None] = lambda text: None, target: ssh.Target | None = None):
         self.ctx, self.host, self.env, self.user = ctx, host, env, user
+        self.target = target  # a joined invite's, or None: the host's, as ssh_config has it
         self.identity = identity
         self.port = port
         self.on_change, self.on_notice = on_change, on_notice
@@ -151,7 +154,7 @@ class Tunnel:
         """Bind the port, connect once (errors here are the user's to fix), serve."""
         listener = listen(self.port)
         try:
-            link = Link(self.ctx, self.host, self.env, self.user, self.identity)
+            link = Link(self.ctx, self.host, self.env, self.user, self.identity, target=self.target)
         except BaseException:
             listener.close()
             raise
@@ -272,7 +275,8 @@ class Tunnel:
         attempt = 0
         while not self.stopping.is_set():
             try:
-                new = Link(self.ctx, self.host, self.env, self.user, self.identity, connect_timeout=1.5)
+                new = Link(self.ctx, self.host, self.env, self.user, self.identity, connect_timeout=1.5,
+                           target=self.target)
             except QaboxError as e:
                 if isinstance(e, (HostKeyError, ConfigError)) or e.code in FINAL_CODES:
                     # Retrying would not help (and failed logins every second get

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from qabox.cli import build, config, deploy, hosts, lifecycle, logs, run, status, testers, tunnel
+from qabox.cli import build, config, deploy, hosts, join, lifecycle, logs, run, status, testers, tunnel
 from qabox.cli.options import main_options
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ for command in (deploy.deploy, status.status, lifecycle.start, lifecycle.stop, l
     app.command()(command)
 app.command("tunnels")(tunnel.tunnels_list)
 app.command("build")(build.build)
+app.command("join")(join.join)
 app.add_typer(hosts.app, name="hosts")
 app.add_typer(testers.app, name="testers")
 app.add_typer(config.app, name="config")

@@ -1,4 +1,4 @@
-"""``qabox testers add``, ``remove``, ``list`` and ``extend``."""
+"""``qabox testers add``, ``invite``, ``remove``, ``list`` and ``extend``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
+import os
+
 import typer
 
+from qabox.cli.join import env_hint
 from qabox.cli.options import HOST, make_context
 from qabox.cli.output import out, print_json, print_table, reporting
 
@@ -53,6 +56,66 @@ def testers_add(ctx: typer.Context, name: str = typer.Argument(..., metavar="NAM
         verb = "added" if result["changed"] else "already has this key"
         out.print(f"tester {name} {verb} on {host} ({result['fingerprint']}; ports {ports}; {scope_text(result)})")
         out.print(f"  they connect with: qabox tunnel --user {name} --host {host} -i THEIR_KEY")
+
+
+@app.command("invite")
+def testers_invite(ctx: typer.Context, name: str = typer.Argument(..., metavar="NAME", help="Tester name (a-z, 0-9, -, _)."),
+                   host: str = HOST,
+                   envs: Optional[List[str]] = typer.Option(None, "--env", metavar="ENV", help="Only this env (repeatable); default: every env, also those deployed later."),
+                   expires: Optional[str] = typer.Option(None, "--expires", metavar="WHEN", help=EXPIRES_HELP),
+                   key: Optional[Path] = typer.Option(None, "--key", metavar="FILE", help="The tester's public key file (.pub); default: make a key for them, sent in the invite."),
+                   address: Optional[str] = typer.Option(None, "--address", metavar="HOST[:PORT]", help="Where testers reach the host, when you reach it otherwise (through a jump host, say)."),
+                   output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE", help="Where to write the invite (default: NAME.qabox-invite here).")):
+    """Add a tester and write their invite: all their side needs, in one line.
+
+    The tester runs `qabox join INVITE`, then `qabox tunnel`: no ssh_config,
+    no host key to trust on first use (the invite pins the host's key), no
+    options. Without --key the invite holds a private key made for them: it is
+    a secret, written 0600, to send privately.
+
+    Example: qabox testers invite tester2 --host oldbox --env main --expires 7d
+    """
+    with reporting(ctx):
+        from qabox.commands.testers import tester_invite
+        from qabox.invites import write_file
+
+        path = output or Path(f"{name}.qabox-invite")
+        writable(path)
+        result, invite = tester_invite(make_context(ctx), host, name, key, envs=envs or None,
+                                       expires=expiry(expires), address=address)
+        secret = invite.key is not None
+        line = invite.encode()
+        write_file(path, line + "\n", 0o600 if secret else 0o644)
+        say = lambda text: out.print(text, markup=False, highlight=False)  # noqa: E731 - host names may hold [ ]
+        ports = ", ".join(f"{e}: {p}" for e, p in sorted(result["ports"].items())) or "no envs yet"
+        say(f"tester {name} {'added' if result['changed'] else 'already has this key'} on {host} "
+            f"({result['fingerprint']}; ports {ports}; {scope_text(result)})")
+        say(f"invite written to {path}" + (" (0600)" if secret else ""))
+        if secret:
+            say(f"  SECRET: it holds a private key made for {name}: send it privately (a direct message, not a "
+                f"shared channel); whoever has it reaches {name}'s ports until `qabox testers remove {name} "
+                f"--host {host}`")
+        say(line)
+        say(f"  {name} runs: qabox join {path.name}   (or `qabox join -` and pastes the line above)")
+        say(f"        then: qabox tunnel{env_hint(sorted(invite.ports))}")
+        command = invite.ssh_command("KEY" if secret else "THEIR_PRIVATE_KEY", f"{host}.known_hosts")
+        if command:
+            say(f"  without qabox (the ssh of Windows 10+, macOS, Linux): put this line in a file {host}.known_hosts")
+            for known in invite.known_hosts_lines():
+                say(f"    {known}")
+            say("  then run (" + ("KEY: the private key in the invite; `qabox join` prints this with its file"
+                                  if secret else "THEIR_PRIVATE_KEY: the private half of the key they sent") + ")")
+            say(f"    {command}")
+            say(f"  and open {'; '.join(invite.local_urls())}")
+
+
+def writable(path: Path) -> None:
+    """Refuse before the tester is added if the invite cannot be written there."""
+    from qabox.errors import ConfigError
+
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"cannot write the invite to {path}: pick a writable place with -o FILE")
 
 
 @app.command("remove")

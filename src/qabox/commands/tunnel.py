@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from qabox import local_tunnels
+from qabox import joined, local_tunnels, ssh
 from qabox.context import Context, check_env
 from qabox.errors import ConfigError
 from qabox.local_tunnels import Recorder, running  # noqa: F401 - `qabox tunnels` lists them
@@ -27,6 +27,7 @@ class TunnelPlan:
     env: str
     port: int
     identity: str | None
+    target: ssh.Target | None = None  # a joined invite's; else the host's, as ssh_config has it
 
 
 def tester_host(ctx: Context, user: str) -> str:
@@ -63,10 +64,17 @@ def local_port(ctx: Context, host: str, env: str, user: str, wanted: int | None)
 
 def plan(ctx: Context, user: str | None, host: str | None, env: str, port: int | None,
          identity: str | None) -> TunnelPlan:
-    """What the options leave open, from the hosts files and this machine's state."""
-    if not user:
-        raise ConfigError("name the tester: qabox tunnel --user NAME [--host HOST]")
+    """What the options leave open: from the invite joined here that they match,
+    else from the hosts files and this machine's state."""
     check_env(env)
+    invite = joined.choose(ctx, user, host)
+    if invite is not None:
+        user, host = invite.invite.tester, invite.invite.host
+        return TunnelPlan(user, host, env, local_port(ctx, host, env, user, port),
+                          str(Path(identity).expanduser()) if identity else None, invite.target())
+    if not user:
+        raise ConfigError("name the tester: qabox tunnel --user NAME [--host HOST], or join "
+                          "the invite you were sent first: qabox join INVITE")
     check_env(user)
     host = host or tester_host(ctx, user)
     tester = ctx.settings(host).testers.get(user, {})
@@ -99,7 +107,8 @@ def serve(ctx: Context, user: str | None, host: str | None, env: str, port: int 
         recorder(status)
         on_change(status)
 
-    t = Tunnel(ctx, p.host, p.env, p.user, p.port, p.identity, on_change=changed, on_notice=on_notice)
+    t = Tunnel(ctx, p.host, p.env, p.user, p.port, p.identity, on_change=changed, on_notice=on_notice,
+               target=p.target)
     recorder = Recorder(ctx, t)
     signals.signal(signals.SIGTERM, lambda *_: done.set())
     try:
@@ -117,6 +126,9 @@ def serve(ctx: Context, user: str | None, host: str | None, env: str, port: int 
 
 def stop(ctx: Context, user: str | None, host: str | None, env: str, all_: bool) -> list[dict]:
     """Stop the tester's background tunnels (to that host and env, if given), or all of them."""
+    invite = None if user or all_ else joined.choose(ctx, None, host)
+    if invite is not None:
+        user = invite.invite.tester  # the host (and env) only as given
     if not (user or all_):
         raise ConfigError("say whose tunnel to stop: --stop --user NAME, or --stop --all")
     if all_:
