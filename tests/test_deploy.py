@@ -153,7 +153,7 @@ def test_a_blob_damaged_on_the_host_is_refused_never_served_and_sent_again(make_
     assert deploy(first, env_name, port).code == 0
     sha = next(item[5] for item in build_manifest(first)[0]["members"] if item[0].endswith("static/big.txt"))
     blob = f"{LAB_HOME}/.qabox/blobs/{sha}"
-    in_host("lab1", "sh", "-c", f"printf 0 | dd of={blob} conv=notrunc status=none")  # one byte changed
+    in_host("lab1", "sh", "-c", f"printf x | dd of={blob} conv=notrunc status=none")  # one byte changed (not hex)
     changed = make_build(dict(files_of(first), **{"note.txt": "v2"}))
     refused = deploy(changed, env_name, port)
     assert refused.code == 6 and "was damaged on the host and was removed: deploy again" in refused.stderr, refused
