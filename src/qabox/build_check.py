@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 import tarfile
@@ -22,6 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from qabox.agent import manifest, rules
+from qabox.agent.files import write_json
 from qabox.agent_zip import AGENT_HASH
 from qabox.errors import BuildError
 
@@ -232,9 +232,7 @@ def checked(path: Path, entry: str | None, max_bytes: int, max_members: int, cac
     build = inspect(path, entry, max_bytes, max_members)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**asdict(build), "path": str(path)}))
-        tmp.replace(memo)
+        write_json(str(memo), {**asdict(build), "path": str(path)})
         for old in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_CHECKS:]:
             old.unlink(missing_ok=True)
     except OSError:

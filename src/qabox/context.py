@@ -16,6 +16,7 @@ from filelock import FileLock
 
 from qabox import hosts, ssh
 from qabox.agent import rules
+from qabox.agent.files import write_json
 from qabox.errors import ConfigError
 from qabox.remote import Remote
 
@@ -75,10 +76,7 @@ class Context:
 
     def save_state(self, name: str, data) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        path = self.state_dir / name
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_json(str(self.state_dir / name), data)
 
     def remember_host(self, name: str) -> None:
         """Hosts deployed to from this machine, so that a bare `qabox status` knows them."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import re
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -190,11 +189,3 @@ def address_option(text: str, default_port: int) -> tuple[str, int]:
         raise ConfigError(f"--address {text!r} is not HOST[:PORT] (a name or an IP address, a port from 1 to 65535)")
     return host, port
 
-
-def write_file(path, text: str, mode: int) -> None:
-    """Write atomically, created with its mode: a key is never readable by others, not even for a moment."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

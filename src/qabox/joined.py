@@ -16,7 +16,8 @@ from pathlib import Path
 from qabox import ssh
 from qabox.context import Context
 from qabox.errors import ConfigError
-from qabox.invites import Invite, InviteError, checked, write_file
+from qabox.agent.files import write_json, write_text
+from qabox.invites import Invite, InviteError, checked
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,11 @@ def join(ctx: Context, invite: Invite, identity: Path | None = None) -> tuple[Jo
     os.chmod(place, 0o700)
     key = place / "key"
     if invite.key is not None:
-        write_file(key, invite.key, 0o600)
+        write_text(str(key), invite.key)
     else:
         key.unlink(missing_ok=True)
-    write_file(place / "known_hosts", "".join(line + "\n" for line in invite.known_hosts_lines()), 0o600)
-    write_file(place / "invite.json", json.dumps(record, indent=1, sort_keys=True), 0o600)  # last: it says done
+    write_text(str(place / "known_hosts"), "".join(line + "\n" for line in invite.known_hosts_lines()))
+    write_json(str(place / "invite.json"), record)  # last: it says done
     return Joined(invite, place, identity), "joined" if before is None else "replaced"
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from qabox.agent.files import write_json
 from qabox.context import Context
 from qabox.errors import ConnectError
 
@@ -43,9 +44,7 @@ class Recorder:
         data = {"pid": os.getpid(), "user": t.user, "host": t.host, "env": t.env, "url": t.url,
                 "port": t.port, "state": status.state, "reason": status.reason,
                 "requests": status.requests, "since": self.started}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(self.path)
+        write_json(str(self.path), data)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -69,7 +69,7 @@ def well_formed(tester) -> bool:
     midway through rewriting authorized_keys)."""
     if not (isinstance(tester, dict) and isinstance(tester.get("key"), str)):
         return False
-    envs, expires, stamp = tester.get("envs"), tester.get("expires"), tester.get("expiry_time")
+    envs, stamp = tester.get("envs"), tester.get("expiry_time")
     if envs is not None and not (isinstance(envs, list) and all(isinstance(e, str) for e in envs)):
         return False
     if stamp is not None and not (isinstance(stamp, str) and EXPIRY_TIME.fullmatch(stamp)):

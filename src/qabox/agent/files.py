@@ -32,13 +32,19 @@ def read_json(path: str, default=None):
 
 
 def write_json(path: str, data) -> None:
-    """Write atomically, readable by the deploy account only; a failed write
-    (a full disk) leaves the old file and no temporary one."""
+    """Write JSON atomically, readable by the owner only (see write_text)."""
+    write_text(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def write_text(path: str, text: str, mode: int = 0o600) -> None:
+    """Write atomically, created with its mode (0600: readable by the owner
+    only, a key not even for a moment); a failed write (a full disk) leaves
+    the old file and no temporary one."""
     tmp = "%s.%d.tmp" % (path, os.getpid())
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.lexists(tmp):

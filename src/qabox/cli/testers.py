@@ -77,7 +77,7 @@ def testers_invite(ctx: typer.Context, name: str = typer.Argument(..., metavar="
     """
     with reporting(ctx):
         from qabox.commands.testers import tester_invite
-        from qabox.invites import write_file
+        from qabox.agent.files import write_text
 
         path = output or Path(f"{name}.qabox-invite")
         writable(path)
@@ -85,7 +85,7 @@ def testers_invite(ctx: typer.Context, name: str = typer.Argument(..., metavar="
                                        expires=expiry(expires), address=address)
         secret = invite.key is not None
         line = invite.encode()
-        write_file(path, line + "\n", 0o600 if secret else 0o644)
+        write_text(str(path), line + "\n", 0o600 if secret else 0o644)
         say = lambda text: out.print(text, markup=False, highlight=False)  # noqa: E731 - host names may hold [ ]
         ports = ", ".join(f"{e}: {p}" for e, p in sorted(result["ports"].items())) or "no envs yet"
         say(f"tester {name} {'added' if result['changed'] else 'already has this key'} on {host} "
