@@ -16,8 +16,10 @@ OLD = "agent-0123456789abcdef.py"  # what an older qabox pushed: one .py file
 
 
 def agent_files() -> tuple[list[str], str]:
+    """The agent directory's versions (a compiled copy stands for its archive: it goes with it), and current."""
     listing = in_host("lab1", "ls", AGENTS).stdout.split()
-    return sorted(listing), in_host("lab1", "readlink", f"{AGENTS}/current").stdout.strip()
+    versions = {n.split(".")[0] + ".pyz" if n.endswith(".zip") else n for n in listing}
+    return sorted(versions), in_host("lab1", "readlink", f"{AGENTS}/current").stdout.strip()
 
 
 def session_works(tester: dict, tmp_path) -> bool:

@@ -15,7 +15,8 @@ import zipfile
 from importlib.resources import files
 
 PACKAGE = "qabox_agent"
-MAIN = b"from qabox_agent.main import run\nrun()\n"
+MAIN = (b"import sys\nfrom qabox_agent import compiled\ncompiled.use(sys.argv[0])\n"  # see agent.compiled
+        b"from qabox_agent.main import run\nrun()\n")
 STAMP = (1980, 1, 1, 0, 0, 0)  # the oldest time a zip can hold
 
 

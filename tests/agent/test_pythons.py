@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 
@@ -41,8 +42,8 @@ def standard(path):
     if not path:
         return True  # built in, or frozen
     path = os.path.realpath(path)
-    if path == agent or path.startswith(agent + os.sep):
-        return True  # the agent's own modules, inside its archive
+    if path == agent or path.startswith(agent + os.sep) or path.startswith(agent[:-len(".pyz")] + "."):
+        return True  # the agent's own modules, inside its archive or its compiled copy
     parts = path.split(os.sep)
     return (any(path.startswith(lib + os.sep) for lib in stdlib)
             and "site-packages" not in parts and "dist-packages" not in parts)
@@ -72,6 +73,10 @@ def test_the_agent_runs_on_every_python_and_loads_only_the_standard_library(pyth
     home = tmp_path / "host"
     home.mkdir()
     argv = agent_cmd(python)
+    private = home / ".qabox" / "agent" / os.path.basename(argv[-1])  # install writes beside it: our own copy
+    private.parent.mkdir(parents=True)
+    shutil.copy(argv[-1], private)
+    argv[-1] = str(private)
     watched = Host(argv[:2] + ["-c", WATCH] + argv[2:], home)
     seen = set()
 
@@ -84,6 +89,11 @@ def test_the_agent_runs_on_every_python_and_loads_only_the_standard_library(pyth
     version = version_of(python)
     hello = watch(watched.call("hello"))
     assert hello["ok"] and hello["data"]["protocol"] == PROTOCOL and hello["data"]["python"] == version, hello
+    assert not hello["data"]["compiled"]
+    # installed, it compiles itself for this python once; every call after imports that copy
+    assert watch(watched.call("install"))["ok"]
+    hello = watch(watched.call("hello"))
+    assert hello["ok"] and hello["data"]["compiled"], hello
     assert watch(watched.call("status")) == {"ok": True, "changed": False, "data": {"envs": []}}
     info = watch(watched.call("python-info"))["data"]  # what qabox build --for resolves wheels for
     target = Target.from_json(info, "the host's python")

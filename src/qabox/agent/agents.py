@@ -21,6 +21,7 @@ from .protocol import Fail
 ARCHIVE = ""  # the hash-named archive this process runs from: set once by main
 ENTRY = "current"
 VERSION = re.compile(r"agent-[0-9a-f]{16}\.pyz?")  # older agents were one .py file
+COMPILED = re.compile(r"(agent-[0-9a-f]{16})\.[\w.-]+\.zip")  # a version's compiled copy (see compiled)
 
 
 def archive() -> str:
@@ -68,8 +69,12 @@ def cmd_install(req, io) -> dict:
     """Make this agent the host's newest (``qabox`` calls it after pushing it):
     point ``current`` at it, move tester keys and the @reboot line that name an
     older agent to ``current``, and remove the versions nothing runs."""
-    from . import boot, testers
+    from . import boot, compiled, testers
 
+    try:
+        compiled.write(ARCHIVE)
+    except OSError:
+        pass  # a full disk: the agent runs from its sources, as before
     changed = point_entry()
     for move in (testers.point_keys_at_entry, lambda base: boot.set_cron(base, only_if_present=True)):
         try:
@@ -111,8 +116,17 @@ def named_elsewhere() -> str:
     return text
 
 
+def version_of(name: str):
+    """The version a file of the agent directory belongs to (an archive itself,
+    or a compiled copy's archive), or None if it is no agent's."""
+    copy = COMPILED.fullmatch(name)
+    if copy:
+        return copy.group(1) + ".pyz"
+    return name if VERSION.fullmatch(name) else None
+
+
 def prune() -> list:
-    """Delete older versions of the agent that no process of ours runs."""
+    """Delete older versions of the agent (and their compiled copies) that no process of ours runs."""
     folder = os.path.dirname(ARCHIVE)
     try:
         names = os.listdir(folder)
@@ -126,7 +140,7 @@ def prune() -> list:
         if found and os.path.dirname(found[0]) == folder:
             keep.add(os.path.basename(os.path.realpath(found[0])))
     removed = []
-    for old in sorted(n for n in names if VERSION.fullmatch(n) and n not in keep):
+    for old in sorted(n for n in names if version_of(n) not in keep | {None}):
         try:
             os.unlink(os.path.join(folder, old))
             removed.append(old)

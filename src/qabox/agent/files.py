@@ -36,15 +36,15 @@ def write_json(path: str, data) -> None:
     write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
-def write_text(path: str, text: str, mode: int = 0o600) -> None:
-    """Write atomically, created with its mode (0600: readable by the owner
-    only, a key not even for a moment); a failed write (a full disk) leaves
-    the old file and no temporary one."""
+def write_text(path: str, text, mode: int = 0o600) -> None:
+    """Write text (UTF-8) or bytes atomically, created with its mode (0600:
+    readable by the owner only, a key not even for a moment); a failed write
+    (a full disk) leaves the old file and no temporary one."""
     tmp = "%s.%d.tmp" % (path, os.getpid())
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.lexists(tmp):

@@ -5,7 +5,7 @@ import shutil
 import sys
 import time
 
-from . import agents
+from . import agents, compiled
 from .control import foreign_listeners, revive, supervisor_ping
 from .envs import Env, all_envs, existing_env
 from .files import now, tail
@@ -33,6 +33,7 @@ def cmd_hello(req, io) -> dict:
     return {
         "protocol": PROTOCOL,
         "agent": agents.name(),
+        "compiled": compiled.USED is not None,  # this python loads the agent from its compiled copy
         "python": sys.version.split()[0],
         "venv": importlib.util.find_spec("venv") is not None and importlib.util.find_spec("ensurepip") is not None,
         "user": os.environ.get("USER") or str(os.getuid()),
