@@ -82,14 +82,21 @@ def test_a_delta_whose_base_release_was_pruned_sends_what_it_lacks(host, tmp_pat
     assert result["ok"] and local_get(port) == (200, "v3"), result
 
 
-def test_a_damaged_blob_is_refused_never_served_and_sent_again(host, tmp_path):
+@pytest.mark.parametrize("hide", [False, True])
+def test_a_damaged_blob_is_refused_never_served_and_sent_again(host, tmp_path, hide):
+    """Every deploy that found it sound remembers its file's signature (inode, size, mtime, ctime)
+    and skips hashing it only while that holds: a write, even one that puts the mtime back, shows."""
     port = free_port()
     assert host.deploy(build(tmp_path, "a"), ENV, port)["ok"]
     served = local_get(port, "/release")
     sha = next(item[5] for item in build_manifest(tmp_path / "a.tar.gz")[0]["members"]
                if item[0].endswith("static/big.txt"))
     blob = Path(host.base, "blobs", sha)
+    assert sha in json.loads(Path(host.base, "verified.json").read_text())
+    was = blob.stat()
     blob.write_text("y" + BIG[1:])  # same size, another content
+    if hide:
+        os.utime(blob, ns=(was.st_atime_ns, was.st_mtime_ns))
     changed = build(tmp_path, "b", "v2")
     refused = host.deploy(changed, ENV, port)
     assert not refused["ok"] and refused["error"]["code"] == "checksum", refused
@@ -227,3 +234,14 @@ def test_a_blob_another_env_took_in_meanwhile_leaves_the_delta_whole(host, tmp_p
         result = call("deploy", **args)
     assert result["ok"], result
     assert local_get(port) == (200, "v2") and local_get(other) == (200, "v2")
+
+
+@pytest.mark.parametrize("garbage", ["not json", "[1, 2]", '{"x": [1, 2, 3, 4]}', "SHA"])
+def test_garbage_in_the_record_of_sound_blobs_only_costs_hashing_them_again(host, tmp_path, garbage):
+    port = free_port()
+    assert host.deploy(build(tmp_path, "a"), ENV, port)["ok"]
+    record = Path(host.base, "verified.json")
+    sha = next(iter(json.loads(record.read_text())))
+    record.write_text(garbage.replace("SHA", json.dumps({sha: ["1", None, 3, 4]})))
+    assert host.deploy(build(tmp_path, "b", "v2"), ENV, port)["ok"]
+    assert local_get(port) == (200, "v2") and sha in json.loads(record.read_text())

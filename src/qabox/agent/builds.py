@@ -6,9 +6,11 @@ them safely.
     manifests/<id>.json         a build's manifest (see manifest), its id its sha256
     uploads/<env>.<what>.part   what SFTP writes for this module to take in
     uploads/<env>.delta-<id>.json  the blobs a delta carries, in order
+    verified.json               blobs found sound, by their files' signatures
 
 Nothing is trusted before it is checked: a manifest against its id, a delta's
-pieces and every blob (again, as it is copied) against their hashes.
+pieces and every blob (again, as it is copied, unless it was found sound
+before and not written since) against their hashes.
 """
 
 import errno
@@ -19,7 +21,7 @@ import stat
 import time
 
 from .envs import Env, all_envs
-from .files import digest, makedirs, remove, write_json
+from .files import copy_file, digest, is_int, makedirs, read_json, remove, write_json
 from .manifest import MAX_BYTES, delta_id, parse, wanted
 from .protocol import Fail
 from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, SHA256, check_members, name_parts, shown
@@ -27,6 +29,8 @@ from .rules import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, SHA256, check_members
 MISMATCH = "the uploaded files do not match the build's manifest: deploy again"
 GRACE = 3600  # seconds a new manifest or blob is kept unreferenced: another env's deploy may be using it
 COPY = 1 << 20
+VERIFIED = "verified.json"  # blobs found sound, by their files' signatures (see Store.verified)
+MAX_VERIFIED = 50000
 
 
 class Store:
@@ -35,6 +39,8 @@ class Store:
     def __init__(self, base: str, env: str = None):
         self.base = os.path.abspath(os.path.expanduser(base))
         self.env = env
+        self._verified = None
+        self.checked = {}  # sha -> signature, of the blobs this process found sound
         for sub in ("blobs", "manifests", "uploads"):
             path = makedirs(os.path.join(self.base, sub))
             if os.path.islink(path):
@@ -142,6 +148,7 @@ class Store:
                     elif digest(f) == (sha, sizes[sha]):
                         os.chmod(part, 0o600)
                         os.replace(part, self.blob(sha))
+                        self.checked[sha] = signature(os.stat(self.blob(sha)))
                     else:
                         os.unlink(part)
                         raise Fail("checksum", MISMATCH)
@@ -182,6 +189,7 @@ class Store:
                 os.unlink(part)
                 raise Fail("checksum", MISMATCH)
             os.replace(tmp, self.blob(sha))
+            self.checked[sha] = signature(os.stat(self.blob(sha)))
         finally:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
@@ -189,7 +197,8 @@ class Store:
     def copy_blob(self, member, out) -> None:
         """A file member's content from its blob into ``out``, verified as it goes
         (its hash, and its size, which the member limits count): a damaged blob
-        is removed, never served."""
+        is removed, never served. A blob verified before and not written since
+        (``verified``) is copied by the kernel, unhashed."""
         sha = member.sha256
         try:
             source = open(self.blob(sha), "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW))
@@ -199,6 +208,12 @@ class Store:
             raise Fail("no_build", "a file of the build is missing on the host (%s): deploy again to send it"
                        % sha[:12])
         with source:
+            seen = signature(os.fstat(source.fileno()))
+            if seen[1] == member.size and seen in (self.checked.get(sha), self.verified.get(sha)):
+                out.flush()
+                copy_file(source.fileno(), out.fileno(), member.size)
+                self.checked[sha] = seen
+                return
             found, size = digest(source, out)
         if found == sha and size != member.size:
             raise Fail("bad_build", "%s: the manifest says %d bytes, its content has %d: deploy it with this qabox"
@@ -207,6 +222,26 @@ class Store:
             os.unlink(self.blob(sha))
             raise Fail("checksum", "a stored file of the build (%s) was damaged on the host and was removed: "
                        "deploy again to send it anew" % sha[:12])
+        self.checked[sha] = seen
+
+    @property
+    def verified(self) -> dict:
+        """The blobs found sound before, each with its file's signature then
+        (see signature): any write to a blob since changes it."""
+        if self._verified is None:
+            found = read_json(os.path.join(self.base, VERIFIED), {})
+            self._verified = {sha: tuple(sig) for sha, sig in found.items()
+                              if SHA256.fullmatch(sha) and isinstance(sig, list) and len(sig) == 4
+                              and all(is_int(n) for n in sig)} if isinstance(found, dict) else {}
+        return self._verified
+
+    def remember_checked(self) -> None:
+        """Record the blobs this deploy found sound, for the next one (only those,
+        if the record grows past MAX_VERIFIED)."""
+        if not self.checked:
+            return
+        merged = dict(self.verified, **self.checked)
+        write_json(os.path.join(self.base, VERIFIED), merged if len(merged) <= MAX_VERIFIED else self.checked)
 
     def gc(self, grace: float = GRACE) -> None:
         """Delete the manifests and blobs no kept release of any env uses, but
@@ -234,6 +269,12 @@ class Store:
             path = os.path.join(folder, name)
             if name not in keep and os.path.getmtime(path) <= old:
                 os.unlink(path)
+
+
+def signature(st) -> tuple:
+    """What any write to a file changes: its inode, size, mtime and ctime (the
+    last not even settable by its owner)."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -309,7 +350,8 @@ def assemble(store: Store, members: list, dest: str) -> None:
     """Make a checked build's release directory from the store's blobs, never outside it.
 
     Not tarfile.extractall, nor a tar at all: each member is written by
-    write_member, which follows no link, from a blob verified as it is copied.
+    write_member, which follows no link, from a blob verified as it is copied
+    (or found sound by an earlier deploy and not written since).
     """
     os.mkdir(dest, 0o700)
     root = os.open(dest, OPEN_DIR)
@@ -324,3 +366,7 @@ def assemble(store: Store, members: list, dest: str) -> None:
                            " build and deploy again" % (shown(member.name), e.strerror or e))
     finally:
         os.close(root)
+    try:
+        store.remember_checked()
+    except OSError:
+        pass  # a full disk: the next deploy hashes them again
