@@ -169,6 +169,7 @@ def tear_down(host, system=True):
     if has_netns:
         run("ip", "netns", "del", host.ns)
     if has_account:
+        run("crontab", "-r", "-u", host.user, check=False)  # userdel leaves it, owned by a uid that goes
         run("userdel", "-r", host.user)
 
 

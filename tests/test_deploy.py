@@ -222,13 +222,23 @@ def test_first_deploy_that_fails_leaves_nothing_current(make_build, env_name, po
     assert env["release"] is None
 
 
-def test_missing_entry_is_refused_before_connecting(make_build, env_name, port):
+def test_missing_entry_is_refused_and_leaves_no_env_on_the_host(make_build, env_name, port):
+    """The build is checked while qabox connects: a new env is made only once it passed."""
     build = make_build({"main.py": "x = 1\n"})
     result = deploy(build, env_name, port)
     assert result.code == 5
     assert result.stderr.strip().endswith(
         "add `[app] entry = \"module:app\"` to its qabox.toml, pass --app module:callable (or "
         "module:create_app() for a factory), or ship a wsgi.py or app.py defining `app`")
+    assert in_host("lab1", "test", "-e", f"{LAB_HOME}/.qabox/envs/{env_name}").returncode == 1
+
+
+def test_a_bad_build_is_reported_before_an_unreachable_host(make_build, env_name, port, tmp_path, monkeypatch):
+    config = tmp_path / "ssh_config"
+    config.write_text("Host nowhere\n  HostName 127.0.0.1\n  Port 9\n")
+    monkeypatch.setenv("QABOX_SSH_CONFIG", str(config))
+    result = qabox("deploy", make_build({"main.py": "x = 1\n"}), "--host", "nowhere", "--env", env_name)
+    assert result.code == 5 and "add `[app] entry" in result.stderr, result
 
 
 def test_hostile_build_is_refused_naming_members(tmp_path, env_name, port):

@@ -72,9 +72,17 @@ def serve(spec: dict) -> None:
 
     go_live = threading.Event()
     stop = threading.Event()
-    signal.signal(signal.SIGUSR1, lambda *_: go_live.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    wake = threading.Event()  # the main loop acts at once on either
+
+    def setting(event):
+        def handler(*_):
+            event.set()
+            wake.set()
+        return handler
+
+    signal.signal(signal.SIGUSR1, setting(go_live))
+    signal.signal(signal.SIGTERM, setting(stop))
+    signal.signal(signal.SIGINT, setting(stop))
     sys.path.insert(0, spec["release_dir"])
     from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
@@ -126,7 +134,30 @@ def serve(spec: dict) -> None:
     counts = {}  # port name -> connections it serves now
     refused_at = {}  # port name -> when its cap was last logged
 
-    class Server(ThreadedWSGIServer):
+    class Retiring(ThreadedWSGIServer):
+        """A server that can stop accepting at once: the supervisor waits for
+        that before a switch returns. Its socket is non-blocking (it is shared
+        with the app that replaces this one: the other may take a connection
+        first), and no accept starts once it is retired."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.socket.setblocking(False)
+            self.accepting = threading.Lock()
+            self.retired = False
+
+        def get_request(self):
+            with self.accepting:
+                if self.retired:
+                    raise OSError("retired: the new release takes the connections")
+                return super().get_request()
+
+        def retire(self) -> None:
+            with self.accepting:
+                self.retired = True
+            threading.Thread(target=self.shutdown, daemon=True).start()  # its loop ends within its poll
+
+    class Server(Retiring):
         """A thread per connection, but only so many per port and in all: one
         tester holding hundreds of idle connections is turned away, and the
         others (and the supervisor's health probe, which is not counted) are
@@ -157,7 +188,7 @@ def serve(spec: dict) -> None:
                 with active_lock:
                     counts[self.name] -= 1
 
-    class ProbeServer(ThreadedWSGIServer):
+    class ProbeServer(Retiring):
         pass  # uncapped: the health probe must get through a flood
 
     def start(fd: int, handler, kind=Server):
@@ -195,15 +226,11 @@ def serve(spec: dict) -> None:
             serve_all()
 
     def stop_accepting() -> None:
-        """Take no new connection on any port, all at once (each server's loop
-        ends within its poll interval); those open are still served."""
+        """Take no new connection on any port, from now on; those open are still served."""
         with lock:
             running = [probe] + list(servers.values())
-        stoppers = [threading.Thread(target=server.shutdown) for server in running]
-        for stopper in stoppers:
-            stopper.start()
-        for stopper in stoppers:
-            stopper.join()
+        for server in running:
+            server.retire()
 
     def control(path: str) -> None:
         """A new supervisor asks for the sockets (adoption), or sends new ones;
@@ -226,6 +253,7 @@ def serve(spec: dict) -> None:
                         stop_accepting()
                         send_fds(conn, {}, ok=True)
                         stop.set()  # then drain and exit, as on SIGTERM
+                        wake.set()
                         continue
                     with lock:
                         if message.get("cmd") == "serve":
@@ -247,7 +275,8 @@ def serve(spec: dict) -> None:
             with lock:
                 serve_all()
             live = True
-        stop.wait(0.05)
+        wake.wait(1.0)
+        wake.clear()
     stop_accepting()
     deadline = time.monotonic() + STOP_TIMEOUT - 1
     while active[0] and time.monotonic() < deadline:

@@ -1,7 +1,8 @@
 """``qabox deploy``: check a build, send it once, and switch the env to it (on one host or many).
 
-Order matters for "nothing half-done": the build is checked locally before
-connecting, the lock is taken before anything is written, only what the host
+Order matters for "nothing half-done": the build is checked locally (while
+connecting: nothing is written before it passed, and a new env is made only
+then), the lock is taken before anything is written, only what the host
 lacks is sent (the manifest, then the content it names that the host does not
 hold, as one delta in a ``.part`` file the host verifies piece by piece), and
 only a release that passed its health check becomes current (the agent and
@@ -14,16 +15,17 @@ import socket
 import tarfile
 import threading
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from rich.filesize import decimal
 
 from qabox import build_check, host_python
 from qabox.agent import manifest
 from qabox.context import Context, check_env, whoami
-from qabox.errors import BuildError, ConfigError, ConnectError, RemoteError
+from qabox.errors import BuildError, ConfigError, ConnectError, QaboxError, RemoteError
 from qabox.fleet import each_host
 from qabox.paramiko_compat import paramiko
 from qabox.remote import Remote
@@ -82,11 +84,12 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     settings = ctx.settings(host)
     limits = (settings.max_build_mb * 2**20, settings.max_build_members)
     project = path.is_dir()
+    checking = None
     if not project:
         hooks.step("checking build")
-        build = build_check.checked(path, entry, *limits, ctx.cache_dir)
+        checking = Checking(path, entry, limits, ctx.cache_dir)
     hooks.step("connecting")
-    with ctx.remote(host) as remote:
+    with checking_first(checking), ctx.remote(host) as remote:
         target = None
         if project:  # built before the lock is taken: resolving can take a while
             target = host_python.of_host(remote, host)
@@ -96,7 +99,9 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
             built, report = cached_build(path, ctx.cache_dir, entry, target, rebuild)
             build = build_check.checked(built, None, *limits, ctx.cache_dir)
         hooks.step("waiting for the deploy lock")
-        with remote.session(env, lock_timeout, whoami(), create=True) as session:
+        with locked_session(remote, env, lock_timeout, checking) as session:
+            if checking:
+                build = checking.result()
             ask = dict(  # what makes a deploy a change: upload-state answers "unchanged" if none is
                 env=env, manifest=build.id, entry=build.entry, health=build.health,
                 health_status=build.health_status, static=build.static, environment=build.environment,
@@ -143,6 +148,58 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
         wheels_linked=data.get("wheels_linked", 0), wheels_installed=data.get("wheels_installed", 0),
         snapshot_skipped=data.get("snapshot_skipped"),
     )
+
+
+class Checking:
+    """A build file's check, run while qabox connects and takes the lock (it
+    reads and hashes the whole file: the longest step of a redeploy but for
+    the app's start); ``result()`` is the Build, or raises what the check raised."""
+
+    def __init__(self, path: Path, entry: str | None, limits: tuple, cache_dir: Path):
+        self.build, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(path, entry, limits, cache_dir), daemon=True)
+        self.thread.start()
+
+    def _run(self, path, entry, limits, cache_dir) -> None:
+        try:
+            self.build = build_check.checked(path, entry, *limits, cache_dir)
+        except BaseException as e:  # raised again by result(), in the deploy's thread
+            self.error = e
+
+    def result(self) -> build_check.Build:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.build
+
+
+@contextmanager
+def checking_first(checking: Checking | None) -> Iterator[None]:
+    """A build's own problem is reported before any trouble reaching its host:
+    it is the first thing to fix, and it would stop the deploy anyway."""
+    try:
+        yield
+    except QaboxError:
+        if checking:
+            checking.result()
+        raise
+
+
+@contextmanager
+def locked_session(remote: Remote, env: str, lock_timeout: float, checking: Checking | None) -> Iterator:
+    """The env's deploy lock. Taken while the build is still being checked, it
+    is taken only on an existing env: a session makes the env it locks, and a
+    build that fails its check must leave no new env behind. A new env is
+    made, and locked, once the check has passed."""
+    with ExitStack() as stack:
+        try:
+            session = stack.enter_context(remote.session(env, lock_timeout, whoami(), create=checking is None))
+        except RemoteError as e:
+            if e.code != "no_env":
+                raise
+            checking.result()
+            session = stack.enter_context(remote.session(env, lock_timeout, whoami(), create=True))
+        yield session
 
 
 def deploy_many(ctx: Context, hosts: list[str], build: Path, parallel: int, fail_fast: bool,
