@@ -1,0 +1,119 @@
+"""What every request to the app goes through, whatever server runs it: who
+sent it, its request id, the release that answered, and the errors it raised.
+
+The tester is told by the port the request came in on (the server knows which
+of its sockets is whose), never by what the client sent: a client's
+``X-Qabox-Tester`` is dropped. Frameworks catch their own exceptions and answer
+their own 500 page, so their ``got_request_exception`` signals are hooked; a
+bare WSGI app's exception is caught here, and its 500 page, rendered here,
+names the error's id and nothing of its traceback.
+"""
+
+import re
+import sys
+import uuid
+import warnings
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+OWN_HEADERS = ("x-qabox-release", "x-request-id", "x-qabox-error")
+ERROR_PAGE = """<!doctype html>
+<title>500 Internal Server Error</title>
+<h1>Internal Server Error</h1>
+<p>The app failed to answer this request. Give the developer this error id:
+<strong>%s</strong> (<code>qabox errors show %s</code>).</p>
+"""
+
+
+def local_port(environ: dict) -> "int | None":
+    """The port of the socket the request came in on. gunicorn takes
+    SERVER_PORT from the Host header, so its socket is asked instead."""
+    sock = environ.get("gunicorn.socket")
+    try:
+        if sock is not None:
+            return sock.getsockname()[1]
+        return int(environ.get("SERVER_PORT", ""))
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+class Requests:
+    """The WSGI middleware: ``testers`` maps a port to its tester's name (the
+    server keeps it current as testers come and go); ``store`` records errors."""
+
+    def __init__(self, app, release: str, testers: dict, store):
+        self.app = app
+        self.release = release
+        self.testers = testers
+        self.store = store
+
+    def __call__(self, environ, start_response):
+        environ.pop("HTTP_X_QABOX_TESTER", None)
+        tester = self.testers.get(local_port(environ))
+        if tester:
+            environ["HTTP_X_QABOX_TESTER"] = tester
+        request_id = environ.get("HTTP_X_REQUEST_ID", "")
+        if not REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        environ["HTTP_X_REQUEST_ID"] = environ["qabox.request_id"] = request_id
+
+        def start(status, headers, exc_info=None):
+            headers = [(k, v) for k, v in headers if k.lower() not in OWN_HEADERS]
+            headers += [("X-Qabox-Release", self.release), ("X-Request-ID", request_id)]
+            if environ.get("qabox.error_id"):
+                headers.append(("X-Qabox-Error", environ["qabox.error_id"]))
+            if exc_info is None:
+                return start_response(status, headers)
+            return start_response(status, headers, exc_info)
+
+        try:
+            return self.app(environ, start)
+        except Exception as e:
+            error_id = environ.get("qabox.error_id") or self.capture(environ, e)
+            body = (ERROR_PAGE % (error_id, error_id)).encode()
+            start("500 Internal Server Error", [("Content-Type", "text/html; charset=utf-8"),
+                                                ("Content-Length", str(len(body)))], sys.exc_info())
+            return [body]
+
+    def capture(self, environ: dict, error: BaseException) -> str:
+        """Record an error once per request (a framework may signal it and raise it too)."""
+        if not environ.get("qabox.error_id"):
+            environ["qabox.error_id"] = self.store.capture(environ, error)
+        return environ["qabox.error_id"]
+
+
+def hook_frameworks(requests: Requests) -> list:
+    """Connect the imported frameworks' ``got_request_exception`` to the store;
+    the names of those hooked. A Flask without blinker has no signals: skipped."""
+    hooked = []
+    if "flask" in sys.modules:
+        try:
+            from flask import request, signals
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                available = getattr(signals, "signals_available", True)
+            if available:
+                def on_flask(sender, exception=None, **extra):
+                    if exception is not None:
+                        requests.capture(request.environ, exception)
+
+                signals.got_request_exception.connect(on_flask, weak=False)
+                hooked.append("flask")
+        except Exception as e:  # a Flask too old or too odd: errors still reach the middleware if raised
+            print("qabox: cannot hook Flask's errors: %s" % e, flush=True)
+    if "django" in sys.modules:
+        try:
+            from django.core.signals import got_request_exception
+
+            def on_django(sender, request=None, **extra):
+                error = sys.exc_info()[1]
+                environ = getattr(request, "environ", None)
+                if error is not None and isinstance(environ, dict):
+                    requests.capture(environ, error)
+
+            got_request_exception.connect(on_django, weak=False)
+            hooked.append("django")
+        except Exception as e:
+            print("qabox: cannot hook Django's errors: %s" % e, flush=True)
+    return hooked
