@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -95,12 +96,32 @@ def test_a_flask_factorys_view_error_is_captured_once_behind_flasks_own_page(sto
         return app
 
     requests = Requests(create_app(), "20261202-174500", {9001: "bob"}, store)
-    assert "flask" in hook_frameworks(requests)
+    assert "flask" in hook_frameworks()
     status, headers, body = call(requests, environ("/notes/3", port=9001))
     assert status.startswith("500") and b"Traceback" not in body and b"ZeroDivisionError" not in body
+    assert headers["X-Qabox-Error"].encode() in body  # qabox's page in place of Flask's stock one
     (error,) = list(records_of(store))
     assert error["id"] == headers["X-Qabox-Error"] and error["tester"] == "bob"
     assert error["type"] == "ZeroDivisionError" and error["where"].endswith(" in note")
+
+
+def test_an_apps_own_500_page_is_kept(store):
+    import flask
+
+    app = flask.Flask("notes")
+
+    @app.route("/")
+    def fails():
+        raise RuntimeError("x")
+
+    @app.errorhandler(500)
+    def own_page(e):
+        return "our own sorry page", 500
+
+    requests = Requests(app, "20261202-174500", {}, store)
+    hook_frameworks()
+    status, headers, body = call(requests, environ("/"))
+    assert status.startswith("500") and body == b"our own sorry page" and headers["X-Qabox-Error"]
 
 
 def records_of(store: ErrorStore):
@@ -169,3 +190,18 @@ def test_through_the_agent_a_tester_port_names_the_tester_and_errors_are_listed(
     log = (Path(host.base) / "envs" / "main" / "logs" / f"{release}.log").read_text()
     (line,) = [line for line in log.splitlines() if "GET /boom" in line]
     assert line.startswith("ann - - [") and line.endswith(" 500 - rid=req-42"), line
+
+    follow = subprocess.Popen(host.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=host.environ)
+    try:
+        follow.stdin.write(host.request("errors-list", env="main", follow=True) + "\n")
+        follow.stdin.flush()
+        assert json.loads(follow.stdout.readline())["count"] == 1  # the groups so far, then each new one
+        new_id = get(port, "/boom")[1]["X-Qabox-Error"]
+        message = json.loads(follow.stdout.readline())
+        while "hb" in message:
+            message = json.loads(follow.stdout.readline())
+        assert message["error"]["id"] == new_id and message["error"]["tester"] is None, message
+        follow.stdin.close()  # as qabox's end of the channel closing on Ctrl-C: the agent ends
+        assert follow.wait(timeout=10) == 0
+    finally:
+        follow.kill()

@@ -138,7 +138,7 @@ def serve(spec: dict) -> None:
     tester_ports = {}  # port -> the tester it is for (the app's own port and the probe are no one's)
     app = Requests(app, release, tester_ports,
                    ErrorStore(errors_dir(Env(spec["base"], spec["env"])), release, spec["release_dir"]))
-    hooked = hook_frameworks(app)
+    hooked = hook_frameworks()
     if hooked:
         print("qabox: capturing %s's errors" % " and ".join(hooked), flush=True)
     sockets = dict(spec["sockets"])  # what this app serves once live, by name

@@ -23,6 +23,14 @@ ERROR_PAGE = """<!doctype html>
 <p>The app failed to answer this request. Give the developer this error id:
 <strong>%s</strong> (<code>qabox errors show %s</code>).</p>
 """
+STOCK_PAGES = (  # a framework's own 500 page, which says nothing the tester can hand on: qabox's replaces it
+    b"The server encountered an internal error and was unable to complete your request.",  # Flask's (Werkzeug's)
+    b"<title>Server Error (500)</title>",  # Django's, when the project has no 500.html
+)
+
+
+def stock_page(body: bytes) -> bool:
+    return len(body) < 4096 and any(marker in body for marker in STOCK_PAGES)
 
 
 def local_port(environ: dict) -> "int | None":
@@ -56,24 +64,49 @@ class Requests:
         if not REQUEST_ID.fullmatch(request_id):
             request_id = uuid.uuid4().hex
         environ["HTTP_X_REQUEST_ID"] = environ["qabox.request_id"] = request_id
+        environ["qabox.capture"] = lambda error: self.capture(environ, error)  # for the frameworks' hooks
+
+        held = {}  # the status and headers of a framework's 500 page for a captured error
 
         def start(status, headers, exc_info=None):
             headers = [(k, v) for k, v in headers if k.lower() not in OWN_HEADERS]
             headers += [("X-Qabox-Release", self.release), ("X-Request-ID", request_id)]
             if environ.get("qabox.error_id"):
                 headers.append(("X-Qabox-Error", environ["qabox.error_id"]))
+                if status.startswith("500") and exc_info is None:
+                    held.update(status=status, headers=headers, body=[])
+                    return held["body"].append
             if exc_info is None:
                 return start_response(status, headers)
+            held.clear()  # the app answers anew, after an error of its own
             return start_response(status, headers, exc_info)
 
         try:
-            return self.app(environ, start)
+            result = self.app(environ, start)
         except Exception as e:
             error_id = environ.get("qabox.error_id") or self.capture(environ, e)
-            body = (ERROR_PAGE % (error_id, error_id)).encode()
-            start("500 Internal Server Error", [("Content-Type", "text/html; charset=utf-8"),
-                                                ("Content-Length", str(len(body)))], sys.exc_info())
+            headers, body = self.page(error_id)
+            start("500 Internal Server Error", headers, sys.exc_info())
             return [body]
+        if not held:
+            return result
+        try:  # the framework answered its 500 page for an error a signal captured
+            body = b"".join(held["body"]) + b"".join(result)
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+        headers = held["headers"]
+        if stock_page(body):
+            headers, body = self.page(environ["qabox.error_id"])
+            headers += [(k, v) for k, v in held["headers"] if k.startswith("X-")]
+        start_response(held["status"], headers)
+        return [body]
+
+    @staticmethod
+    def page(error_id: str) -> tuple:
+        """qabox's 500 page: the headers of its own and its body, naming the error's id only."""
+        body = (ERROR_PAGE % (error_id, error_id)).encode()
+        return [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))], body
 
     def capture(self, environ: dict, error: BaseException) -> str:
         """Record an error once per request (a framework may signal it and raise it too)."""
@@ -82,11 +115,21 @@ class Requests:
         return environ["qabox.error_id"]
 
 
-def hook_frameworks(requests: Requests) -> list:
-    """Connect the imported frameworks' ``got_request_exception`` to the store;
-    the names of those hooked. A Flask without blinker has no signals: skipped."""
-    hooked = []
-    if "flask" in sys.modules:
+HOOKED = []  # the frameworks hooked in this process: once each
+
+
+def capture(environ, error) -> None:
+    """A framework's signal: the request's middleware records the error."""
+    if isinstance(environ, dict) and error is not None and "qabox.capture" in environ:
+        environ["qabox.capture"](error)
+
+
+def hook_frameworks() -> list:
+    """Connect the imported frameworks' ``got_request_exception`` to the
+    middleware of the request that raised; the names of those hooked. A Flask
+    without blinker has no signals: skipped."""
+    hooked = HOOKED
+    if "flask" in sys.modules and "flask" not in hooked:
         try:
             from flask import request, signals
 
@@ -95,25 +138,21 @@ def hook_frameworks(requests: Requests) -> list:
                 available = getattr(signals, "signals_available", True)
             if available:
                 def on_flask(sender, exception=None, **extra):
-                    if exception is not None:
-                        requests.capture(request.environ, exception)
+                    capture(request.environ, exception)
 
                 signals.got_request_exception.connect(on_flask, weak=False)
                 hooked.append("flask")
         except Exception as e:  # a Flask too old or too odd: errors still reach the middleware if raised
             print("qabox: cannot hook Flask's errors: %s" % e, flush=True)
-    if "django" in sys.modules:
+    if "django" in sys.modules and "django" not in hooked:
         try:
             from django.core.signals import got_request_exception
 
             def on_django(sender, request=None, **extra):
-                error = sys.exc_info()[1]
-                environ = getattr(request, "environ", None)
-                if error is not None and isinstance(environ, dict):
-                    requests.capture(environ, error)
+                capture(getattr(request, "environ", None), sys.exc_info()[1])
 
             got_request_exception.connect(on_django, weak=False)
             hooked.append("django")
         except Exception as e:
             print("qabox: cannot hook Django's errors: %s" % e, flush=True)
-    return hooked
+    return list(hooked)
