@@ -125,33 +125,32 @@ def capture(environ, error) -> None:
 
 
 def hook_frameworks() -> list:
-    """Connect the imported frameworks' ``got_request_exception`` to the
-    middleware of the request that raised; the names of those hooked. A Flask
-    without blinker has no signals: skipped."""
+    """Connect the ``got_request_exception`` of the frameworks the app imported
+    (found in sys.modules: the agent imports none itself) to the middleware of
+    the request that raised; the names of those hooked. A Flask without
+    blinker has no signals: skipped."""
     hooked = HOOKED
-    if "flask" in sys.modules and "flask" not in hooked:
+    flask, flask_signals = sys.modules.get("flask"), sys.modules.get("flask.signals")
+    if flask is not None and flask_signals is not None and "flask" not in hooked:
         try:
-            from flask import request, signals
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                available = getattr(signals, "signals_available", True)
+                available = getattr(flask_signals, "signals_available", True)
             if available:
                 def on_flask(sender, exception=None, **extra):
-                    capture(request.environ, exception)
+                    capture(flask.request.environ, exception)
 
-                signals.got_request_exception.connect(on_flask, weak=False)
+                flask_signals.got_request_exception.connect(on_flask, weak=False)
                 hooked.append("flask")
         except Exception as e:  # a Flask too old or too odd: errors still reach the middleware if raised
             print("qabox: cannot hook Flask's errors: %s" % e, flush=True)
-    if "django" in sys.modules and "django" not in hooked:
+    django_signals = sys.modules.get("django.core.signals")
+    if django_signals is not None and "django" not in hooked:
         try:
-            from django.core.signals import got_request_exception
-
             def on_django(sender, request=None, **extra):
                 capture(getattr(request, "environ", None), sys.exc_info()[1])
 
-            got_request_exception.connect(on_django, weak=False)
+            django_signals.got_request_exception.connect(on_django, weak=False)
             hooked.append("django")
         except Exception as e:
             print("qabox: cannot hook Django's errors: %s" % e, flush=True)
