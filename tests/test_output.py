@@ -154,3 +154,18 @@ def test_help_loads_no_paramiko_and_no_core():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "Usage: qabox" in proc.stdout, proc
     assert proc.stderr == "[]\n"
+
+
+def test_errors_list_keeps_when_where_and_how_often_whole_on_80_columns(terminal):
+    from qabox.cli.errors import print_groups
+
+    group = {"last": "2026-12-02T17:40:30Z", "count": 3, "env": "main", "where": "flaskr/blog.py:88 in update",
+             "type": "sqlite3.OperationalError", "message": "no such table: [post]", "testers": ["ann", "bob"],
+             "releases": ["20261202-174000"], "first": "2026-12-02T17:01:02Z", "last_id": "3f9c0a1b2c4d"}
+    print_groups({"groups": [group], "count": 3})
+    assert terminal.getvalue() == (
+        "LAST SEEN             COUNT  WHERE\n"
+        "2026-12-02T17:40:30Z  3      flaskr/blog.py:88 in update\n"
+        "  env: main  error: sqlite3.OperationalError: no such table: [post]\n"
+        "  testers: ann, bob  releases: 20261202-174000  first seen: 2026-12-02T17:01:02Z\n"
+        "  last id: 3f9c0a1b2c4d\n")

@@ -40,3 +40,11 @@ def parse_expiry(text: str, now: datetime) -> datetime | None:
 def iso_utc(when: datetime | None) -> str | None:
     """The form the agent takes: ``2026-12-09T12:00:00Z``."""
     return None if when is None else when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_duration(text: str, option: str) -> int:
+    """A duration such as ``--since 1h`` takes (30m, 12h, 7d, 2w), in seconds."""
+    found = DURATION.fullmatch(text.strip())
+    if not found:
+        raise ConfigError(f"{option} {text!r} is not a duration: give one such as 30m, 12h, 7d or 2w")
+    return int(timedelta(**{UNITS[found.group(2)]: int(found.group(1))}).total_seconds())

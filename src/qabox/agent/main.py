@@ -38,6 +38,8 @@ COMMANDS = {  # request name: (module, function), imported when it runs
     "tester-extend": ("testers", "cmd_tester_extend"),
     "tester-session": ("testers", "cmd_tester_session"),
     "logs": ("status", "cmd_logs"),
+    "errors-list": ("errors", "cmd_errors_list"),
+    "error-show": ("errors", "cmd_error_show"),
     "run": ("oneoff", "cmd_run"),
     "status": ("status", "cmd_status"),
 }

@@ -9,9 +9,12 @@ import socket
 import sys
 import time
 
+from .envs import Env
+from .errors import ErrorStore, errors_dir
 from .procs import STOP_TIMEOUT
 from .rules import parse_entry
 from .sockets import foreign_peer, recv_fds, send_fds
+from .wsgi import Requests, hook_frameworks
 
 
 MAX_CONNECTIONS_PER_PORT = 64  # a browser opens about 6 at once per site
@@ -108,6 +111,10 @@ def serve(spec: dict) -> None:
                     active[0] -= 1
                     open_by.get(self.tester, set()).discard(self.connection)
 
+        def log_request(self, code="-", size="-"):
+            request_id = (getattr(self, "environ", None) or {}).get("qabox.request_id")
+            super().log_request(code, "%s rid=%s" % (size, request_id) if request_id else size)
+
     def tester_handler(name: str):
         class TesterHandler(Handler):
             tester = name
@@ -127,6 +134,13 @@ def serve(spec: dict) -> None:
 
         app = SharedDataMiddleware(app, {prefix: os.path.join(spec["release_dir"], path)
                                          for prefix, path in spec["static"].items()})
+    release = os.environ.get("QABOX_RELEASE") or os.path.basename(spec["release_dir"])
+    tester_ports = {}  # port -> the tester it is for (the app's own port and the probe are no one's)
+    app = Requests(app, release, tester_ports,
+                   ErrorStore(errors_dir(Env(spec["base"], spec["env"])), release, spec["release_dir"]))
+    hooked = hook_frameworks()
+    if hooked:
+        print("qabox: capturing %s's errors" % " and ".join(hooked), flush=True)
     sockets = dict(spec["sockets"])  # what this app serves once live, by name
     servers = {}  # the same names, once live
     lock = threading.Lock()  # sockets and servers: the control thread changes them too
@@ -194,6 +208,8 @@ def serve(spec: dict) -> None:
     def start(fd: int, handler, kind=Server):
         server = kind("127.0.0.1", 0, app, handler=handler, fd=fd)
         server.name = handler.tester
+        if handler.tester:  # before it serves: its first request is already the tester's
+            tester_ports[server.socket.getsockname()[1]] = handler.tester
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
         return server
@@ -208,6 +224,7 @@ def serve(spec: dict) -> None:
         for name in [n for n in sockets if n not in fds]:
             server = servers.pop(name, None)
             if server is not None:
+                tester_ports.pop(server.socket.getsockname()[1], None)
                 server.shutdown()
                 server.server_close()
             os.close(sockets.pop(name))

@@ -8,6 +8,7 @@ import time
 from . import agents, compiled
 from .control import foreign_listeners, revive, supervisor_ping
 from .envs import Env, all_envs, existing_env
+from .errors import release_count
 from .files import now, tail
 from .protocol import PROTOCOL, Fail
 from .sockets import http_probe, port_is_free
@@ -103,7 +104,7 @@ def env_status_or_problem(env: Env) -> dict:
         keys = ("release", "sha256", "file", "deployed_at", "deployed_by", "pid", "uptime", "last_exit",
                 "last_log", "port", "supervisor_pid", "health")
         return dict({key: None for key in keys}, env=env.name, state="unknown", restarts=0, hangs=0,
-                    supervisor_revived=False, testers=[], requests={},
+                    supervisor_revived=False, testers=[], requests={}, errors=0,
                     problems=["cannot tell the state of env %s: %s" % (env.name, getattr(e, "message", e))])
 
 
@@ -144,6 +145,7 @@ def env_status(env: Env) -> dict:
         "supervisor_revived": revived,
         "testers": testers,
         "requests": requests,
+        "errors": release_count(env, current) if current else 0,  # captured, of the current release
         "problems": problems,  # a port that serves someone else's page is not healthy
         "health": {"error": problems[0]} if problems else
                   http_probe((state.get("probe_port") if pong else None) or port,  # quiet: no access log line

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from qabox.cli import build, config, deploy, hosts, join, lifecycle, logs, run, status, testers, tunnel
+from qabox.cli import build, config, deploy, errors, hosts, join, lifecycle, logs, run, status, testers, tunnel
 from qabox.cli.options import main_options
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.command("join")(join.join)
 app.add_typer(hosts.app, name="hosts")
 app.add_typer(testers.app, name="testers")
 app.add_typer(config.app, name="config")
+app.add_typer(errors.app, name="errors")
 
 
 def main() -> None:
