@@ -359,7 +359,8 @@ def cmd_stop(req, io) -> dict:
     """Stop the env's app gracefully and its supervisor; nothing revives it."""
     env = locked(req, io)
     update_settings(env, stopped=True)
-    if supervisor_ping(env) is None:  # whatever apps of the env run, no supervisor runs them
+    pong = supervisor_ping(env)
+    if pong is None:  # whatever apps of the env run, no supervisor runs them
         apps = env_apps(env)
         if not apps:
             return {"changed": False}
@@ -367,6 +368,7 @@ def cmd_stop(req, io) -> dict:
             stop_group(app["pid"], STOP_TIMEOUT)
     else:
         supervisor_call(env, {"cmd": "stop"}, timeout=STOP_TIMEOUT + 10)
+        wait_for(lambda: not pid_alive(pong["pid"]), 5.0)  # it leaves once stopped: then its ports are free
     return {"changed": True}
 
 
