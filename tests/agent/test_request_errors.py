@@ -124,6 +124,18 @@ def test_an_apps_own_500_page_is_kept(store):
     assert status.startswith("500") and body == b"our own sorry page" and headers["X-Qabox-Error"]
 
 
+@pytest.mark.parametrize("body, replaced", [
+    (b"<!doctype html><title>Server Error (500)</title><h1>Server Error (500)</h1>", True),  # Django, DEBUG off
+    (b"<html>" + b"<td>frame locals</td>" * 2000 + b"You're seeing this error because you have <code>DEBUG = True"
+     b"</code> in your Django settings file.</html>", True),  # Django's technical page: long, and replaced
+    (b"our own sorry page, Server Error (500) " * 200, False),
+])
+def test_a_frameworks_stock_and_debug_500_pages_are_replaced_an_apps_own_kept(body, replaced):
+    from qabox.agent.wsgi import stock_page
+
+    assert stock_page(body) is replaced
+
+
 def records_of(store: ErrorStore):
     return records(Env(str(Path(store.dir).parents[2]), "x"))
 

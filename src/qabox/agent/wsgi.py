@@ -27,10 +27,15 @@ STOCK_PAGES = (  # a framework's own 500 page, which says nothing the tester can
     b"The server encountered an internal error and was unable to complete your request.",  # Flask's (Werkzeug's)
     b"<title>Server Error (500)</title>",  # Django's, when the project has no 500.html
 )
+# Django's technical 500 page (DEBUG = True, startproject's default): the traceback, its frames' local
+# variables and the settings, for anyone on a tester's port. qabox's replaces it too: the developer
+# reads the error with `qabox errors show`, or meets it in `qabox debug`.
+DEBUG_PAGES = (b"seeing this error because you have <code>DEBUG = True</code>",)  # You're, You\u2019re
 
 
 def stock_page(body: bytes) -> bool:
-    return len(body) < 4096 and any(marker in body for marker in STOCK_PAGES)
+    return (any(marker in body for marker in DEBUG_PAGES)
+            or len(body) < 4096 and any(marker in body for marker in STOCK_PAGES))
 
 
 def local_port(environ: dict) -> "int | None":
