@@ -20,6 +20,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from qabox.commands.run import passing_output
 from qabox.context import Context, check_env
+from qabox.errors import RemoteError
 from qabox.forward import Forward
 from qabox.tunnel import listen
 
@@ -65,7 +66,14 @@ def debug(ctx: Context, host: str, env: str, port: int | None, on_up: Callable[[
                     up.set()
                     on_up(Debugger(host, env, started["release"], url, started["pin"], started["port"]))
 
-            return remote.follow("debug", on_message, feed=feed, env=env)
+            try:
+                return remote.follow("debug", on_message, feed=feed, env=env)
+            except RemoteError as e:
+                if e.code is None and up.is_set():  # no result: the agent itself ended
+                    raise RemoteError(f"the debugger of {host}/{env} ended with its agent on the host "
+                                      f"({e.message.rsplit(': ', 1)[-1]}), and so did its process: "
+                                      f"run qabox debug again", log=e.log) from None
+                raise
     finally:
         stop.set()  # the feed thread's last send goes nowhere once the channel is closed
         if forwards:
