@@ -19,6 +19,7 @@ import pytest
 
 from conftest import LAB1, Lines, add_tester, free_port, http_get, qabox, ssh_as_tester, wait_until
 from lab.hosts import env_pids
+from test_real_apps import django, startproject  # noqa: F401 - django is a fixture
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -155,6 +156,25 @@ def test_the_debugger_ends_when_its_agent_is_killed(deployed):
             proc.kill()
     assert err.text().endswith(f"qabox: error: the debugger of lab1/{env} ended with its agent on the host "
                                f"(exit status -1), and so did its process: run qabox debug again\n"), err.text()
+
+
+def test_a_django_view_that_raises_reaches_the_debugger_not_djangos_500(django, env_name, port, tmp_path):  # noqa: F811
+    src = startproject(django, tmp_path / "site", 'DEBUG = False\nALLOWED_HOSTS = ["127.0.0.1", "localhost"]\n')
+    with open(src / "mysite" / "urls.py", "a") as f:
+        f.write("\n\ndef boom(request):\n    raise RuntimeError('boom-' + 'marker')\n\n\n"
+                "urlpatterns.append(path('boom/', boom))\n")
+    assert qabox("build", src, "-o", tmp_path / "site.tar.gz").code == 0
+    assert qabox("deploy", tmp_path / "site.tar.gz", "--host", "lab1", "--env", env_name, "--port", port).code == 0
+    code, body = http_get("lab1", port, "/boom/")
+    assert code == 500 and "Server Error (500)" in body and "boom-marker" not in body, body
+    proc, url, _, _ = start_debug(env_name)
+    try:
+        code, page, _ = get(url + "/boom/")
+        assert code == 500 and all(marker in page for marker in DEBUGGER) and "boom-marker" in page, page[:500]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
 
 
 def test_debug_refuses_an_env_with_nothing_deployed():
