@@ -2,9 +2,10 @@
 
 ``python3 agent-<hash>.pyz`` reads one JSON request on stdin; the same
 archive also runs as ``supervise`` (one per env), ``serve`` (the app, with
-the release's venv python), ``tester-session`` (a tester key's forced
-command) and ``boot`` (from cron). Each command's module is imported only
-when that command runs, so a call compiles little more than it uses.
+the release's venv python), ``debug-serve`` (``qabox debug``'s app),
+``tester-session`` (a tester key's forced command) and ``boot`` (from cron).
+Each command's module is imported only when that command runs, so a call
+compiles little more than it uses.
 """
 
 import errno
@@ -41,6 +42,7 @@ COMMANDS = {  # request name: (module, function), imported when it runs
     "errors-list": ("errors", "cmd_errors_list"),
     "error-show": ("errors", "cmd_error_show"),
     "run": ("oneoff", "cmd_run"),
+    "debug": ("debug", "cmd_debug"),
     "status": ("status", "cmd_status"),
 }
 
@@ -108,6 +110,11 @@ def main(archive: str, args: list) -> int:
         from .serve import serve
 
         serve(json.loads(args[1]))
+        return 0
+    if role == "debug-serve":  # qabox debug's process, never the supervisor's
+        from .debug import debug_serve
+
+        debug_serve(json.loads(args[1]))
         return 0
     io = Stream(sys.stdout, sys.stdin)
     line = io.next_request()

@@ -97,12 +97,12 @@ def exit_status(proc: subprocess.Popen) -> int:
     return 128 - proc.returncode if proc.returncode < 0 else proc.returncode
 
 
-def current_release(env) -> tuple:
+def current_release(env, then: str = "run commands in it") -> tuple:
     """The env's current release and its release.json, or a Fail saying nothing is deployed."""
     release = env.current()
     if release is None:
-        raise Fail("no_release", "nothing is deployed to env %s: deploy a build first, then run "
-                   "commands in it" % env.name)
+        raise Fail("no_release", "nothing is deployed to env %s: deploy a build first, then %s"
+                   % (env.name, then))
     return release, env.release_info(release, strict=True)
 
 

@@ -360,7 +360,7 @@ def check_sshd(banner: str) -> None:
 # venv first, PYTHONUNBUFFERED), that would make the venv's python another
 # (PYTHONHOME, PYTHONPATH...: every PYTHON* variable changes how python runs,
 # not the app), or that would turn on Werkzeug's debugger or reloader.
-DEBUG_SWITCHES = ("FLASK_DEBUG", "WERKZEUG_RUN_MAIN", "WERKZEUG_SERVER_FD")  # never passed to the app
+DEBUG_SWITCHES = ("FLASK_DEBUG", "WERKZEUG_RUN_MAIN", "WERKZEUG_SERVER_FD", "WERKZEUG_DEBUG_PIN")  # never passed to the app
 RESERVED_NAMES = ("PATH",) + DEBUG_SWITCHES
 RESERVED_PREFIXES = ("QABOX_", "PYTHON")
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import typer
 
-from qabox.cli import build, config, deploy, errors, hosts, join, lifecycle, logs, run, status, testers, tunnel
+from qabox.cli import (build, config, debug, deploy, errors, hosts, join, lifecycle, logs, run, status, testers,
+                       tunnel)
 from qabox.cli.options import main_options
 
 app = typer.Typer(
@@ -21,7 +22,7 @@ app = typer.Typer(
 )
 app.callback()(main_options)
 for command in (deploy.deploy, status.status, lifecycle.start, lifecycle.stop, lifecycle.restart,
-                lifecycle.rollback, lifecycle.releases, logs.logs, run.run, tunnel.tunnel):
+                lifecycle.rollback, lifecycle.releases, logs.logs, run.run, debug.debug, tunnel.tunnel):
     app.command()(command)
 app.command("tunnels")(tunnel.tunnels_list)
 app.command("build")(build.build)

@@ -33,14 +33,7 @@ def run(ctx: Context, host: str, env: str, argv: list[str], stdin: BinaryIO, std
     if not argv:
         raise ConfigError("name the command to run after --, e.g. qabox run --host oldbox -- "
                           "python manage.py migrate")
-    outputs = {"out": stdout, "err": stderr}
-
-    def show(message: dict) -> None:
-        for kind, stream in outputs.items():
-            if kind in message:
-                stream.write(base64.b64decode(message[kind]))
-                stream.flush()
-
+    show = passing_output(stdout, stderr)
     with ctx.remote(host) as remote:
         if not terminal:
             data = remote.follow("run", show, feed=stream_feed(stdin), env=env, argv=argv, tty=None)
@@ -52,6 +45,19 @@ def run(ctx: Context, host: str, env: str, argv: list[str], stdin: BinaryIO, std
                                      tty={"rows": size.lines, "cols": size.columns,
                                           "term": os.environ.get("TERM")})
     return data["exit"]
+
+
+def passing_output(stdout: BinaryIO, stderr: BinaryIO) -> Callable[[dict], None]:
+    """Write a process's output, as the agent streams it (``out`` and ``err``, base64), here."""
+    outputs = {"out": stdout, "err": stderr}
+
+    def show(message: dict) -> None:
+        for kind, stream in outputs.items():
+            if kind in message:
+                stream.write(base64.b64decode(message[kind]))
+                stream.flush()
+
+    return show
 
 
 def stream_feed(stdin: BinaryIO) -> Callable[[Send], None]:
