@@ -460,7 +460,8 @@ def test_status_on_an_80_column_terminal(notes_build, env_name, port, tmp_path, 
     assert screen.getvalue() == (
         f"HOST   {'ENV'.ljust(w)}  RELEASE          STATE        PORT\n"
         f"lab1   {env_name.ljust(w)}  {env['release']}  stopped      {port}\n"
-        f"  restarts: {env['restarts']}  deployed: {env['deployed_at']} by {env['deployed_by']}\n"
+        f"  restarts: {env['restarts']}  deployed: {env['deployed_at']} by {env['deployed_by']}"
+        f"  errors: {env['errors']}\n"
         f"ghost  {'-'.ljust(w)}  -                unreachable\n"
         + "".join(line + "\n" for line in textwrap.wrap(f"ghost: {ghost['error']}", 80,
                                                         subsequent_indent="  ", break_on_hyphens=False))
