@@ -5,7 +5,7 @@ it imports from source, again and again: about 40 ms of each deploy session
 and 10 ms of each app start. ``install`` writes, once per version and python,
 a zip of the archive's modules compiled for the python it runs on::
 
-    agent/agent-<hash>.<cache tag>-<sha256 of the zip, 16>.zip
+    agent/agent-<hash>.<cache tag>-<magic>-<sha256 of the zip, 16>.zip
 
 and the archive's ``__main__`` puts it first on the package's path. Its name
 carries the hash of its own bytes, checked before it is used, so a damaged or
@@ -23,8 +23,12 @@ USED = None  # the compiled copy this process imports from, if any (hello report
 
 
 def prefix(archive: str) -> str:
-    """The start of the compiled copies' names for this archive and python."""
-    return os.path.basename(archive)[:-len(".pyz")] + "." + sys.implementation.cache_tag + "-"
+    """The start of the compiled copies' names for this archive and python: its
+    cache tag and bytecode magic (a pre-release may change the magic, not the tag)."""
+    from importlib.util import MAGIC_NUMBER
+
+    return "%s.%s-%s-" % (os.path.basename(archive)[:-len(".pyz")], sys.implementation.cache_tag,
+                          MAGIC_NUMBER[:2].hex())
 
 
 def copies_of(archive: str) -> list:
