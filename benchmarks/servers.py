@@ -81,13 +81,14 @@ def burst(port: int, direct: bool, connections: int, seconds: float) -> dict:
 
 def deploy_under_load(target: DeployTarget, build: Path) -> dict:
     """Deploy a changed build while LOAD_CLIENTS keep-alive testers in lab1 send
-    LOAD_RATE requests/s, from a second before it to a second after, LOAD_REQUESTS at least."""
+    LOAD_RATE requests/s: LOAD_REQUESTS at least, a quarter of them before it
+    starts, and for a second at least after it ends (the old process drains)."""
     kwargs = dict(port=target.port, path="/release", clients=LOAD_CLIENTS, rate=LOAD_RATE,
                   requests=LOAD_REQUESTS, max_seconds=300)
     proc = subprocess.Popen(host_program(CLIENT, "paced", json.dumps(kwargs)), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1)  # the old build answers first
+        time.sleep(LOAD_REQUESTS / LOAD_RATE / 4)  # the old build answers first
         wall, error = deploy(target, build)
         if error:
             raise BenchError(f"the changed build's deploy failed: {error}")
