@@ -12,6 +12,7 @@ ignores the setting serves the build on Werkzeug).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -162,7 +163,8 @@ def summary(runs: list[dict]) -> dict:
             "p95": statistics.median(percentile(r["latencies"], 95) for r in runs) * 1000,
             "requests": sum(r["requests"] for r in runs), "failed": sum(r["failed"] for r in runs),
             "connections": sum(r["connections"] for r in runs), "retries": sum(r["retries"] for r in runs),
-            "errors": [e for r in runs for e in r["errors"]][:1], "repeats": len(runs)}
+            "errors": [e for r in runs for e in r["errors"]][:1], "repeats": len(runs),
+            "client_cpu": max(r["cpu"] / r["seconds"] for r in runs)}
 
 
 def server_rows(figures: dict[tuple, list[dict]], skipped: dict[str, str], seconds: float) -> list[Row]:
@@ -192,7 +194,8 @@ def run_note(s: dict, way: str, connections: int, seconds: float) -> str:
     repeats = f"median of {s['repeats']}" if s["repeats"] > 1 else "1 run"
     per = s["requests"] / s["connections"]
     reuse = f"keep-alive, {per:.0f} requests per connection" if per >= 1.5 else "a connection per request"
-    note = f"GET {PAGE} for {seconds:g} s {where}, {repeats}; {reuse}; failed {s['failed']}"
+    note = (f"GET {PAGE} for {seconds:g} s {where}, {repeats}; {reuse}; the clients used up to "
+            f"{s['client_cpu']:.1f} CPU of {os.cpu_count()}; failed {s['failed']}")
     if s["retries"]:
         note += f", {s['retries']} retried once"
     if s["errors"]:

@@ -218,7 +218,7 @@ def test_server_rows_compare_each_server_with_werkzeug_and_name_the_skipped():
     def run(rate: float, latency: float, per_connection: int) -> dict:
         requests = int(rate)
         return {"requests": requests, "seconds": 1.0, "latencies": [latency] * requests, "failed": 0,
-                "connections": requests // per_connection, "retries": 0, "errors": []}
+                "connections": requests // per_connection, "retries": 0, "errors": [], "cpu": 0.5}
 
     figures = {}
     for way in ("direct", "tunnel"):

@@ -5,7 +5,8 @@ one connection and reuses it for as long as the server keeps it open.
 
   probe: one GET `path`: its status, Server header and body
   burst: `clients` connections GET `path` one request after another for `seconds`,
-         in `procs` processes (the clients' threads share one GIL per process)
+         in `procs` processes (the clients' threads share one GIL per process);
+         cpu: the CPU seconds they used
   paced: `clients` connections GET `path` at `rate` requests/s in all, until stdin
          closes and at least `requests` were sent (`max_seconds` at most)
 
@@ -129,12 +130,16 @@ def burst(port, path, clients, seconds, procs=1):
         pid = os.fork()
         if pid == 0:
             os.close(read)
+            cpu = time.process_time()
+            stats = burst_threads(port, path, share, seconds)
+            stats["cpu"] = time.process_time() - cpu
             with os.fdopen(write, "w") as out:
-                json.dump(burst_threads(port, path, share, seconds), out)
+                json.dump(stats, out)
             os._exit(0)
         os.close(write)
         children.append((pid, os.fdopen(read)))
-    merged = {"latencies": [], "failed": 0, "errors": [], "connections": 0, "retries": 0, "server": ""}
+    merged = {"latencies": [], "failed": 0, "errors": [], "connections": 0, "retries": 0, "cpu": 0.0,
+              "server": ""}
     for pid, pipe in children:
         text = pipe.read()
         os.waitpid(pid, 0)
@@ -143,7 +148,7 @@ def burst(port, path, clients, seconds, procs=1):
         part = json.loads(text)
         for key in ("latencies", "errors"):
             merged[key] += part[key]
-        for key in ("failed", "connections", "retries"):
+        for key in ("failed", "connections", "retries", "cpu"):
             merged[key] += part[key]
         merged["server"] = merged["server"] or part["server"]
     merged["seconds"] = time.monotonic() - started
