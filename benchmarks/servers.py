@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 from .harness import Bench, BenchError, Row, compared, percentile, run, target_note
+from .supervision import LOAD_CLIENTS, LOAD_RATE, HostLoad  # 60 requests/s in all
 from .target import PROGRAMS, QABOX, REPO, DeployTarget, HOST, host_program
 from .tunnel import add_tester, remove_tester, start_qabox_tunnel
 
 SERVERS = ("werkzeug", "waitress", "gunicorn")  # the first is the default, every ratio's baseline
 CONNECTIONS = (1, 8)
 PAGE = "/"  # the notes app's index: a small page
-LOAD_CLIENTS, LOAD_RATE = 4, 60  # testers' keep-alive connections, requests/s of them all
 LOAD_REQUESTS = 500  # at least, through the deploy
 CLIENT = "keepalive_client.py"
 
@@ -82,26 +82,17 @@ def burst(port: int, direct: bool, connections: int, seconds: float) -> dict:
 
 def deploy_under_load(target: DeployTarget, build: Path) -> dict:
     """Deploy a changed build while LOAD_CLIENTS keep-alive testers in lab1 send
-    LOAD_RATE requests/s: LOAD_REQUESTS at least, a quarter of them before it
+    LOAD_RATE requests/s each: LOAD_REQUESTS at least, a quarter of them before it
     starts, and for a second at least after it ends (the old process drains)."""
     kwargs = dict(port=target.port, path="/release", clients=LOAD_CLIENTS, rate=LOAD_RATE,
-                  requests=LOAD_REQUESTS, max_seconds=300)
-    proc = subprocess.Popen(host_program(CLIENT, "paced", json.dumps(kwargs)), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(LOAD_REQUESTS / LOAD_RATE / 4)  # the old build answers first
+                  requests=LOAD_REQUESTS, keepalive=True, max_seconds=300)
+    with HostLoad(host_program("host_client.py", "load", json.dumps(kwargs))) as load:
+        time.sleep(LOAD_REQUESTS / (LOAD_CLIENTS * LOAD_RATE) / 4)  # the old build answers first
         wall, error = deploy(target, build)
         if error:
             raise BenchError(f"the changed build's deploy failed: {error}")
         time.sleep(1)
-        out, err = proc.communicate(input="", timeout=LOAD_REQUESTS / LOAD_RATE + 60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    if proc.returncode:
-        raise BenchError(f"the load generator failed: {(err.strip().splitlines() or ['?'])[-1]}")
-    return dict(json.loads(out), deploy=wall)
+        return dict(load.stop(), deploy=wall)
 
 
 def section(bench: Bench) -> list[Row]:
@@ -204,7 +195,7 @@ def run_note(s: dict, way: str, connections: int, seconds: float) -> str:
 
 
 def load_rows(loads: dict[str, dict], skipped: dict[str, str]) -> list[Row]:
-    """Per server: failed of the requests sent through a deploy under LOAD_RATE requests/s."""
+    """Per server: failed of the requests sent through a deploy under load."""
     rows = []
     for server, load in loads.items():
         answers = " then ".join(a.strip() for a in load["answers"])

@@ -1,5 +1,6 @@
 """HTTP/1.1 load from stdlib http.client as a browser sends it: each client keeps
-one connection and reuses it for as long as the server keeps it open.
+one connection and reuses it for as long as the server keeps it open (host_client.py's
+load mode sends its paced load with this Client too).
 
     python3 keepalive_client.py MODE JSON-KWARGS      prints one JSON object
 
@@ -7,8 +8,6 @@ one connection and reuses it for as long as the server keeps it open.
   burst: `clients` connections GET `path` one request after another for `seconds`,
          in `procs` processes (the clients' threads share one GIL per process);
          cpu: the CPU seconds they used
-  paced: `clients` connections GET `path` at `rate` requests/s in all, until stdin
-         closes and at least `requests` were sent (`max_seconds` at most)
 
 A request on a reused connection that the server closed before it sent any byte
 of a response (the send fails, or the status line meets a close or a reset) is
@@ -156,49 +155,6 @@ def burst(port, path, clients, seconds, procs=1):
     return merged
 
 
-def paced(port, path, clients, rate, requests, max_seconds):
-    stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    stats = {"sent": 0, "failed": 0, "retries": 0, "connections": 0, "answers": [], "errors": [],
-             "slowest": 0.0}
-    lock = threading.Lock()
-    started = time.monotonic()
-
-    def enough():
-        return (stop.is_set() and stats["sent"] >= requests) or time.monotonic() - started > max_seconds
-
-    def run():
-        client, next_at = Client(port), time.monotonic()
-        while not enough():
-            sent = time.monotonic()
-            try:
-                body, error = client.get(path), None
-            except Exception as e:
-                body, error = None, repr(e)
-            with lock:
-                stats["sent"] += 1
-                stats["slowest"] = max(stats["slowest"], time.monotonic() - sent)
-                if error:
-                    stats["failed"] += 1
-                    stats["errors"] = (stats["errors"] + [error])[:5]
-                elif body not in stats["answers"]:
-                    stats["answers"].append(body)
-            next_at = max(next_at + clients / rate, time.monotonic())  # no catching up in bursts
-            time.sleep(max(0.0, next_at - time.monotonic()))
-        client.close()
-        with lock:
-            stats["retries"] += client.retries
-            stats["connections"] += client.connections
-
-    threads = [threading.Thread(target=run) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stats["seconds"] = time.monotonic() - started
-    return stats
-
-
 if __name__ == "__main__":
     mode, kwargs = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps({"probe": probe, "burst": burst, "paced": paced}[mode](**kwargs)))
+    print(json.dumps({"probe": probe, "burst": burst}[mode](**kwargs)))
