@@ -7,6 +7,7 @@ import http.server
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -149,7 +150,8 @@ def test_quick_servers_bench_measures_each_server_or_says_why_not():
             assert all(rows[name]["ratio"] > 0 for name in names)
         load = rows[f"deploy under load, {server}: failed requests"]
         assert isinstance(load["value"], int)
-        assert " then " in load["note"] and "of 5" in load["note"], load  # two releases answered, >= 500 sent
+        assert " then " in load["note"], load  # the old release answered, then the new one
+        assert int(re.search(r"of (\d+) sent", load["note"]).group(1)) >= 500, load
         assert_gone(f"{env}-{server}")
     assert f"{env}servers" not in json.loads((LAB_ENVS.parent / "testers.json").read_text())
 
