@@ -45,7 +45,7 @@ def load(port, clients, rate, max_seconds, path="/", requests=0, keepalive=False
                 elif body not in stats["answers"]:
                     stats["answers"].append(body)
             next_at = max(next_at + 1.0 / rate, time.monotonic())  # no catching up in bursts
-            stop.wait(next_at - time.monotonic())
+            time.sleep(max(0.0, next_at - time.monotonic()))  # paced on after stdin closes, too
         if browser:
             browser.close()
             with lock:
