@@ -6,12 +6,13 @@ Each section is a function that returns rows of (name, value, unit, baseline,
 ratio, note), where ratio is value / baseline: for times below 1 means qabox is
 faster, for throughputs above 1 means it is faster.  The baselines are plain
 OpenSSH (deploy, tunnel, cli), the same app on Werkzeug's single-threaded server
-(supervision), one host (fleet) and the agent before the .pyz (cli).  Figures
-are medians of several repeats (one with --quick, which also uses smaller builds
-and fewer requests, and is meant as a smoke test).  Everything runs against the
-lab hosts of scripts/lab ($QABOX_LAB_DIR, $QABOX_LAB_SLOT; started here if
-needed), in an env and port of this run's own, removed again afterwards; the
-supervision section's clients run inside the lab host, on its loopback.
+(supervision), on Werkzeug's threaded server, qabox's default (servers), one host
+(fleet) and the agent before the .pyz (cli).  Figures are medians of several
+repeats (one with --quick, which also uses smaller builds and fewer requests, and
+is meant as a smoke test).  Everything runs against the lab hosts of scripts/lab
+($QABOX_LAB_DIR, $QABOX_LAB_SLOT; started here if needed), in an env and port of
+this run's own, removed again afterwards; the supervision and servers sections'
+direct clients run inside the lab host, on its loopback.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Callable
 from lab.hosts import LabError
 from qabox.errors import QaboxError
 
-from . import cli, deploy, fleet, supervision, tunnel
+from . import cli, deploy, fleet, servers, supervision, tunnel
 from .harness import Bench, BenchError, Row, print_table
 from .target import HOST, lab_up
 
@@ -34,6 +35,7 @@ SECTIONS: dict[str, Callable[[Bench], list[Row]]] = {
     "deploy": deploy.section,
     "supervision": supervision.section,
     "tunnel": tunnel.section,
+    "servers": servers.section,
     "fleet": fleet.section,
     "cli": cli.section,
 }

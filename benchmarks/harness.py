@@ -18,10 +18,11 @@ class BenchError(Exception):
 
 
 class Row(NamedTuple):
-    """One figure: ratio is value / baseline when there is a baseline."""
+    """One figure: ratio is value / baseline when there is a baseline; value None:
+    a figure not measured (its note says why)."""
 
     name: str
-    value: float
+    value: float | None
     unit: str
     baseline: float | None = None
     ratio: float | None = None

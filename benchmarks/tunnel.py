@@ -174,11 +174,12 @@ def start_plain_sshtunnel(bench: Bench, tester: dict) -> Forward:
     return forward.started(printed_port)
 
 
-def add_tester(bench: Bench, env: str) -> dict:
-    """A tester with a fresh key, whose own port on lab1 reaches the env."""
-    key = bench.tmp / "tester"
+def add_tester(bench: Bench, env: str, name: str = "t") -> dict:
+    """A tester with a fresh key, whose own port on lab1 reaches the env (and every
+    other env there now); `name` tells this run's testers apart."""
+    key = bench.tmp / f"tester-{name}"
     run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qabox bench tester", "-f", key)
-    name = f"bench{os.getpid()}t"
+    name = f"bench{os.getpid()}{name}"
     added = json.loads(run(sys.executable, "-m", "qabox", "testers", "add", name, "--key", f"{key}.pub",
                            "--host", HOST, "--json", timeout=180).stdout)["data"]
     tester = {"name": name, "key": str(key), "env": env, "port": added["ports"].get(env)}

@@ -3,30 +3,37 @@ python, so that they hit the app's loopback port directly and time the app, not 
 
     python3 host_client.py MODE JSON-KWARGS      prints one JSON object
 
-  load: `clients` each GET / `rate` times a second until stdin closes
+  load: `clients` each GET `path` (/) `rate` times a second until stdin closes and
+        at least `requests` (0) were sent; with `keepalive`, each on one connection
+        it reuses, as a browser does (keepalive_client.Client, which retries what
+        browsers retry), else a new connection per request
   kill: kill -9 the process answering /pid, poll every 20 ms until another answers
   latency: /slow?s=`seconds` from 1 client `sequential` times, then from
            `clients` clients at once, `each` times each
 """
 import json, os, signal, sys, threading, time, urllib.request
 
+from keepalive_client import Client
+
 def get(port, path, timeout=10.0):
     with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=timeout) as r:
         return r.read().decode()
 
-def load(port, clients, rate, max_seconds):
+def load(port, clients, rate, max_seconds, path="/", requests=0, keepalive=False):
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    stats = {"sent": 0, "failed": 0, "answers": [], "errors": [], "slowest": 0.0}
+    stats = {"sent": 0, "failed": 0, "answers": [], "errors": [], "slowest": 0.0, "connections": 0,
+             "retries": 0}
     lock = threading.Lock()
     started = time.monotonic()
 
     def client():
+        browser = Client(port) if keepalive else None
         next_at = time.monotonic()
-        while not stop.is_set() and time.monotonic() - started < max_seconds:
+        while not (stop.is_set() and stats["sent"] >= requests) and time.monotonic() - started < max_seconds:
             sent = time.monotonic()
             try:
-                body, error = get(port, "/"), None
+                body, error = (browser.get(path) if browser else get(port, path)), None
             except Exception as e:
                 body, error = None, repr(e)
             with lock:
@@ -38,7 +45,12 @@ def load(port, clients, rate, max_seconds):
                 elif body not in stats["answers"]:
                     stats["answers"].append(body)
             next_at = max(next_at + 1.0 / rate, time.monotonic())  # no catching up in bursts
-            stop.wait(next_at - time.monotonic())
+            time.sleep(max(0.0, next_at - time.monotonic()))  # paced on after stdin closes, too
+        if browser:
+            browser.close()
+            with lock:
+                stats["connections"] += browser.connections
+                stats["retries"] += browser.retries
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
