@@ -1,4 +1,5 @@
-"""The app process: the release's WSGI app on Werkzeug's threaded server.
+"""The app process: the release's WSGI app on the server it names (Werkzeug's threaded
+server by default; serve_waitress.py and serve_gunicorn.py for the others).
 
 It runs with the release's virtualenv python, from the same archive.
 """
@@ -61,7 +62,75 @@ def takes(function, *args) -> bool:
     return True
 
 
+def wrapped_app(spec: dict, tester_ports: dict):
+    """The release's app as every server runs it: its static directories ahead
+    of it, then the ``Requests`` middleware (identity headers, captured errors).
+    ``tester_ports`` (port -> tester) is the server's to keep current."""
+    sys.path.insert(0, spec["release_dir"])
+    app = load_app(spec["entry"])
+    if spec.get("static"):  # the release's own directories, ahead of the app (Django serves none itself)
+        from werkzeug.middleware.shared_data import SharedDataMiddleware
+
+        app = SharedDataMiddleware(app, {prefix: os.path.join(spec["release_dir"], path)
+                                         for prefix, path in spec["static"].items()})
+    release = os.environ.get("QABOX_RELEASE") or os.path.basename(spec["release_dir"])
+    app = Requests(app, release, tester_ports,
+                   ErrorStore(errors_dir(Env(spec["base"], spec["env"])), release, spec["release_dir"]))
+    hooked = hook_frameworks()
+    if hooked:
+        print("qabox: capturing %s's errors" % " and ".join(hooked), flush=True)
+    return app
+
+
+def control_loop(spec: dict, path: str, answer, retired=None) -> None:
+    """Serve the app's control socket at ``path`` for its supervisor (and for a
+    new one that adopts it): each request, checked to come from this env's
+    supervisor, is ``answer(message, fds)``'s to handle; it returns the fds to
+    send back, None (ok) or False (not done). After an ok to "retire",
+    ``retired()`` runs: the answer is sent before the app may exit."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ctl.bind(path)
+    ctl.listen(4)
+    while True:
+        conn, _ = ctl.accept()
+        with conn:
+            conn.settimeout(5)
+            try:
+                foreign = foreign_peer(conn, role=["supervise", spec["base"], spec["env"]])
+                if foreign:
+                    raise OSError("refused a connection from %s: not this env's supervisor" % foreign)
+                message, fds = recv_fds(conn)
+                reply = answer(message, fds)
+                if reply is None:
+                    send_fds(conn, {}, ok=True)
+                elif reply is False:
+                    send_fds(conn, {}, ok=False)
+                else:
+                    send_fds(conn, reply)
+            except (OSError, ValueError) as e:
+                print("control request failed: %s" % e, flush=True)
+                continue
+        if message.get("cmd") == "retire" and reply is None and retired is not None:
+            retired()
+
+
 def serve(spec: dict) -> None:
+    """Run the app on the server its release names (``spec["server"]``)."""
+    server = spec.get("server") or "werkzeug"
+    if server == "waitress":
+        from .serve_waitress import serve_waitress
+
+        return serve_waitress(spec)
+    if server == "gunicorn":
+        from .serve_gunicorn import serve_gunicorn
+
+        return serve_gunicorn(spec)
+    return serve_werkzeug(spec)
+
+
+def serve_werkzeug(spec: dict) -> None:
     """Run the app on Werkzeug's threaded server over the inherited sockets.
 
     It serves the private probe socket at once and the shared listening socket
@@ -86,7 +155,6 @@ def serve(spec: dict) -> None:
     signal.signal(signal.SIGUSR1, setting(go_live))
     signal.signal(signal.SIGTERM, setting(stop))
     signal.signal(signal.SIGINT, setting(stop))
-    sys.path.insert(0, spec["release_dir"])
     from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
     active = [0]
@@ -128,19 +196,8 @@ def serve(spec: dict) -> None:
         def log_request(self, *args, **kwargs):
             pass  # the supervisor's health probes are not testers' requests
 
-    app = load_app(spec["entry"])
-    if spec.get("static"):  # the release's own directories, ahead of the app (Django serves none itself)
-        from werkzeug.middleware.shared_data import SharedDataMiddleware
-
-        app = SharedDataMiddleware(app, {prefix: os.path.join(spec["release_dir"], path)
-                                         for prefix, path in spec["static"].items()})
-    release = os.environ.get("QABOX_RELEASE") or os.path.basename(spec["release_dir"])
     tester_ports = {}  # port -> the tester it is for (the app's own port and the probe are no one's)
-    app = Requests(app, release, tester_ports,
-                   ErrorStore(errors_dir(Env(spec["base"], spec["env"])), release, spec["release_dir"]))
-    hooked = hook_frameworks()
-    if hooked:
-        print("qabox: capturing %s's errors" % " and ".join(hooked), flush=True)
+    app = wrapped_app(spec, tester_ports)
     sockets = dict(spec["sockets"])  # what this app serves once live, by name
     servers = {}  # the same names, once live
     lock = threading.Lock()  # sockets and servers: the control thread changes them too
@@ -249,41 +306,21 @@ def serve(spec: dict) -> None:
         for server in running:
             server.retire()
 
-    def control(path: str) -> None:
+    def answer(message: dict, fds: dict):
         """A new supervisor asks for the sockets (adoption), or sends new ones;
         the supervisor that replaced this app has it stop accepting (retire)."""
-        if os.path.lexists(path):
-            os.unlink(path)
-        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        ctl.bind(path)
-        ctl.listen(4)
-        while True:
-            conn, _ = ctl.accept()
-            with conn:
-                conn.settimeout(5)
-                try:
-                    foreign = foreign_peer(conn, role=["supervise", spec["base"], spec["env"]])
-                    if foreign:
-                        raise OSError("refused a connection from %s: not this env's supervisor" % foreign)
-                    message, fds = recv_fds(conn)
-                    if message.get("cmd") == "retire":
-                        stop_accepting()
-                        send_fds(conn, {}, ok=True)
-                        stop.set()  # then drain and exit, as on SIGTERM
-                        wake.set()
-                        continue
-                    with lock:
-                        if message.get("cmd") == "serve":
-                            serve_only(fds)
-                            send_fds(conn, {}, ok=True)
-                        else:
-                            send_fds(conn, sockets)
-                except (OSError, ValueError) as e:
-                    print("control request failed: %s" % e, flush=True)
+        if message.get("cmd") == "retire":
+            stop_accepting()
+            return None
+        with lock:
+            if message.get("cmd") == "serve":
+                serve_only(fds)
+                return None
+            return dict(sockets)
 
     probe = start(spec["probe_fd"], QuietHandler, ProbeServer)
     ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
-    threading.Thread(target=control, args=(ctl_path,), daemon=True).start()
+    threading.Thread(target=control_loop, args=(spec, ctl_path, answer, setting(stop)), daemon=True).start()
     if spec.get("live"):
         go_live.set()
     live = False

@@ -18,7 +18,7 @@ from .envs import START_TIMEOUT, Env, link_current
 from .files import is_port, iso, makedirs, now, rotate, tail, write_json
 from .procs import STOP_TIMEOUT, pid_alive, process_started, stop_group
 from .protocol import Fail
-from .rules import DEFAULT_HEALTH_STATUS, RELEASE_FILE, WARMING_UP, health_codes, is_up
+from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_SERVER, RELEASE_FILE, WARMING_UP, health_codes, is_up
 from .sockets import bind_listener, fd_port, foreign_peer, http_probe, listening_port, recv_line
 from .testers import next_expiry, tester_ports
 
@@ -58,6 +58,8 @@ class AppProcess:
             "release_dir": env.release_dir(release),
             "entry": info["entry"],
             "static": info.get("static") or {},
+            "server": info.get("server") or DEFAULT_SERVER,
+            "server_options": info.get("server_options") or {},
             "sockets": sockets,
             "probe_fd": probe.fileno(),
             "live": live,
