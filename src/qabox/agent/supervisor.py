@@ -39,6 +39,7 @@ class AppProcess:
         self.health = info.get("health", "/")
         self.health_status = info.get("health_status") or DEFAULT_HEALTH_STATUS
         self.health_codes = health_codes(self.health_status)
+        self.server = info.get("server") or DEFAULT_SERVER
         self.log_path = env.path("logs", release + ".log")
 
     @classmethod
@@ -135,6 +136,14 @@ class AppProcess:
         return result
 
     def go_live(self) -> None:
+        """Have the app serve its main and tester sockets: SIGUSR1, but gunicorn's
+        master uses that signal itself (reopen logs): it is told over its control socket."""
+        if self.server == "gunicorn":
+            try:
+                if app_request(self.env, self.pid, {}, cmd="live")[0].get("ok") is True:
+                    return
+            except (OSError, ValueError) as e:
+                raise OSError("app %d did not go live: %s" % (self.pid, e))
         os.kill(self.pid, signal.SIGUSR1)
 
     def hand_over(self, sockets: dict) -> bool:
