@@ -428,6 +428,18 @@ SERVER_OPTIONS = {  # key: (low, high, whole numbers only, what it is, the serve
 }
 
 
+MAX_WORKERS = 4  # gunicorn's default workers: two per core and one, at most this (a QA box has few testers)
+PROCESS_MB = 100  # what one app process takes, about: a Flask or Django app with its imports
+
+
+def server_processes(server: str, options: dict, cores) -> int:
+    """How many app processes a server runs: gunicorn's workers (``workers``, by
+    default from the host's cores), one for the others."""
+    if server != "gunicorn":
+        return 1
+    return int(options.get("workers") or min((cores or 1) * 2 + 1, MAX_WORKERS))
+
+
 def server_problems(server, options, where: str = "qabox.toml") -> list:
     """Why ``[app] server`` and ``[server]`` cannot run, each a line naming the key."""
     if server not in SERVERS:

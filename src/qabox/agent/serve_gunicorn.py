@@ -22,18 +22,13 @@ import socket
 import threading
 
 from .procs import STOP_TIMEOUT
+from .rules import server_processes
 from .serve import control_loop, wrapped_app
 
 THREADS = 4
-MAX_WORKERS = 4
 CONNECTION_LIMIT = 256
 IDLE_TIMEOUT = 30.0
 TIMEOUT = 30.0
-
-
-def default_workers() -> int:
-    """Two per core and one, at most MAX_WORKERS: a QA box has few testers."""
-    return min((os.cpu_count() or 1) * 2 + 1, MAX_WORKERS)
 
 
 def serve_gunicorn(spec: dict) -> None:
@@ -97,7 +92,7 @@ def serve_gunicorn(spec: dict) -> None:
             atoms["rid"] = environ.get("qabox.request_id") or "-"
             return atoms
 
-    workers = int(options.get("workers") or default_workers())
+    workers = server_processes("gunicorn", options, os.cpu_count())
     threads = int(options.get("threads", THREADS))
     settings = {
         "bind": ["fd://%d" % os.dup(fd) for fd in [spec["probe_fd"]] + list(kept.values())],

@@ -29,8 +29,11 @@ def cmd_hello(req, io) -> dict:
         env = Env(base, name)
         port = env.settings(strict=False).get("port")
         if port:
+            current = env.current()
+            info = env.release_info(current) if current else {}
             ports[name] = {"port": port, "ours": supervisor_ping(env) is not None,
-                           "free": port_is_free(port)}
+                           "free": port_is_free(port), "server": info.get("server") or DEFAULT_SERVER,
+                           "server_options": info.get("server_options") or {}}
     wanted = req.get("port")
     return {
         "protocol": PROTOCOL,
@@ -44,7 +47,21 @@ def cmd_hello(req, io) -> dict:
         "base": base,
         "envs": ports,
         "port_free": port_is_free(wanted) if wanted else None,
+        "cores": os.cpu_count(),
+        "memory_bytes": memory_bytes(),
     }
+
+
+def memory_bytes():
+    """The host's memory (MemTotal of /proc/meminfo), or None if it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def cmd_logs(req, io) -> None:
