@@ -81,3 +81,11 @@ def test_gunicorn_workers_come_from_the_cores_and_hosts_check_warns_when_they_do
     assert "qa's 9 workers are more than 2 per core and one (5)" in check.detail and "workers" in check.fix
     fine = server_check(load_settings("other", tmp_path), dict(facts, memory_bytes=16 * 10**9))
     assert fine.ok and not fine.warning and fine.detail == "2 cores, 16.0 GB of memory; main on waitress"
+
+
+def test_a_hosts_file_override_needs_a_build_that_brings_that_server(tmp_path):
+    offline = build_check.inspect(tar_of(tmp_path, {**WSGI, "requirements.txt": "flask\nwaitress\n",
+                                                    "wheels/flask-3.0.0-py3-none-any.whl": "",
+                                                    "wheels/werkzeug-3.0.0-py3-none-any.whl": "",
+                                                    "wheels/waitress-3.0.2-py3-none-any.whl": ""}))
+    assert build_check.build_brings(offline, "waitress") and not build_check.build_brings(offline, "gunicorn")

@@ -197,6 +197,14 @@ def brings_server(files: set, requirements: str, server: str = rules.DEFAULT_SER
     return re.search(rf"^[ \t]*({names})[ \t]*([\[<>=!~;#]|$)", requirements, re.I | re.M) is not None
 
 
+def build_brings(build: Build, server: str) -> bool:
+    """Whether a checked build installs ``server``'s package (one without
+    requirements installs nothing: it brings none)."""
+    if build.requirements is None:
+        return False
+    return brings_server({f"wheels/{name}" for name in build.wheels}, build.requirements, server)
+
+
 def read_resolved_for(text: str | None) -> dict | None:
     """The python a build says its wheels are for; a record it cannot read says nothing."""
     try:

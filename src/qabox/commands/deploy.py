@@ -106,6 +106,10 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
             problems = rules.server_problems(server, server_options, f"{build.path.name} on {host}")
             if problems:
                 raise ConfigError("; ".join(problems) + (f" (with {settings.source})" if settings.source else ""))
+            if server != build.server and not build_check.build_brings(build, server):
+                raise ConfigError(f"{settings.source} runs env {env} on {server}, which {build.path.name} does not "
+                                  f"bring: add `{server}` to its requirements (qabox build adds it when its "
+                                  f"qabox.toml says [app] server = \"{server}\"), or drop the override")
             ask = dict(  # what makes a deploy a change: upload-state answers "unchanged" if none is
                 env=env, manifest=build.id, entry=build.entry, health=build.health,
                 health_status=build.health_status, static=build.static, environment=build.environment,
