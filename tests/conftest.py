@@ -19,6 +19,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -488,6 +489,17 @@ def url_get(url: str, timeout: float = 10) -> tuple[int, str]:
             return r.status, r.read().decode()
     except OSError as e:
         return 0, str(e)
+
+
+def local_answer(port: int, path: str = "/", **headers) -> tuple:
+    """GET a path of a port on this machine's loopback with these headers:
+    (status, response headers, body), an HTTP error's too."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
 
 
 def local_get(port: int, path: str = "/") -> tuple[int, str]:

@@ -9,13 +9,11 @@ import http.client
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import SERVERS, free_port, new_key, wait_until, wsgi_build
+from conftest import SERVERS, free_port, local_answer as get, new_key, wait_until, wsgi_build
 
 APP = """
 import json, os, time
@@ -28,15 +26,6 @@ def app(environ, start_response):
     return [json.dumps({"tester": environ.get("HTTP_X_QABOX_TESTER"), "pid": os.getpid(),
                         "version": "VERSION"}).encode()]
 """
-
-
-def get(port: int, path: str = "/", **headers) -> tuple[int, dict, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=5) as r:
-            return r.status, r.headers, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read().decode()
 
 
 @pytest.mark.network

@@ -418,7 +418,7 @@ def hook_argv(hook: str) -> list:
 # (serve.py): it takes no knobs.
 SERVERS = ("werkzeug", "waitress", "gunicorn")
 DEFAULT_SERVER = "werkzeug"
-SERVER_PACKAGES = {"werkzeug": "werkzeug", "waitress": "waitress>=3.0", "gunicorn": "gunicorn>=23"}
+SERVER_PACKAGES = {"werkzeug": "werkzeug", "waitress": "waitress>=3.0", "gunicorn": "gunicorn>=27"}
 SERVER_OPTIONS = {  # key: (low, high, whole numbers only, what it is, the servers it applies to)
     "threads": (1, 256, True, "a number of threads from 1 to 256", ("waitress", "gunicorn")),
     "workers": (1, 64, True, "a number of worker processes from 1 to 64", ("gunicorn",)),

@@ -116,6 +116,65 @@ def control_loop(spec: dict, path: str, answer, retired=None) -> None:
             retired()
 
 
+class Lifecycle:
+    """An app process's moments, whatever its server: it goes live (SIGUSR1,
+    once the supervisor saw it healthy, or at once when started live) and
+    stops (SIGTERM, SIGINT, or retired over its control socket ``run/app-PID.sock``)."""
+
+    def __init__(self, spec: dict):
+        import threading
+
+        self.spec = spec
+        self.go_live, self.stop = threading.Event(), threading.Event()
+        self.wake = threading.Event()  # the main loop acts at once on either
+        signal.signal(signal.SIGUSR1, self.setting(self.go_live))
+        signal.signal(signal.SIGTERM, self.setting(self.stop))
+        signal.signal(signal.SIGINT, self.setting(self.stop))
+        self.ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
+
+    def setting(self, event):
+        def handler(*_):
+            event.set()
+            self.wake.set()
+        return handler
+
+    def take(self, sockets: dict, fds: dict, serve_all) -> None:
+        """Add the sockets the supervisor sent (testers added) to those served
+        by name, and serve them if live (a retiring app takes no new port)."""
+        for name, fd in fds.items():
+            if name in sockets:
+                os.close(fd)  # the same socket, already served
+            else:
+                sockets[name] = fd
+        if self.go_live.is_set() and not self.stop.is_set():
+            serve_all()
+
+    def run(self, answer, serve_all, stop_accepting, busy) -> None:
+        """Answer the control socket (``answer``, see control_loop), ``serve_all()``
+        at go-live; once stopped, ``stop_accepting()``, wait while ``busy()``
+        (the connections still open, up to STOP_TIMEOUT - 1 s), and exit."""
+        import threading
+
+        threading.Thread(target=control_loop, args=(self.spec, self.ctl_path, answer, self.setting(self.stop)),
+                         daemon=True).start()
+        if self.spec.get("live"):
+            self.go_live.set()
+        live = False
+        while not self.stop.is_set():
+            if self.go_live.is_set() and not live:
+                serve_all()
+                live = True
+            self.wake.wait(1.0)
+            self.wake.clear()
+        stop_accepting()
+        deadline = time.monotonic() + STOP_TIMEOUT - 1
+        while busy() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if os.path.lexists(self.ctl_path):
+            os.unlink(self.ctl_path)
+        sys.exit(0)
+
+
 def serve(spec: dict) -> None:
     """Run the app on the server its release names (``spec["server"]``)."""
     server = spec.get("server") or "werkzeug"
@@ -142,19 +201,7 @@ def serve_werkzeug(spec: dict) -> None:
     """
     import threading
 
-    go_live = threading.Event()
-    stop = threading.Event()
-    wake = threading.Event()  # the main loop acts at once on either
-
-    def setting(event):
-        def handler(*_):
-            event.set()
-            wake.set()
-        return handler
-
-    signal.signal(signal.SIGUSR1, setting(go_live))
-    signal.signal(signal.SIGTERM, setting(stop))
-    signal.signal(signal.SIGINT, setting(stop))
+    life = Lifecycle(spec)
     from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
     active = [0]
@@ -291,13 +338,7 @@ def serve_werkzeug(spec: dict) -> None:
                         conn.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
-        for name, fd in fds.items():
-            if name in sockets:
-                os.close(fd)  # the same socket, already served
-            else:
-                sockets[name] = fd
-        if go_live.is_set() and not stop.is_set():  # a retiring app takes no new port
-            serve_all()
+        life.take(sockets, fds, serve_all)
 
     def stop_accepting() -> None:
         """Take no new connection on any port, from now on; those open are still served."""
@@ -318,23 +359,9 @@ def serve_werkzeug(spec: dict) -> None:
                 return None
             return dict(sockets)
 
+    def serve_all_now() -> None:
+        with lock:
+            serve_all()
+
     probe = start(spec["probe_fd"], QuietHandler, ProbeServer)
-    ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
-    threading.Thread(target=control_loop, args=(spec, ctl_path, answer, setting(stop)), daemon=True).start()
-    if spec.get("live"):
-        go_live.set()
-    live = False
-    while not stop.is_set():
-        if go_live.is_set() and not live:
-            with lock:
-                serve_all()
-            live = True
-        wake.wait(1.0)
-        wake.clear()
-    stop_accepting()
-    deadline = time.monotonic() + STOP_TIMEOUT - 1
-    while active[0] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if os.path.lexists(ctl_path):
-        os.unlink(ctl_path)
-    sys.exit(0)
+    life.run(answer, serve_all_now, stop_accepting, lambda: active[0])

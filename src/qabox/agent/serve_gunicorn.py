@@ -13,6 +13,9 @@ open here for adoption). Where it differs from the other servers:
   ``testers add``; it answers "retire" not done either, and the supervisor
   stops it whole (SIGTERM: gunicorn's graceful stop, which closes kept-alive
   connections and answers requests in flight).
+The only private names of gunicorn used are those of gthread's accept switch
+(check_gunicorn, pinned in rules.SERVER_PACKAGES); the rest is its documented
+settings, Custom Application and logger_class.
 """
 
 import mmap
@@ -25,10 +28,27 @@ from .procs import STOP_TIMEOUT
 from .rules import server_processes
 from .serve import control_loop, wrapped_app
 
+MINIMUM = "27.0"  # its gthread worker's accept switch (set_accept_enabled), which Worker below builds on
 THREADS = 4
 CONNECTION_LIMIT = 256
 IDLE_TIMEOUT = 30.0
 TIMEOUT = 30.0
+
+
+def check_gunicorn(worker) -> None:
+    """The gthread internals Worker overrides (its only private use of gunicorn),
+    checked before anything starts: a gunicorn without them is named, with the pin."""
+    import inspect
+
+    missing = [name for name in ("set_accept_enabled", "wait_for_and_dispatch_events", "accept")
+               if not hasattr(worker, name)]
+    if "_accepting" not in inspect.getsource(worker.__init__):
+        missing.append("_accepting")
+    if missing:
+        import gunicorn
+
+        raise RuntimeError("gunicorn %s's gthread worker lacks %s, which qabox serves with: pin gunicorn>=%s in "
+                           "the build's requirements" % (gunicorn.__version__, ", ".join(missing), MINIMUM))
 
 
 def serve_gunicorn(spec: dict) -> None:
@@ -36,6 +56,7 @@ def serve_gunicorn(spec: dict) -> None:
     from gunicorn.app.base import BaseApplication
     from gunicorn.workers.gthread import ThreadWorker
 
+    check_gunicorn(ThreadWorker)
     options = spec.get("server_options") or {}
     live = mmap.mmap(-1, 1)  # shared with the workers forked from here: 1 once live
     if spec.get("live"):

@@ -12,15 +12,11 @@ waitress writes no access log: AccessLog writes Werkzeug's lines, naming the
 tester. The internals used are all in waitress_compat.py.
 """
 
-import os
-import signal
 import socket
-import sys
 import threading
 import time
 
-from .procs import STOP_TIMEOUT
-from .serve import control_loop, wrapped_app
+from .serve import Lifecycle, wrapped_app
 from .waitress_compat import Waitress
 
 THREADS = 8
@@ -64,17 +60,7 @@ def serve_waitress(spec: dict) -> None:
     limit = int(options.get("connection_limit", CONNECTION_LIMIT))
     per_port = min(PER_PORT, limit)
     idle = float(options.get("idle_timeout", IDLE_TIMEOUT))
-    go_live, stop, wake = threading.Event(), threading.Event(), threading.Event()
-
-    def setting(event):
-        def handler(*_):
-            event.set()
-            wake.set()
-        return handler
-
-    signal.signal(signal.SIGUSR1, setting(go_live))
-    signal.signal(signal.SIGTERM, setting(stop))
-    signal.signal(signal.SIGINT, setting(stop))
+    life = Lifecycle(spec)
     tester_ports = {}
     probe_sock = socket.socket(fileno=spec["probe_fd"])
     app = AccessLog(wrapped_app(spec, tester_ports), tester_ports, probe_sock.getsockname()[1])
@@ -172,13 +158,7 @@ def serve_waitress(spec: dict) -> None:
             for channel in waitress.channels(server):  # a removed tester keeps no connection
                 channel.handle_close()
             server.close()
-        for name, fd in fds.items():
-            if name in sockets:
-                os.close(fd)  # the same socket, already served
-            else:
-                sockets[name] = fd
-        if go_live.is_set() and not stop.is_set():  # a retiring app takes no new port
-            serve_all()
+        life.take(sockets, fds, serve_all)
 
     def stop_accepting() -> None:
         draining[0] = True
@@ -203,29 +183,13 @@ def serve_waitress(spec: dict) -> None:
             return None
         return dict(sockets)
 
+    def still_open() -> int:
+        left = []
+        in_loop(lambda: left.append(close_idle()))
+        return left[0]
+
     threading.Thread(target=probe.run, daemon=True).start()
-    ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
-    threading.Thread(target=control_loop, args=(spec, ctl_path, answer, setting(stop)), daemon=True).start()
-    if spec.get("live"):
-        go_live.set()
-    live = False
-    while not stop.is_set():
-        if go_live.is_set() and not live:
-            in_loop(serve_all)
-            live = True
-        wake.wait(1.0)
-        wake.clear()
-    in_loop(stop_accepting)
-    deadline = time.monotonic() + STOP_TIMEOUT - 1
-    left = [1]
-    while time.monotonic() < deadline:
-        in_loop(lambda: left.__setitem__(0, close_idle()))
-        if not left[0]:
-            break
-        time.sleep(0.05)
-    if os.path.lexists(ctl_path):
-        os.unlink(ctl_path)
-    sys.exit(0)
+    life.run(answer, lambda: in_loop(serve_all), lambda: in_loop(stop_accepting), still_open)
 
 
 def pending(sock) -> bool:
