@@ -185,7 +185,7 @@ def make(src: Path, out: Path, python_version: str | None = None, platform: str 
                 if not any(canonicalize_name(pin.split("==")[0]) == name for pin in pinned):
                     added.append(package)
                     pinned = requirement_pins(src, added, Path(tmp), target, find_links)
-                    origin += f", and {name} (qabox's app server)"
+                    origin += f", and {name} " + ("(qabox's app server)" if name == SERVER else "(its [app] server)")
             wheels, built = wheelhouse.fetch(pinned, Path(tmp) / "wheels", target, find_links)
             if added:
                 own = (src / "requirements.txt").read_text() if origin.startswith("requirements.txt") else ""
