@@ -20,8 +20,9 @@ def agent_files() -> list:
 
 # The app servers run in the release's virtualenv, where the build's wheels bring them: the
 # agent imports each there, in a function of its own server's modules, never when it loads
-# (Werkzeug in serve.py, which also serves [app] static with it for the other servers).
-APP_SERVERS = {"werkzeug": ("serve.py",), "waitress": ("serve_waitress.py", "waitress_compat.py"),
+# (Werkzeug in serve.py, which also serves [app] static with it for the other servers, and in
+# debug.py: `qabox debug` runs the app under Werkzeug's debugger, whatever [app] server says).
+APP_SERVERS = {"werkzeug": ("serve.py", "debug.py"), "waitress": ("serve_waitress.py", "waitress_compat.py"),
                "gunicorn": ("serve_gunicorn.py",)}
 
 
