@@ -21,12 +21,12 @@ settings, Custom Application and logger_class.
 import mmap
 import os
 import selectors
-import socket
 import threading
 
 from .procs import STOP_TIMEOUT
 from .rules import server_processes
 from .serve import control_loop, wrapped_app
+from .sockets import fd_port
 
 MINIMUM = "27.0"  # its gthread worker's accept switch (set_accept_enabled), which Worker below builds on
 THREADS = 4
@@ -62,13 +62,8 @@ def serve_gunicorn(spec: dict) -> None:
     if spec.get("live"):
         live[0] = 1
     kept = dict(spec["sockets"])  # name -> fd, kept open here (adoption asks for them)
-    probe_port = socket.socket(fileno=os.dup(spec["probe_fd"])).getsockname()[1]
-    tester_ports = {}
-    for name, fd in kept.items():
-        if name:
-            sock = socket.socket(fileno=os.dup(fd))
-            tester_ports[sock.getsockname()[1]] = name
-            sock.close()
+    probe_port = fd_port(spec["probe_fd"])
+    tester_ports = {fd_port(fd): name for name, fd in kept.items() if name}  # all it will ever serve
     app = wrapped_app(spec, tester_ports)
 
     class Worker(ThreadWorker):
