@@ -19,6 +19,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +29,7 @@ from typer.testing import CliRunner
 
 from lab.control import up as lab_up
 from lab.hosts import LAB as LAB_DIR, Host, env_slot, exec_command, remove_env
-from qabox.agent import manifest
+from qabox.agent import manifest, rules
 from qabox.cli import app
 from qabox.pack import pack
 
@@ -436,10 +437,16 @@ def app(environ, start_response):
 """
 
 
-def wsgi_build(out: Path, version: str = "v1", python: str | None = None, files: dict | None = None) -> Path:
+SERVERS = rules.SERVERS  # every app server qabox runs: tests parametrize over them
+SERVER_PACKAGES = rules.SERVER_PACKAGES
+
+
+def wsgi_build(out: Path, version: str = "v1", python: str | None = None, files: dict | None = None,
+               server: str = "werkzeug") -> Path:
     """A bare WSGI app (wsgi.py, no framework) answering ``version``, packed by scripts/example-build
-    with the wheels of the app server the agent runs it on (werkzeug) for python X.Y (default: this),
-    with ``files`` (path: text) beside it or in its place."""
+    with the wheels of the app server the agent runs it on (werkzeug, and ``server``'s package when
+    its qabox.toml names another) for python X.Y (default: this), with ``files`` (path: text) beside
+    it or in its place."""
     src = out.parent / (out.name + ".src")
     src.mkdir()
     for rel, text in {"wsgi.py": WSGI_APP.replace("VERSION", version), **(files or {})}.items():
@@ -447,7 +454,10 @@ def wsgi_build(out: Path, version: str = "v1", python: str | None = None, files:
         (src / rel).write_text(text)
     # pip download --python-version judges markers by the python running it, not the target: name
     # what werkzeug needs on 3.6 only (`dataclasses; python_version < "3.7"`) for 3.6 by hand
-    (src / "requirements.txt").write_text("werkzeug\n" + ("dataclasses\n" if python == "3.6" else ""))
+    (src / "requirements.txt").write_text("werkzeug\n" + ("dataclasses\n" if python == "3.6" else "")
+                                          + ("" if server == "werkzeug" else SERVER_PACKAGES[server] + "\n"))
+    if server != "werkzeug" and "qabox.toml" not in (files or {}):
+        (src / "qabox.toml").write_text(f'[app]\nserver = "{server}"\n')
     target = ["--python-version", python] if python else []
     subprocess.run([sys.executable, str(REPO / "scripts" / "example-build"), str(src), "-o", str(out), *target],
                    check=True, stdout=subprocess.DEVNULL)
@@ -479,6 +489,17 @@ def url_get(url: str, timeout: float = 10) -> tuple[int, str]:
             return r.status, r.read().decode()
     except OSError as e:
         return 0, str(e)
+
+
+def local_answer(port: int, path: str = "/", **headers) -> tuple:
+    """GET a path of a port on this machine's loopback with these headers:
+    (status, response headers, body), an HTTP error's too."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
 
 
 def local_get(port: int, path: str = "/") -> tuple[int, str]:

@@ -524,9 +524,9 @@ def test_status_of_a_missing_env_on_several_hosts_is_a_row_each(tmp_path, monkey
     assert result.code == 1
     lines = result.stdout.splitlines()
     assert lines[:3] == [
-        "HOST   ENV        RELEASE  STATE        PID  UPTIME  RESTARTS  PORT  HEALTH  DEPLOYED  TESTERS  ERRORS",
-        "lab1   nosuchenv  -        no such env",
-        "lab1b  nosuchenv  -        no such env"]
+        "HOST   ENV        RELEASE  SERVER  STATE        PID  UPTIME  RESTARTS  PORT  HEALTH  DEPLOYED  TESTERS  ERRORS",
+        "lab1   nosuchenv  -                no such env",
+        "lab1b  nosuchenv  -                no such env"]
     for host, line in zip(("lab1", "lab1b"), lines[3:]):
         assert re.fullmatch(rf"{host}: there is no env nosuchenv on this host "
                             rf"\((its envs: [a-z0-9_, -]+|nothing is deployed there yet)\)", line)

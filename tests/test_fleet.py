@@ -30,8 +30,10 @@ def test_hosts_check_passes_on_a_lab_host():
     assert result.code == 0 and data["ok"]
     names = [c["name"] for c in data["checks"]]
     assert names == ["host key known", "login works", "sshd fits tester keys", "unix-socket forwards",
-                     "python 3.6+", "venv available", "disk free", "app port free", "clock skew",
-                     "agent version"]
+                     "python 3.6+", "venv available", "disk free", "app port free",
+                     "cores and memory fit the app servers", "clock skew", "agent version"]
+    servers = data["checks"][8]  # the lab host's envs run on whatever their releases name
+    assert servers["ok"] and " cores, " in servers["detail"] and "main on " in servers["detail"]
     forwards = data["checks"][3]  # the lab's sshd allows them: a warning with the admin's fix
     assert forwards["ok"] and forwards["warning"] and "AllowStreamLocalForwarding no" in forwards["fix"]
 

@@ -12,7 +12,7 @@ import json
 import re
 import sys
 import tarfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -26,10 +26,10 @@ from qabox.agent_zip import AGENT_HASH
 from qabox.errors import BuildError
 
 
-SERVER_WHEEL = re.compile(r"wheels/werkzeug-[^/]*\.whl", re.I)  # fullmatch
 KEEP_CHECKS = 100  # remembered checks (see checked)
 RESOLVED_FOR = "wheels/resolved-for.json"  # written by qabox build (host_python.Target.to_json)
-SERVER_REQUIREMENT = re.compile(r"^[ \t]*(werkzeug|flask)[ \t]*([\[<>=!~;#]|$)", re.I | re.M)  # it, or Flask
+SERVER_BROUGHT_BY = {"werkzeug": ("werkzeug", "flask"), "waitress": ("waitress",), "gunicorn": ("gunicorn",)}
+SERVER_TITLES = {"werkzeug": "Werkzeug", "waitress": "waitress", "gunicorn": "gunicorn"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ class Build:
     release_timeout: float
     persist: tuple = tuple(rules.DEFAULT_PERSIST)
     snapshot_max_mb: int = 500
+    server: str = rules.DEFAULT_SERVER  # [app] server: the app server the host runs it on
+    server_options: dict = field(default_factory=dict)  # [server]: its knobs
     wheels: tuple = ()  # the names of its wheels/*.whl
     resolved_for: dict | None = None  # its RESOLVED_FOR: the python qabox build resolved its wheels for
     requirements: str | None = None  # its requirements.txt
@@ -85,10 +87,17 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
                 raise BuildError(f"{path.name} is refused: " + "; ".join(problems[:5]))
             requirements = member_text(texts, "requirements.txt")
             resolved_for = read_resolved_for(member_text(texts, RESOLVED_FOR))
-            if requirements is not None and not brings_server(files, requirements):
-                raise BuildError(f"{path.name} does not bring Werkzeug, qabox's app server: add `werkzeug` to "
-                                 f"its requirements.txt (and its wheel to wheels/), or make the build with "
-                                 f"`qabox build`, which adds it")
+            server, server_options = app.get("server", rules.DEFAULT_SERVER), config.get("server", {})
+            problems = rules.server_problems(server, server_options, f"qabox.toml in {path.name}")
+            if problems:
+                raise BuildError("; ".join(problems))
+            for needed in needed_servers(server, app.get("static")):
+                if requirements is not None and not brings_server(files, requirements, needed):
+                    why = "which serves its [app] static" if needed != server else \
+                        "qabox's app server" if server == rules.DEFAULT_SERVER else "the app server its qabox.toml names"
+                    raise BuildError(f"{path.name} does not bring {SERVER_TITLES[needed]}, {why}: add `{needed}` to its "
+                                     f"requirements.txt (and its wheel to wheels/), or make the build with "
+                                     f"`qabox build`, which adds it")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise BuildError(
             f"{path.name} is not a readable tar build ({e}): make one with tar -czf, "
@@ -140,7 +149,7 @@ def inspect(path: Path, entry: str | None = None, max_bytes: int = rules.DEFAULT
                  members=len(members), environment=environment, release_hooks=hooks,
                  release_timeout=float(timeout), persist=tuple(persist), snapshot_max_mb=snapshot_max_mb,
                  wheels=tuple(sorted(f[len("wheels/"):] for f in files if re.fullmatch(r"wheels/[^/]+\.whl", f))),
-                 resolved_for=resolved_for, requirements=requirements)
+                 resolved_for=resolved_for, requirements=requirements, server=server, server_options=server_options)
 
 
 def default_entry(files: set, read, path: Path) -> tuple[str, str]:
@@ -172,12 +181,28 @@ def default_entry(files: set, read, path: Path) -> tuple[str, str]:
     return picks[0]
 
 
-def brings_server(files: set, requirements: str) -> bool:
-    """Whether a build with requirements installs Werkzeug, the app server the
-    host runs it on: its wheel in wheels/, or (no wheels/) a requirement of it or Flask."""
+def needed_servers(server: str, static) -> list:
+    """The server packages a build must bring: its server's, and Werkzeug
+    (whose SharedDataMiddleware serves ``[app] static``) when it has static directories."""
+    return [server] + (["werkzeug"] if static and server != "werkzeug" else [])
+
+
+def brings_server(files: set, requirements: str, server: str = rules.DEFAULT_SERVER) -> bool:
+    """Whether a build with requirements installs ``server``'s package: its
+    wheel in wheels/, or (no wheels/) a requirement of it (or, for Werkzeug, Flask)."""
     if any(name.startswith("wheels/") for name in files):
-        return any(SERVER_WHEEL.fullmatch(name) for name in files)
-    return SERVER_REQUIREMENT.search(requirements) is not None
+        wheel = re.compile(rf"wheels/{server}-[^/]*\.whl", re.I)
+        return any(wheel.fullmatch(name) for name in files)
+    names = "|".join(SERVER_BROUGHT_BY[server])
+    return re.search(rf"^[ \t]*({names})[ \t]*([\[<>=!~;#]|$)", requirements, re.I | re.M) is not None
+
+
+def build_brings(build: Build, server: str) -> bool:
+    """Whether a checked build installs ``server``'s package (one without
+    requirements installs nothing: it brings none)."""
+    if build.requirements is None:
+        return False
+    return brings_server({f"wheels/{name}" for name in build.wheels}, build.requirements, server)
 
 
 def read_resolved_for(text: str | None) -> dict | None:

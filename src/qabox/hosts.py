@@ -45,6 +45,8 @@ class HostSettings:
     max_build_members: int = 50_000
     health_interval: float = 10.0
     log_max_mb: float = 10.0
+    server: str | None = None  # overrides the build's [app] server on this host
+    server_options: dict = field(default_factory=dict)  # ...and its [server] knobs
     envs: dict = field(default_factory=dict)
     testers: dict = field(default_factory=dict)
     source: Path | None = None
@@ -52,6 +54,14 @@ class HostSettings:
     def env_environment(self, env: str) -> dict:
         """The app's environment defaults the hosts file gives an env (``[envs.NAME.environment]``)."""
         return self.envs.get(env, {}).get("environment", {})
+
+    def env_server(self, env: str, server: str, options: dict) -> tuple[str, dict]:
+        """A build's ``[app] server`` and ``[server]`` as this host runs them in ``env``:
+        the hosts file's ``server``/``server_options`` override them, an env's own
+        (``[envs.NAME]``) those of the host. Knobs are merged key by key."""
+        table = self.envs.get(env, {})
+        chosen = table.get("server") or self.server or server
+        return chosen, {**options, **self.server_options, **table.get("server_options", {})}
 
     def env_port(self, env: str) -> int | None:
         """The port the hosts file sets for an env (``port`` is main's), if any."""
@@ -71,11 +81,14 @@ KEYS = {
     "max_build_members": (int, lambda v: 1 <= v <= 10_000_000, "a number of members from 1 to 10,000,000"),
     "health_interval": ((int, float), lambda v: 0.2 <= v <= 3600, "seconds from 0.2 to 3600"),
     "log_max_mb": ((int, float), lambda v: 0.001 <= v <= 10240, "megabytes, more than 0"),
+    "server": (str, lambda v: v in rules.SERVERS, "an app server: " + ", ".join(rules.SERVERS)),
+    "server_options": (dict, lambda v: True, "a table of [server] knobs, like {threads = 8}"),
     "envs": (dict, lambda v: True, "a table of envs"),
     "testers": (dict, lambda v: True, "a table of testers"),
 }
 TABLE_KEYS = {
-    "envs": {"port": KEYS["port"], "environment": (dict, lambda v: True, "a table of NAME = \"text\"")},
+    "envs": {"port": KEYS["port"], "environment": (dict, lambda v: True, "a table of NAME = \"text\""),
+             "server": KEYS["server"], "server_options": KEYS["server_options"]},
     "testers": {"port": KEYS["port"], "key": (str, lambda v: bool(v.strip()), "a private key file")},
 }
 

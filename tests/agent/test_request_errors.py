@@ -8,12 +8,11 @@ import json
 import os
 import stat
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port, new_key, wsgi_build
+from conftest import free_port, local_answer, new_key, wsgi_build
 from qabox.agent.errors import ErrorStore, error_files, errors_dir, groups, prune, records
 from qabox.agent.envs import Env
 from qabox.agent.wsgi import Requests, hook_frameworks
@@ -175,14 +174,7 @@ def test_through_the_agent_a_tester_port_names_the_tester_and_errors_are_listed(
                       sshd="SSH-2.0-OpenSSH_9.2p1", by="tests")
     tester_port = added["ports"]["main"]
 
-    def get(port, path, **headers):
-        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=5) as r:
-                return r.status, r.headers, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.headers, e.read().decode()
-
+    get = local_answer
     code, headers, body = get(tester_port, "/", **{"X-Qabox-Tester": "boss"})
     assert code == 200 and json.loads(body) == {"tester": "ann"} and headers["X-Qabox-Release"] == release
     assert json.loads(get(port, "/", **{"X-Qabox-Tester": "boss"})[2]) == {"tester": None}

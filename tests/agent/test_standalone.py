@@ -18,9 +18,12 @@ def agent_files() -> list:
     return files
 
 
-# The app server runs in the release's virtualenv, where the build's wheels bring it: the
-# agent imports it there, in the function that serves, never when it loads.
-APP_SERVER = "werkzeug"
+# The app servers run in the release's virtualenv, where the build's wheels bring them: the
+# agent imports each there, in a function of its own server's modules, never when it loads
+# (Werkzeug in serve.py, which also serves [app] static with it for the other servers, and in
+# debug.py: `qabox debug` runs the app under Werkzeug's debugger, whatever [app] server says).
+APP_SERVERS = {"werkzeug": ("serve.py", "debug.py"), "waitress": ("serve_waitress.py", "waitress_compat.py"),
+               "gunicorn": ("serve_gunicorn.py",)}
 
 
 def imports(path) -> list:
@@ -46,7 +49,7 @@ def outside(path, src=SRC) -> list:
     for line, level, module, in_function in imports(path):
         top = module.split(".")[0]
         if level > inside or not level and top not in sys.stdlib_module_names and not (
-                top == APP_SERVER and in_function):
+                top in APP_SERVERS and in_function and path.name in APP_SERVERS[top]):
             wrong.append(f"{path.relative_to(src)}:{line}: {'.' * level}{module}")
     return wrong
 
@@ -60,9 +63,13 @@ def test_the_check_tells_the_client_side_from_the_standard_library(tmp_path):
     probe.parent.mkdir()
     probe.write_text("import json, os.path\nfrom qabox.build import inspect\nimport paramiko\n"
                      "from rich import print\nfrom .. import cli\nfrom . import files\nimport werkzeug\n"
-                     "def serve():\n    from werkzeug.serving import ThreadedWSGIServer\n")
+                     "def serve():\n    from werkzeug.serving import ThreadedWSGIServer\n    import gunicorn\n")
     assert outside(probe, tmp_path) == [f"agent/probe.py:{n}: {what}" for n, what in (
-        (2, "qabox.build"), (3, "paramiko"), (4, "rich"), (5, ".."), (7, "werkzeug"))]
+        (2, "qabox.build"), (3, "paramiko"), (4, "rich"), (5, ".."), (7, "werkzeug"), (9, "werkzeug.serving"),
+        (10, "gunicorn"))]  # not a server's module: not even in a function
+    own = tmp_path / "agent" / "serve_gunicorn.py"
+    own.write_text("import gunicorn\ndef serve():\n    import gunicorn.app.base\n    import waitress\n")
+    assert outside(own, tmp_path) == ["agent/serve_gunicorn.py:1: gunicorn", "agent/serve_gunicorn.py:4: waitress"]
 
 
 def test_the_agent_is_python36_syntax():

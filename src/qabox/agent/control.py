@@ -9,7 +9,7 @@ import sys
 from . import agents, testers
 from .envs import Env, update_settings
 from .files import tail
-from .procs import own_pids, pid_alive, wait_for
+from .procs import own_pids, pid_alive, proc_stat, wait_for
 from .protocol import Fail
 from .sockets import bind_listener, expect_peer, holder, recv_fds, recv_line, send_fds, socket_inodes, tcp_sockets
 
@@ -138,8 +138,11 @@ def env_apps(env: Env) -> list:
         except (ValueError, OSError, KeyError, TypeError):
             continue
         if os.path.dirname(release_dir) == releases and pid_alive(pid):
-            apps.append({"pid": pid, "release": os.path.basename(release_dir), "probe_fd": spec.get("probe_fd")})
-    return apps
+            apps.append({"pid": pid, "release": os.path.basename(release_dir), "probe_fd": spec.get("probe_fd"),
+                         "parent": (proc_stat(pid) or ("", ["", "0"]))[1][1]})
+    pids = {str(app["pid"]) for app in apps}
+    return [dict((k, v) for k, v in app.items() if k != "parent") for app in apps
+            if app["parent"] not in pids]  # a gunicorn worker has its master's command line: not an app
 
 
 def app_ctl_path(env: Env, pid: int) -> str:

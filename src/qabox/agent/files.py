@@ -8,7 +8,7 @@ import shutil
 import time
 
 from .protocol import Fail
-from .rules import RELEASE_FILE, environment_problems, health_codes, static_problems
+from .rules import RELEASE_FILE, SERVERS, environment_problems, health_codes, static_problems
 
 
 LOG_TAIL = 30
@@ -97,7 +97,8 @@ RECORDS = {
                     "environment": is_environment,
                     "release_hooks": lambda v: isinstance(v, list) and all(map(is_text, v)),
                     "release_timeout": is_number,
-                    "persist": lambda v: isinstance(v, list) and all(is_text(p) for p in v)},
+                    "persist": lambda v: isinstance(v, list) and all(is_text(p) for p in v),
+                    "server": lambda v: v in SERVERS, "server_options": lambda v: isinstance(v, dict)},
                    "deploy again, or roll back to another release"),
     "config.json": ({"values": is_environment, "hosts_file": is_environment},
                     "delete it, then set the env's configuration again with `qabox config set`"),

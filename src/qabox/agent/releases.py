@@ -19,7 +19,8 @@ from .procs import STOP_TIMEOUT, pid_alive, stop_group, wait_for
 from .protocol import Fail
 from .oneoff import run_release_hooks
 from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, DEFAULT_PERSIST, HEALTH_PATH, \
-    RELEASE_FILE, RELEASE_TIMEOUT, health_codes, parse_entry, release_hooks, static_problems
+    RELEASE_FILE, RELEASE_TIMEOUT, DEFAULT_SERVER, health_codes, parse_entry, release_hooks, server_problems, \
+    static_problems
 from .session import locked
 from .sockets import bind_listener, free_port
 from .venvs import prepare_venv
@@ -36,7 +37,9 @@ def new_release_id(env: Env) -> str:
 
 
 SETTINGS = ("health_interval", "log_max_bytes", "start_timeout")  # of env.json, as a deploy may ask them
-RECORDED = ("entry", "health", "health_status", "static", "environment", "release_hooks", "persist")  # release.json
+RECORDED = ("entry", "health", "health_status", "static", "environment", "release_hooks", "persist", "server",
+            "server_options")
+UNRECORDED = {"server": DEFAULT_SERVER, "server_options": {}}  # what a release of an older agent ran with  # release.json
 
 
 def cmd_upload_state(req, io) -> dict:
@@ -69,7 +72,7 @@ def unchanged(env: Env, req: dict) -> "dict | None":
     current = env.current()
     info = env.release_info(current) if current else {}
     if not current or info.get("sha256") != req.get("manifest") or \
-            any(key in req and info.get(key) != req[key] for key in RECORDED):
+            any(key in req and info.get(key, UNRECORDED.get(key)) != req[key] for key in RECORDED):
         return None
     if req.get("hosts_environment") is not None and \
             (stored(env).get("hosts_file") or {}) != req["hosts_environment"]:
@@ -113,6 +116,10 @@ def cmd_deploy(req, io) -> dict:
     problems = static_problems(static)
     if problems:
         raise Fail("bad_build", "qabox.toml: " + "; ".join(problems))
+    server, server_options = req.get("server") or DEFAULT_SERVER, req.get("server_options") or {}
+    problems = server_problems(server, server_options, "the build's qabox.toml")
+    if problems:
+        raise Fail("bad_build", "; ".join(problems))
     defaults = checked_environment(req.get("environment") or {}, "[app.environment] in the build's qabox.toml")
     hosts_changed = record_hosts_file(env, req.get("hosts_environment"))
     persist = req.get("persist", DEFAULT_PERSIST)
@@ -149,6 +156,8 @@ def cmd_deploy(req, io) -> dict:
             "health": health,
             "health_status": health_status,
             "static": static,
+            "server": server,
+            "server_options": server_options,
             "venv": venv["key"],
             "persist": persist,
             "deployed_at": iso(now()),

@@ -410,3 +410,54 @@ def hook_argv(hook: str) -> list:
     if not argv:
         raise Fail("bad_build", "[app] release has an empty hook: give each one a command")
     return argv
+
+
+# The app servers a build may run on (``[app] server``), the package each needs
+# in the release's virtualenv (qabox build adds it), and the knobs of ``[server]``
+# with the servers they apply to. Werkzeug's threaded server has fixed caps
+# (serve.py): it takes no knobs.
+SERVERS = ("werkzeug", "waitress", "gunicorn")
+DEFAULT_SERVER = "werkzeug"
+SERVER_PACKAGES = {"werkzeug": "werkzeug", "waitress": "waitress>=3.0", "gunicorn": "gunicorn>=27"}
+SERVER_OPTIONS = {  # key: (low, high, whole numbers only, what it is, the servers it applies to)
+    "threads": (1, 256, True, "a number of threads from 1 to 256", ("waitress", "gunicorn")),
+    "workers": (1, 64, True, "a number of worker processes from 1 to 64", ("gunicorn",)),
+    "connection_limit": (1, 10000, True, "a number of connections from 1 to 10000", ("waitress", "gunicorn")),
+    "idle_timeout": (1, 3600, False, "seconds from 1 to 3600", ("waitress", "gunicorn")),
+    "timeout": (1, 3600, False, "seconds from 1 to 3600", ("gunicorn",)),
+}
+
+
+MAX_WORKERS = 4  # gunicorn's default workers: two per core and one, at most this (a QA box has few testers)
+PROCESS_MB = 100  # what one app process takes, about: a Flask or Django app with its imports
+
+
+def server_processes(server: str, options: dict, cores) -> int:
+    """How many app processes a server runs: gunicorn's workers (``workers``, by
+    default from the host's cores), one for the others."""
+    if server != "gunicorn":
+        return 1
+    return int(options.get("workers") or min((cores or 1) * 2 + 1, MAX_WORKERS))
+
+
+def server_problems(server, options, where: str = "qabox.toml") -> list:
+    """Why ``[app] server`` and ``[server]`` cannot run, each a line naming the key."""
+    if server not in SERVERS:
+        return ["%s: [app] server = %r is not an app server qabox runs: use %s"
+                % (where, server, ", ".join('"%s"' % s for s in SERVERS))]
+    if not isinstance(options, dict):
+        return ["%s: [server] must be a table of knobs, like threads = 8" % where]
+    problems = []
+    for key in sorted(options, key=str):
+        value = options[key]
+        if key not in SERVER_OPTIONS:
+            problems.append("%s: [server] %s is not a knob qabox knows: use %s" % (where, key, ", ".join(SERVER_OPTIONS)))
+            continue
+        low, high, whole, what, servers = SERVER_OPTIONS[key]
+        if server not in servers:
+            problems.append("%s: [server] %s applies to %s only, and the server is %s: remove it"
+                            % (where, key, " and ".join(servers), server))
+        elif isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                or not low <= value <= high:
+            problems.append("%s: [server] %s = %r is not %s" % (where, key, value, what))
+    return problems

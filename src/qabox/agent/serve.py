@@ -1,4 +1,5 @@
-"""The app process: the release's WSGI app on Werkzeug's threaded server.
+"""The app process: the release's WSGI app on the server it names (Werkzeug's threaded
+server by default; serve_waitress.py and serve_gunicorn.py for the others).
 
 It runs with the release's virtualenv python, from the same archive.
 """
@@ -61,7 +62,134 @@ def takes(function, *args) -> bool:
     return True
 
 
+def wrapped_app(spec: dict, tester_ports: dict):
+    """The release's app as every server runs it: its static directories ahead
+    of it, then the ``Requests`` middleware (identity headers, captured errors).
+    ``tester_ports`` (port -> tester) is the server's to keep current."""
+    sys.path.insert(0, spec["release_dir"])
+    app = load_app(spec["entry"])
+    if spec.get("static"):  # the release's own directories, ahead of the app (Django serves none itself)
+        from werkzeug.middleware.shared_data import SharedDataMiddleware
+
+        app = SharedDataMiddleware(app, {prefix: os.path.join(spec["release_dir"], path)
+                                         for prefix, path in spec["static"].items()})
+    release = os.environ.get("QABOX_RELEASE") or os.path.basename(spec["release_dir"])
+    app = Requests(app, release, tester_ports,
+                   ErrorStore(errors_dir(Env(spec["base"], spec["env"])), release, spec["release_dir"]))
+    hooked = hook_frameworks()
+    if hooked:
+        print("qabox: capturing %s's errors" % " and ".join(hooked), flush=True)
+    return app
+
+
+def control_loop(spec: dict, path: str, answer, retired=None) -> None:
+    """Serve the app's control socket at ``path`` for its supervisor (and for a
+    new one that adopts it): each request, checked to come from this env's
+    supervisor, is ``answer(message, fds)``'s to handle; it returns the fds to
+    send back, None (ok) or False (not done). After an ok to "retire",
+    ``retired()`` runs: the answer is sent before the app may exit."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ctl.bind(path)
+    ctl.listen(4)
+    while True:
+        conn, _ = ctl.accept()
+        with conn:
+            conn.settimeout(5)
+            try:
+                foreign = foreign_peer(conn, role=["supervise", spec["base"], spec["env"]])
+                if foreign:
+                    raise OSError("refused a connection from %s: not this env's supervisor" % foreign)
+                message, fds = recv_fds(conn)
+                reply = answer(message, fds)
+                if reply is None:
+                    send_fds(conn, {}, ok=True)
+                elif reply is False:
+                    send_fds(conn, {}, ok=False)
+                else:
+                    send_fds(conn, reply)
+            except (OSError, ValueError) as e:
+                print("control request failed: %s" % e, flush=True)
+                continue
+        if message.get("cmd") == "retire" and reply is None and retired is not None:
+            retired()
+
+
+class Lifecycle:
+    """An app process's moments, whatever its server: it goes live (SIGUSR1,
+    once the supervisor saw it healthy, or at once when started live) and
+    stops (SIGTERM, SIGINT, or retired over its control socket ``run/app-PID.sock``)."""
+
+    def __init__(self, spec: dict):
+        import threading
+
+        self.spec = spec
+        self.go_live, self.stop = threading.Event(), threading.Event()
+        self.wake = threading.Event()  # the main loop acts at once on either
+        signal.signal(signal.SIGUSR1, self.setting(self.go_live))
+        signal.signal(signal.SIGTERM, self.setting(self.stop))
+        signal.signal(signal.SIGINT, self.setting(self.stop))
+        self.ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
+
+    def setting(self, event):
+        def handler(*_):
+            event.set()
+            self.wake.set()
+        return handler
+
+    def take(self, sockets: dict, fds: dict, serve_all) -> None:
+        """Add the sockets the supervisor sent (testers added) to those served
+        by name, and serve them if live (a retiring app takes no new port)."""
+        for name, fd in fds.items():
+            if name in sockets:
+                os.close(fd)  # the same socket, already served
+            else:
+                sockets[name] = fd
+        if self.go_live.is_set() and not self.stop.is_set():
+            serve_all()
+
+    def run(self, answer, serve_all, stop_accepting, busy) -> None:
+        """Answer the control socket (``answer``, see control_loop), ``serve_all()``
+        at go-live; once stopped, ``stop_accepting()``, wait while ``busy()``
+        (the connections still open, up to STOP_TIMEOUT - 1 s), and exit."""
+        import threading
+
+        threading.Thread(target=control_loop, args=(self.spec, self.ctl_path, answer, self.setting(self.stop)),
+                         daemon=True).start()
+        if self.spec.get("live"):
+            self.go_live.set()
+        live = False
+        while not self.stop.is_set():
+            if self.go_live.is_set() and not live:
+                serve_all()
+                live = True
+            self.wake.wait(1.0)
+            self.wake.clear()
+        stop_accepting()
+        deadline = time.monotonic() + STOP_TIMEOUT - 1
+        while busy() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if os.path.lexists(self.ctl_path):
+            os.unlink(self.ctl_path)
+        sys.exit(0)
+
+
 def serve(spec: dict) -> None:
+    """Run the app on the server its release names (``spec["server"]``)."""
+    server = spec.get("server") or "werkzeug"
+    if server == "waitress":
+        from .serve_waitress import serve_waitress
+
+        return serve_waitress(spec)
+    if server == "gunicorn":
+        from .serve_gunicorn import serve_gunicorn
+
+        return serve_gunicorn(spec)
+    return serve_werkzeug(spec)
+
+
+def serve_werkzeug(spec: dict) -> None:
     """Run the app on Werkzeug's threaded server over the inherited sockets.
 
     It serves the private probe socket at once and the shared listening socket
@@ -73,20 +201,7 @@ def serve(spec: dict) -> None:
     """
     import threading
 
-    go_live = threading.Event()
-    stop = threading.Event()
-    wake = threading.Event()  # the main loop acts at once on either
-
-    def setting(event):
-        def handler(*_):
-            event.set()
-            wake.set()
-        return handler
-
-    signal.signal(signal.SIGUSR1, setting(go_live))
-    signal.signal(signal.SIGTERM, setting(stop))
-    signal.signal(signal.SIGINT, setting(stop))
-    sys.path.insert(0, spec["release_dir"])
+    life = Lifecycle(spec)
     from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
     active = [0]
@@ -128,19 +243,8 @@ def serve(spec: dict) -> None:
         def log_request(self, *args, **kwargs):
             pass  # the supervisor's health probes are not testers' requests
 
-    app = load_app(spec["entry"])
-    if spec.get("static"):  # the release's own directories, ahead of the app (Django serves none itself)
-        from werkzeug.middleware.shared_data import SharedDataMiddleware
-
-        app = SharedDataMiddleware(app, {prefix: os.path.join(spec["release_dir"], path)
-                                         for prefix, path in spec["static"].items()})
-    release = os.environ.get("QABOX_RELEASE") or os.path.basename(spec["release_dir"])
     tester_ports = {}  # port -> the tester it is for (the app's own port and the probe are no one's)
-    app = Requests(app, release, tester_ports,
-                   ErrorStore(errors_dir(Env(spec["base"], spec["env"])), release, spec["release_dir"]))
-    hooked = hook_frameworks()
-    if hooked:
-        print("qabox: capturing %s's errors" % " and ".join(hooked), flush=True)
+    app = wrapped_app(spec, tester_ports)
     sockets = dict(spec["sockets"])  # what this app serves once live, by name
     servers = {}  # the same names, once live
     lock = threading.Lock()  # sockets and servers: the control thread changes them too
@@ -234,13 +338,7 @@ def serve(spec: dict) -> None:
                         conn.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
-        for name, fd in fds.items():
-            if name in sockets:
-                os.close(fd)  # the same socket, already served
-            else:
-                sockets[name] = fd
-        if go_live.is_set() and not stop.is_set():  # a retiring app takes no new port
-            serve_all()
+        life.take(sockets, fds, serve_all)
 
     def stop_accepting() -> None:
         """Take no new connection on any port, from now on; those open are still served."""
@@ -249,55 +347,21 @@ def serve(spec: dict) -> None:
         for server in running:
             server.retire()
 
-    def control(path: str) -> None:
+    def answer(message: dict, fds: dict):
         """A new supervisor asks for the sockets (adoption), or sends new ones;
         the supervisor that replaced this app has it stop accepting (retire)."""
-        if os.path.lexists(path):
-            os.unlink(path)
-        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        ctl.bind(path)
-        ctl.listen(4)
-        while True:
-            conn, _ = ctl.accept()
-            with conn:
-                conn.settimeout(5)
-                try:
-                    foreign = foreign_peer(conn, role=["supervise", spec["base"], spec["env"]])
-                    if foreign:
-                        raise OSError("refused a connection from %s: not this env's supervisor" % foreign)
-                    message, fds = recv_fds(conn)
-                    if message.get("cmd") == "retire":
-                        stop_accepting()
-                        send_fds(conn, {}, ok=True)
-                        stop.set()  # then drain and exit, as on SIGTERM
-                        wake.set()
-                        continue
-                    with lock:
-                        if message.get("cmd") == "serve":
-                            serve_only(fds)
-                            send_fds(conn, {}, ok=True)
-                        else:
-                            send_fds(conn, sockets)
-                except (OSError, ValueError) as e:
-                    print("control request failed: %s" % e, flush=True)
+        if message.get("cmd") == "retire":
+            stop_accepting()
+            return None
+        with lock:
+            if message.get("cmd") == "serve":
+                serve_only(fds)
+                return None
+            return dict(sockets)
+
+    def serve_all_now() -> None:
+        with lock:
+            serve_all()
 
     probe = start(spec["probe_fd"], QuietHandler, ProbeServer)
-    ctl_path = os.path.join(spec["ctl_dir"], "app-%d.sock" % os.getpid())
-    threading.Thread(target=control, args=(ctl_path,), daemon=True).start()
-    if spec.get("live"):
-        go_live.set()
-    live = False
-    while not stop.is_set():
-        if go_live.is_set() and not live:
-            with lock:
-                serve_all()
-            live = True
-        wake.wait(1.0)
-        wake.clear()
-    stop_accepting()
-    deadline = time.monotonic() + STOP_TIMEOUT - 1
-    while active[0] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if os.path.lexists(ctl_path):
-        os.unlink(ctl_path)
-    sys.exit(0)
+    life.run(answer, serve_all_now, stop_accepting, lambda: active[0])

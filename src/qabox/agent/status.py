@@ -11,6 +11,7 @@ from .envs import Env, all_envs, existing_env
 from .errors import release_count
 from .files import now, tail
 from .protocol import PROTOCOL, Fail
+from .rules import DEFAULT_SERVER
 from .sockets import http_probe, port_is_free
 from .testers import connected_testers, tester_ports, tester_requests
 
@@ -28,8 +29,11 @@ def cmd_hello(req, io) -> dict:
         env = Env(base, name)
         port = env.settings(strict=False).get("port")
         if port:
+            current = env.current()
+            info = env.release_info(current) if current else {}
             ports[name] = {"port": port, "ours": supervisor_ping(env) is not None,
-                           "free": port_is_free(port)}
+                           "free": port_is_free(port), "server": info.get("server") or DEFAULT_SERVER,
+                           "server_options": info.get("server_options") or {}}
     wanted = req.get("port")
     return {
         "protocol": PROTOCOL,
@@ -43,7 +47,21 @@ def cmd_hello(req, io) -> dict:
         "base": base,
         "envs": ports,
         "port_free": port_is_free(wanted) if wanted else None,
+        "cores": os.cpu_count(),
+        "memory_bytes": memory_bytes(),
     }
+
+
+def memory_bytes():
+    """The host's memory (MemTotal of /proc/meminfo), or None if it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def cmd_logs(req, io) -> None:
@@ -101,7 +119,7 @@ def env_status_or_problem(env: Env) -> dict:
     try:
         return env_status(env)
     except (Fail, OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        keys = ("release", "sha256", "file", "deployed_at", "deployed_by", "pid", "uptime", "last_exit",
+        keys = ("release", "sha256", "file", "deployed_at", "deployed_by", "server", "pid", "uptime", "last_exit",
                 "last_log", "port", "supervisor_pid", "health")
         return dict({key: None for key in keys}, env=env.name, state="unknown", restarts=0, hangs=0,
                     supervisor_revived=False, testers=[], requests={}, errors=0,
@@ -133,6 +151,7 @@ def env_status(env: Env) -> dict:
         "file": info.get("file"),
         "deployed_at": info.get("deployed_at"),
         "deployed_by": info.get("deployed_by"),
+        "server": (info.get("server") or DEFAULT_SERVER) if current else None,
         "state": status,
         "pid": state.get("pid") if status in ("running", "starting") else None,
         "uptime": round(now() - started, 1) if started and status == "running" else None,

@@ -18,7 +18,7 @@ from .envs import START_TIMEOUT, Env, link_current
 from .files import is_port, iso, makedirs, now, rotate, tail, write_json
 from .procs import STOP_TIMEOUT, pid_alive, process_started, stop_group
 from .protocol import Fail
-from .rules import DEFAULT_HEALTH_STATUS, RELEASE_FILE, WARMING_UP, health_codes, is_up
+from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_SERVER, RELEASE_FILE, WARMING_UP, health_codes, is_up
 from .sockets import bind_listener, fd_port, foreign_peer, http_probe, listening_port, recv_line
 from .testers import next_expiry, tester_ports
 
@@ -39,6 +39,7 @@ class AppProcess:
         self.health = info.get("health", "/")
         self.health_status = info.get("health_status") or DEFAULT_HEALTH_STATUS
         self.health_codes = health_codes(self.health_status)
+        self.server = info.get("server") or DEFAULT_SERVER
         self.log_path = env.path("logs", release + ".log")
 
     @classmethod
@@ -58,6 +59,8 @@ class AppProcess:
             "release_dir": env.release_dir(release),
             "entry": info["entry"],
             "static": info.get("static") or {},
+            "server": info.get("server") or DEFAULT_SERVER,
+            "server_options": info.get("server_options") or {},
             "sockets": sockets,
             "probe_fd": probe.fileno(),
             "live": live,
@@ -133,6 +136,14 @@ class AppProcess:
         return result
 
     def go_live(self) -> None:
+        """Have the app serve its main and tester sockets: SIGUSR1, but gunicorn's
+        master uses that signal itself (reopen logs): it is told over its control socket."""
+        if self.server == "gunicorn":
+            try:
+                if app_request(self.env, self.pid, {}, cmd="live")[0].get("ok") is True:
+                    return
+            except (OSError, ValueError) as e:
+                raise OSError("app %d did not go live: %s" % (self.pid, e))
         os.kill(self.pid, signal.SIGUSR1)
 
     def hand_over(self, sockets: dict) -> bool:

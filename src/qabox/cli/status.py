@@ -40,25 +40,25 @@ def print_status(hosts: list[dict]) -> None:
     rows, notes = [], []
     for host in hosts:
         if not host["reachable"]:
-            rows.append((host["host"], "-", "-", "[red]unreachable[/]") + ("",) * 8)
+            rows.append((host["host"], "-", "-", "", "[red]unreachable[/]") + ("",) * 8)
             notes.append(f"{host['host']}: {host['error']}")
         elif host["error"]:  # the env asked for is not there
-            rows.append((host["host"], host["env"], "-", "[red]no such env[/]") + ("",) * 8)
+            rows.append((host["host"], host["env"], "-", "", "[red]no such env[/]") + ("",) * 8)
             notes.append(host["error"])
         elif not host["envs"]:
-            rows.append((host["host"], "-", "nothing deployed") + ("",) * 9)
+            rows.append((host["host"], "-", "nothing deployed") + ("",) * 10)
         for e in host["envs"]:
             style = {"running": "green", "starting": "yellow"}.get(e["state"], "red")
             health = e.get("health") or {}
             rows.append((
-                host["host"], e["env"], e["release"] or "-", f"[{style}]{e['state']}[/]",
+                host["host"], e["env"], e["release"] or "-", e.get("server") or "-", f"[{style}]{e['state']}[/]",
                 str(e["pid"] or "-"), human_seconds(e["uptime"]), str(e["restarts"]), str(e["port"]),
                 f"{health['code']} {health['ms']:.0f} ms" if health.get("code") else (health.get("error") or "-"),
                 f"{e['deployed_at']} by {e['deployed_by']}" if e["deployed_at"] else "-",
                 ", ".join(f"{t['name']} ({t['requests']} req)" for t in e.get("testers", [])) or "-",
                 f"[red]{e['errors']}[/]" if e.get("errors") else "0",
             ))
-    print_table(("HOST", "ENV", "RELEASE", "STATE", "PID", "UPTIME", "RESTARTS", "PORT", "HEALTH",
+    print_table(("HOST", "ENV", "RELEASE", "SERVER", "STATE", "PID", "UPTIME", "RESTARTS", "PORT", "HEALTH",
                  "DEPLOYED", "TESTERS", "ERRORS"), rows, key=("HOST", "ENV", "RELEASE", "STATE", "PORT"), notes=notes)
 
 

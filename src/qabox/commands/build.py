@@ -30,6 +30,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from qabox import build_check, host_python, wheelhouse
+from qabox.agent import rules
 from qabox.errors import BuildError
 from qabox.host_python import Target
 from qabox.pack import PackError, pack
@@ -97,6 +98,18 @@ def with_entry(config: Path, entry: str) -> bytes:
         raise BuildError(f"{config}: cannot set the entry for --app there: write `entry = {json.dumps(entry)}` "
                          f"under [app] in it yourself")
     return text.encode()
+
+
+def server_packages(src: Path) -> list[str]:
+    """The app servers' packages a build of ``src`` needs: Werkzeug (the default
+    server, and what serves ``[app] static``), and the one its qabox.toml's
+    ``[app] server`` names."""
+    try:
+        server = tomllib.loads((src / "qabox.toml").read_text()).get("app", {}).get("server")
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        server = None  # none, or broken: the build's check says what is wrong with it
+    extra = rules.SERVER_PACKAGES.get(server) if server != SERVER else None
+    return [SERVER] + ([extra] if extra else [])
 
 
 def project_requirements(src: Path) -> tuple[list[str], str]:
@@ -167,10 +180,12 @@ def make(src: Path, out: Path, python_version: str | None = None, platform: str 
             added, origin = project_requirements(src)
             find_links = [src / "wheels"] if (src / "wheels").is_dir() else []
             pinned = requirement_pins(src, added, Path(tmp), target, find_links)
-            if not any(canonicalize_name(pin.split("==")[0]) == SERVER for pin in pinned):  # qabox serves with it
-                added.append(SERVER)
-                pinned = requirement_pins(src, added, Path(tmp), target, find_links)
-                origin += f", and {SERVER} (qabox's app server)"
+            for package in server_packages(src):  # qabox serves with them: added unless required already
+                name = canonicalize_name(Requirement(package).name)
+                if not any(canonicalize_name(pin.split("==")[0]) == name for pin in pinned):
+                    added.append(package)
+                    pinned = requirement_pins(src, added, Path(tmp), target, find_links)
+                    origin += f", and {name} " + ("(qabox's app server)" if name == SERVER else "(its [app] server)")
             wheels, built = wheelhouse.fetch(pinned, Path(tmp) / "wheels", target, find_links)
             if added:
                 own = (src / "requirements.txt").read_text() if origin.startswith("requirements.txt") else ""

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from rich.filesize import decimal
 
 from qabox import build_check, host_python
-from qabox.agent import manifest
+from qabox.agent import manifest, rules
 from qabox.context import Context, check_env, whoami
 from qabox.errors import BuildError, ConfigError, ConnectError, QaboxError, RemoteError
 from qabox.fleet import each_host
@@ -102,10 +102,19 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
         with locked_session(remote, env, lock_timeout, checking) as session:
             if checking:
                 build = checking.result()
+            server, server_options = settings.env_server(env, build.server, build.server_options)
+            problems = rules.server_problems(server, server_options, f"{build.path.name} on {host}")
+            if problems:
+                raise ConfigError("; ".join(problems) + (f" (with {settings.source})" if settings.source else ""))
+            if server != build.server and not build_check.build_brings(build, server):
+                raise ConfigError(f"{settings.source} runs env {env} on {server}, which {build.path.name} does not "
+                                  f"bring: add `{server}` to its requirements (qabox build adds it when its "
+                                  f"qabox.toml says [app] server = \"{server}\"), or drop the override")
             ask = dict(  # what makes a deploy a change: upload-state answers "unchanged" if none is
                 env=env, manifest=build.id, entry=build.entry, health=build.health,
                 health_status=build.health_status, static=build.static, environment=build.environment,
-                release_hooks=build.release_hooks, persist=list(build.persist), port=port or settings.env_port(env),
+                release_hooks=build.release_hooks, persist=list(build.persist), server=server,
+                server_options=server_options, port=port or settings.env_port(env),
                 hosts_environment=settings.env_environment(env), start_timeout=settings.start_timeout,
                 health_interval=settings.health_interval, log_max_bytes=int(settings.log_max_mb * 2**20),
                 max_bytes=settings.max_build_mb * 2**20, max_members=settings.max_build_members)

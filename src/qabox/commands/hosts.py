@@ -114,10 +114,32 @@ def check_host(ctx: Context, name: str) -> list[Check]:
               f"free at least {decimal(MIN_FREE)} there, or set `dir` in the hosts file to a roomier place"),
         Check("app port free", port_ok, f"127.0.0.1:{port}" + (" (the main env's own)" if main.get("ours") else ""),
               "stop what listens there, or set `port` in the hosts file"),
+        server_check(settings, facts),
         Check("clock skew", abs(skew) <= MAX_SKEW, f"{skew:+.1f} s", "sync the host's clock (NTP)"),
         Check("agent version", facts["protocol"] == PROTOCOL, facts["agent"], "upgrade qabox here"),
     ]
     return checks
+
+
+def server_check(settings, facts: dict) -> Check:
+    """Whether the host's cores and memory fit the app processes its hosts file
+    asks for (gunicorn's workers): a warning, never a failure, when they do not."""
+    cores, memory = facts.get("cores"), facts.get("memory_bytes")
+    deployed = facts.get("envs") or {}  # each env's current release: its server
+    asked = {env: settings.env_server(env, deployed.get(env, {}).get("server") or rules.DEFAULT_SERVER,
+                                      deployed.get(env, {}).get("server_options") or {})
+             for env in dict.fromkeys(["main", *deployed, *settings.envs])}
+    processes = {env: rules.server_processes(server, options, cores) for env, (server, options) in asked.items()}
+    total = sum(processes.values())
+    detail = (f"{cores or '?'} cores, {decimal(memory) if memory else '? bytes'} of memory; "
+              + ", ".join(f"{env} on {server}" + (f" ({processes[env]} workers)" if server == "gunicorn" else "")
+                          for env, (server, _) in asked.items()))
+    over = [f"{env}'s {n} workers are more than 2 per core and one ({2 * cores + 1})"
+            for env, n in processes.items() if cores and n > 2 * cores + 1]
+    if memory and total * rules.PROCESS_MB * 10**6 > memory // 2:
+        over.append(f"{total} app processes at about {rules.PROCESS_MB} MB each take more than half its memory")
+    return Check("cores and memory fit the app servers", True, detail + ("; " + "; ".join(over) if over else ""),
+                 "set fewer `workers` in the hosts file's server_options" if over else "", warning=bool(over))
 
 
 @dataclass(frozen=True)
