@@ -457,12 +457,17 @@ def test_status_on_an_80_column_terminal(notes_build, env_name, port, tmp_path, 
     result = qabox("status", "--host", "lab1", "--host", "ghost", "--env", env_name)
     assert result.code == 1
     w = max(len(env_name), 3)
+    details = [""]  # the row's other columns, "name: value", as many to a line as fit
+    for item in (f"server: {env['server']}", f"restarts: {env['restarts']}",
+                 f"deployed: {env['deployed_at']} by {env['deployed_by']}", f"errors: {env['errors']}"):
+        if details[-1] and len(details[-1]) + 4 + len(item) > 80:
+            details.append("")
+        details[-1] += ("  " if details[-1] else "") + item
     assert screen.getvalue() == (
         f"HOST   {'ENV'.ljust(w)}  RELEASE          STATE        PORT\n"
         f"lab1   {env_name.ljust(w)}  {env['release']}  stopped      {port}\n"
-        f"  restarts: {env['restarts']}  deployed: {env['deployed_at']} by {env['deployed_by']}"
-        f"  errors: {env['errors']}\n"
-        f"ghost  {'-'.ljust(w)}  -                unreachable\n"
+        + "".join(f"  {line}\n" for line in details)
+        + f"ghost  {'-'.ljust(w)}  -                unreachable\n"
         + "".join(line + "\n" for line in textwrap.wrap(f"ghost: {ghost['error']}", 80,
                                                         subsequent_indent="  ", break_on_hyphens=False))
     )
