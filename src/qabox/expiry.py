@@ -1,4 +1,5 @@
-"""``--expires``: a duration (``30m``, ``12h``, ``7d``, ``2w``) or a UTC date/time."""
+"""``--expires`` (a duration such as ``30m``, ``12h``, ``7d``, ``2w``, or a UTC
+date/time) and ``--since`` (a duration)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def parse_expiry(text: str, now: datetime) -> datetime | None:
         return None
     found = DURATION.fullmatch(text)
     if found:
-        when = now + timedelta(**{UNITS[found.group(2)]: int(found.group(1))})
+        when = now + length(found)
     else:
         try:
             when = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
@@ -37,6 +38,11 @@ def parse_expiry(text: str, now: datetime) -> datetime | None:
     return when
 
 
+def length(found: re.Match) -> timedelta:
+    """The time a DURATION match names."""
+    return timedelta(**{UNITS[found.group(2)]: int(found.group(1))})
+
+
 def iso_utc(when: datetime | None) -> str | None:
     """The form the agent takes: ``2026-12-09T12:00:00Z``."""
     return None if when is None else when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -47,4 +53,4 @@ def parse_duration(text: str, option: str) -> int:
     found = DURATION.fullmatch(text.strip())
     if not found:
         raise ConfigError(f"{option} {text!r} is not a duration: give one such as 30m, 12h, 7d or 2w")
-    return int(timedelta(**{UNITS[found.group(2)]: int(found.group(1))}).total_seconds())
+    return int(length(found).total_seconds())
