@@ -12,23 +12,24 @@ supervisor see to that).
 from __future__ import annotations
 
 import socket
-import tarfile
 import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from rich.filesize import decimal
 
-from qabox import build_check, host_python
 from qabox.agent import manifest, rules
 from qabox.context import Context, check_env, whoami
 from qabox.errors import BuildError, ConfigError, ConnectError, QaboxError, RemoteError
 from qabox.fleet import each_host
 from qabox.paramiko_compat import paramiko
 from qabox.remote import Remote
+
+if TYPE_CHECKING:
+    from qabox.build_check import Build
 
 CHUNK = 1 << 20
 STALL = 20.0
@@ -91,6 +92,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     hooks.step("connecting")
     with checking_first(checking), ctx.remote(host) as remote:
         target = None
+        from qabox import build_check, host_python  # loaded by now: the Checking thread imports them
         if project:  # built before the lock is taken: resolving can take a while
             target = host_python.of_host(remote, host)
             hooks.step(f"building {path}")
@@ -171,11 +173,13 @@ class Checking:
 
     def _run(self, path, entry, limits, cache_dir) -> None:
         try:
+            from qabox import build_check, host_python  # noqa: F401 (imported here, off the deploy's path)
+
             self.build = build_check.checked(path, entry, *limits, cache_dir)
         except BaseException as e:  # raised again by result(), in the deploy's thread
             self.error = e
 
-    def result(self) -> build_check.Build:
+    def result(self) -> Build:
         self.thread.join()
         if self.error is not None:
             raise self.error
@@ -273,9 +277,11 @@ def check_space(remote: Remote, needed: int, free: int) -> None:
             f"deploy again", code="disk_full")
 
 
-def upload(remote: Remote, build: build_check.Build, state: dict, hooks: Hooks) -> int:
+def upload(remote: Remote, build: Build, state: dict, hooks: Hooks) -> int:
     """Send the delta the host asked for (the content it lacks, in manifest
     order) to its ``.part`` file, resuming after what it holds of it already."""
+    import tarfile  # build_check has it loaded by now
+
     offset = state["part"] if state["part"] <= state["size"] else 0
     try:
         with tarfile.open(build.path, "r|*") as tar:
