@@ -183,8 +183,15 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, env_name):
     }
     (tmp_path / "novalue.env").write_text("GOOD=1\nLONELY\n")
     cases[("set", "--from-file", tmp_path / "novalue.env")] = "LONELY has no value: write LONELY=VALUE there"
+    (tmp_path / "open-quote.env").write_text('GOOD=1\nSECRET_KEY="pw-never-shown\n')
+    cases[("set", "--from-file", tmp_path / "open-quote.env")] = "line 2 is not KEY=VALUE (a quote left open?)"
+    inputs = {("set", "EMPTY_STDIN"): ("\n", "no value for EMPTY_STDIN came on stdin: pipe it in, or write "
+                                             "EMPTY_STDIN= for an empty one"),
+              ("set", "NUL_VALUE"): ("pw-never-shown\0x", "the value of NUL_VALUE holds a NUL character")}
+    cases.update((args, message) for args, (_, message) in inputs.items())
     for args, message in cases.items():
-        result = config(*args, env=env_name)
+        result = config(*args, env=env_name, input=inputs.get(args, (None,))[0])
+        assert "pw-never-shown" not in result.stderr, result
         assert result.code == 2 and result.stdout == "", (args, result)
         assert result.stderr.startswith("qabox: error: ") and message in result.stderr, (args, result)
         assert len(result.stderr.splitlines()) == 1, result

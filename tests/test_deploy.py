@@ -222,6 +222,19 @@ def test_first_deploy_that_fails_leaves_nothing_current(make_build, env_name, po
     assert env["release"] is None
 
 
+def test_a_hand_made_tar_with_no_requirements_on_a_host_python_without_werkzeug_is_refused_before_sending(
+        make_build, env_name, port):
+    """It would run on the host python's own packages: the lab's /usr/bin/python3 has no Werkzeug."""
+    assert in_host("lab1", "/usr/bin/python3", "-c", "import werkzeug").returncode != 0
+    build = make_build({"wsgi.py": "def app(environ, start_response):\n    pass\n"}, with_wheels=False)
+    result = deploy(build, env_name, port)
+    assert result.code == 5 and result.stderr == (
+        f"qabox: error: {build.name} has no requirements.txt, so it runs on lab1's python's own packages, which "
+        f"lack Werkzeug (its app server): add a requirements.txt with `werkzeug`, or make the build with "
+        f"`qabox build`, which adds it\n"), result
+    assert "Traceback" not in result.stderr and status_json(env_name)["release"] is None
+
+
 def test_missing_entry_is_refused_and_leaves_no_env_on_the_host(make_build, env_name, port):
     """The build is checked while qabox connects: a new env is made only once it passed."""
     build = make_build({"main.py": "x = 1\n"})

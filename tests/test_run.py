@@ -221,7 +221,7 @@ def test_ctrl_c_under_a_terminal_interrupts_the_command_on_the_host(deployed):
 
 
 FAILING = ('release = ["python -c \\"import sys; print(\'applying 0002\'); sys.exit(\'no such column: post.author\')\\""]',
-           "failed (exit status 1): the new release was removed and nothing else changed", "no such column: post.author")
+           "failed (exit status 1): the new release was removed and release ", "no such column: post.author")
 SLOW = ('release_timeout = 3\nrelease = "python -c \'import time; print(\\"waiting for a lock\\", flush=True); '
         'time.sleep(120)\'"', "did not finish within release_timeout (3 s) and was stopped", "waiting for a lock")
 
@@ -233,6 +233,7 @@ def test_a_failing_or_timing_out_hook_fails_the_deploy_with_its_output_and_the_c
     build = flaskr(f'[app]\nentry = "wsgi:app"\n{app}\n', last_line.replace(" ", "-"))
     result = qabox("deploy", build, "--host", "lab1", "--env", deployed["env"])
     assert result.code == 6 and message in result.stderr, result
+    assert "keeps serving, on the env's data as the release hooks left it; fix it and deploy again" in result.stderr
     assert f"  | {last_line}\n" in result.stderr
     assert time.monotonic() - started < 60
     assert http_get("lab1", deployed["port"]) == (200, "hello from init-db")

@@ -18,7 +18,7 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
 
 from qabox.agent.venvs import cmd_python_info
-from qabox.build_check import Build
+from qabox.build_check import SERVER_TITLES, Build, needed_servers
 from qabox.errors import BuildError
 
 # The manylinux tags named before PEP 600 (glibc 2.5, 2.12, 2.17), the first pip that takes
@@ -162,6 +162,17 @@ def here(python_version: str | None = None, platform: str | None = None) -> Targ
 def of_host(caller, host: str) -> Target:
     """The python of a connected host (a Remote, or a Session of one): one agent request."""
     return Target.from_json(caller.call("python-info"), f"{host}'s python")
+
+
+def check_host_servers(caller, build: Build, server: str, host: str) -> None:
+    """A build with no requirements.txt runs on the host python's own packages: refuse
+    it before it is sent when they lack its app server (else an agent traceback after upload)."""
+    found = caller.call("python-info").get("servers", [])
+    for needed in needed_servers(server, build.static):
+        if needed not in found:
+            raise BuildError(f"{build.path.name} has no requirements.txt, so it runs on {host}'s python's own "
+                             f"packages, which lack {SERVER_TITLES[needed]} (its app server): add a "
+                             f"requirements.txt with `{needed}`, or make the build with `qabox build`, which adds it")
 
 
 def check_build(build: Build, target: Target, host: str) -> None:

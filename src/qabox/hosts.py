@@ -129,7 +129,8 @@ def load_settings(name: str, hosts_dir: Path) -> HostSettings:
                     raise ConfigError(f"{where}: unknown key {key!r} in [{kind}.{entry}]; known keys: {', '.join(known)}")
                 kind_, valid, what = known[key]
                 if isinstance(value, bool) or not isinstance(value, kind_) or not valid(value):
-                    raise ConfigError(f"{where}: [{kind}.{entry}] {key} = {value!r} is not {what}")
+                    shown = "..." if key == "environment" else repr(value)  # it may hold a secret
+                    raise ConfigError(f"{where}: [{kind}.{entry}] {key} = {shown} is not {what}")
                 problems = rules.environment_problems(value) if key == "environment" else []
                 if problems:  # names only: a value is never shown
                     raise ConfigError(f"{where}: [{kind}.{entry}.environment]: {'; '.join(problems)}")

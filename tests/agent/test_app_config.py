@@ -90,6 +90,17 @@ def test_bad_or_reserved_names_are_refused_and_nothing_changes(box, name):
     assert local.data("config-list", env=ENV, show=True) == before
 
 
+def test_a_value_no_environment_can_hold_is_refused_and_nothing_changes(box):
+    """A NUL would be stored, then fail every start and one-off command of the env."""
+    local = box["host"]
+    before = local.data("config-list", env=ENV, show=True)
+    with local.session(ENV) as call:
+        refused = call("config-change", env=ENV, set={"CFG_OK": "v", "CFG_NUL": SECRET + "\0"})
+    assert not refused["ok"] and refused["error"]["code"] == "bad_config", refused
+    assert "the value of CFG_NUL holds a NUL character" in refused["error"]["message"]
+    assert SECRET not in str(refused) and local.data("config-list", env=ENV, show=True) == before
+
+
 def test_a_change_needs_the_deploy_lock(box):
     refused = box["host"].call("config-change", env=ENV, set={"CFG_X": "v"})
     assert not refused["ok"] and "runs only in a session holding env main's lock" in refused["error"]["message"]

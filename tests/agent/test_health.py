@@ -105,6 +105,11 @@ def test_a_release_that_fails_fails_fast_showing_the_traceback(box, env, wsgi, c
     assert says in result["error"]["message"], result
     assert any(traceback in line for line in result["error"]["log"]), result
     assert seconds < slowest, seconds  # the start timeout is 20 s
+    if code == "unhealthy":  # the error each probe captured: one line, then its traceback, not one line each
+        log = result["error"]["log"]
+        assert [line for line in log if line.startswith("qabox: error ")][0].endswith(" captured)"), log
+        assert len([line for line in log if line.startswith("qabox: error ")]) == 1, log
+        assert '    raise RuntimeError("no such table: post")' in log, log
 
 
 @pytest.mark.network

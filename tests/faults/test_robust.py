@@ -358,7 +358,7 @@ def test_a_nearly_full_disk_says_how_much_is_missing(tmp_path, make_build, env_n
     release = served(port)
     fill(mount, in_sshd)
     try:
-        tiny = make_build({"wsgi.py": APP}, with_wheels=False)  # a few KB
+        tiny = make_build({"wsgi.py": APP, "requirements.txt": "werkzeug\n"}, with_wheels=False)  # a few KB
         result = qabox("deploy", tiny, "--host", "lab1", "--env", env_name, "--port", port)
     finally:
         subprocess.run(in_sshd + ["rm", "-f", f"{mount}/filler", f"{mount}/filler2"])

@@ -16,7 +16,7 @@ import time
 import traceback
 
 from .envs import Env, all_envs, existing_env
-from .files import iso, makedirs, now, read_json, write_json
+from .files import LOG_TAIL, iso, makedirs, now, read_json, write_json
 from .protocol import Fail
 
 
@@ -115,6 +115,26 @@ class ErrorStore:
         print("qabox: error %s: %s: %s at %s" % (error_id, record["type"], record["message"][:200],
                                                   record["where"]), flush=True)
         return error_id
+
+
+CAPTURED = re.compile(r"qabox: error ([0-9a-f]{12}): ")  # the line capture() prints
+
+
+def with_traceback(env: Env, lines: list) -> list:
+    """A failed start's log tail, its captured errors' lines (one a probe, naming
+    the error's id only) folded into the last one, followed by its traceback: what
+    the deploy shows of an app answering 500 to every probe."""
+    captured = [line for line in lines if CAPTURED.match(line)]
+    if not captured:
+        return lines
+    last = CAPTURED.match(captured[-1]).group(1)
+    names = [name for name, _, found, _ in error_files(errors_dir(env)) if found == last]
+    record = read_json(os.path.join(errors_dir(env), names[-1])) if names else None
+    shown = [line for line in lines if not CAPTURED.match(line)] + [
+        captured[-1] + (" (the last of %d captured)" % len(captured) if len(captured) > 1 else "")]
+    if isinstance(record, dict) and isinstance(record.get("traceback"), str):
+        shown += record["traceback"].rstrip("\n").splitlines()[-LOG_TAIL:]
+    return shown
 
 
 def error_files(directory: str) -> list:

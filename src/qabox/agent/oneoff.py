@@ -45,7 +45,15 @@ from .rules import hook_argv
 
 HEARTBEAT = 5.0
 HOOK_STOP_TIMEOUT = 5.0
-NOTHING_CHANGED = "the new release was removed and nothing else changed; fix it and deploy again"
+
+
+def hooks_left(env) -> str:
+    """What a deploy failing once its hooks ran leaves: not "nothing changed", since
+    a hook (a migration) may have changed the env's data before it failed."""
+    live = env.current()
+    serving = "release %s keeps serving" % live if live else "nothing was deployed"
+    return "the new release was removed and %s, on the env's data as the release hooks left it; " \
+           "fix it and deploy again" % serving
 
 
 def spawn(env, release: str, info: dict, cwd: str, argv: list, what: str, extra: "dict | None" = None,
@@ -197,8 +205,8 @@ def run_release_hooks(env, release: str, info: dict, io) -> None:
             last.append(partial[0].decode("utf-8", "replace"))
         if not finished:
             raise Fail("hook_timeout", "release hook `%s` did not finish within release_timeout (%g s) "
-                       "and was stopped: %s" % (hook, info["release_timeout"], NOTHING_CHANGED), log=list(last))
+                       "and was stopped: %s" % (hook, info["release_timeout"], hooks_left(env)), log=list(last))
         if proc.returncode != 0:
             raise Fail("hook_failed", "release hook `%s` failed (exit status %d): %s"
-                       % (hook, exit_status(proc), NOTHING_CHANGED),
+                       % (hook, exit_status(proc), hooks_left(env)),
                        log=list(last))

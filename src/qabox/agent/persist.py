@@ -164,9 +164,9 @@ def take_snapshot(env: Env, release: str, paths: list, max_bytes: int) -> dict:
     manifest = {"paths": ["/".join(p) for p in paths], "present": ["/".join(p) for p in present],
                 "bytes": size, "skipped": None}
     if size > max_bytes:
-        manifest["skipped"] = ("the persisted data is %d MB, more than snapshot_max_mb (%d): no snapshot "
+        manifest["skipped"] = ("the persisted data is %.1f MB, more than snapshot_max_mb (%g): no snapshot "
                                "was taken, so rollback --with-data cannot go back before this release"
-                               % (size // 2**20, max_bytes // 2**20))
+                               % (-(-size * 10 // 2**20) / 10, max_bytes / 2**20))  # rounded up: 1.0 never "more than 1"
     else:
         for p in present:
             copy_data(os.path.join(data, *p), os.path.join(top, "data", *p))

@@ -135,7 +135,7 @@ def cmd_deploy(req, io) -> dict:
     release = new_release_id(env)
     rdir = env.release_dir(release)
     tmp = env.path("releases", "." + release + ".tmp")
-    seeded = []
+    seeded, hooks_ran = [], False
     try:
         store.take_delta(members)
         io.emit({"progress": "extracting"})
@@ -169,6 +169,7 @@ def cmd_deploy(req, io) -> dict:
         write_json(os.path.join(tmp, RELEASE_FILE), info)
         os.rename(tmp, rdir)
         io.check()
+        hooks_ran = bool(hooks)
         run_release_hooks(env, release, info, io)
         io.emit({"progress": "starting"})
         switch_to(env, release, settings)
@@ -177,6 +178,8 @@ def cmd_deploy(req, io) -> dict:
         if env.current() == release:
             pass  # it failed after the switch: the release is live, and it stays
         else:
+            if hooks_ran and isinstance(e, Fail) and e.code not in ("hook_failed", "hook_timeout"):
+                e.message += " (its release hooks had run: the env's data is as they left it)"
             shutil.rmtree(rdir, ignore_errors=True)
             unseed(env, seeded)
             shutil.rmtree(snapshot_dir(env, release), ignore_errors=True)

@@ -382,8 +382,13 @@ def environment_problems(table) -> list:
     if not isinstance(table, dict):
         return ["it is not a table of NAME = \"text\""]
     problems = [config_name_problem(name) for name in sorted(table, key=str)]
-    problems += ["the value of %s is not text" % name for name, value in sorted(table.items())
-                 if CONFIG_NAME.fullmatch(name) and not isinstance(value, str)]
+    for name, value in sorted(table.items(), key=lambda item: str(item[0])):
+        if not isinstance(name, str) or not CONFIG_NAME.fullmatch(name):
+            continue
+        if not isinstance(value, str):
+            problems.append("the value of %s is not text" % name)
+        elif "\0" in value:  # the kernel's environment ends each value at one: exec would fail
+            problems.append("the value of %s holds a NUL character, which no environment variable can" % name)
     return [p for p in problems if p]
 
 

@@ -15,6 +15,7 @@ from . import agents
 from .appenv import app_environ, venv_python
 from .control import app_request, env_apps, stop_accepting
 from .envs import START_TIMEOUT, Env, link_current
+from .errors import with_traceback
 from .files import is_port, iso, makedirs, now, rotate, tail, write_json
 from .procs import STOP_TIMEOUT, pid_alive, process_started, stop_group
 from .protocol import Fail
@@ -446,7 +447,7 @@ class Supervisor:
                            "deploy again" % (release, reason, "the previous release keeps serving"
                                              if self.env.current() else "nothing was deployed"),
                 "exit": code,
-                "log": tail(new.log_path),
+                "log": with_traceback(self.env, tail(new.log_path)),
             }}
         new.go_live()
         old, self.app, self.release = self.app, new, release

@@ -5,6 +5,7 @@ see it (``python-info``)."""
 
 import glob
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import zipfile
 from .envs import Env
 from .files import LOG_TAIL, read_text_in
 from .protocol import Fail
-from .rules import requirements_problems
+from .rules import SERVERS, requirements_problems
 from .wheelcache import WheelCache
 
 def venv_key(release_dir: str, python: str) -> str:
@@ -139,6 +140,7 @@ def cmd_python_info(req, io) -> dict:
         "platform": sysconfig.get_platform(),
         "glibc": version if name == "glibc" else None,
         "pip": pip_version(),
+        "servers": [name for name in SERVERS if importlib.util.find_spec(name)],  # for a build with no requirements
     }
 
 

@@ -21,7 +21,7 @@ MASK = "********"
 
 def parse_assignments(items: list[str]) -> dict:
     """KEY=VALUE arguments as a table; a bare KEY's value is asked for (hidden) or,
-    when stdin is not a terminal, read from it (one trailing newline dropped)."""
+    when stdin is not a terminal, read from it (one trailing newline dropped; empty is refused)."""
     values, asked = {}, [item for item in items if "=" not in item]
     if len(asked) > 1:
         raise ConfigError(f"only one KEY without =VALUE at a time ({', '.join(asked)}): its value is read "
@@ -34,6 +34,9 @@ def parse_assignments(items: list[str]) -> dict:
             else:
                 value = sys.stdin.read()
                 value = value[:-1] if value.endswith("\n") else value
+                if not value:  # `printf %s "$UNSET" | qabox config set KEY` would blank a secret
+                    raise ConfigError(f"no value for {name} came on stdin: pipe it in, or write {name}= "
+                                      f"for an empty one")
         values[name] = value
     return values
 

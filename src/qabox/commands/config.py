@@ -21,14 +21,27 @@ def check_names(names) -> None:
             raise ConfigError(problem)
 
 
+def check_values(values: dict) -> None:
+    """Refuse a table the app's environment cannot hold before connecting (the agent
+    checks again); the message names the variable, never its value."""
+    problems = rules.environment_problems(values)
+    if problems:
+        raise ConfigError(problems[0])
+
+
 def read_dotenv(path: Path) -> dict:
     """The variables of a dotenv file (``python-dotenv``'s syntax: quotes, ``export``,
     multi-line quoted values), taken as written: ``${VAR}`` is not expanded, since
     it would bring in this machine's environment, not the host's."""
     from dotenv import dotenv_values
+    from dotenv.parser import parse_stream
 
     if not path.is_file():
         raise ConfigError(f"--from-file {path}: there is no such file: name a dotenv file (KEY=VALUE lines)")
+    with open(path, encoding="utf-8") as f:  # dotenv_values only logs a line it cannot parse, and drops it
+        bad = next((binding.original.line for binding in parse_stream(f) if binding.error), None)
+    if bad is not None:  # the line itself may hold a secret: named by number only
+        raise ConfigError(f"--from-file {path}: line {bad} is not KEY=VALUE (a quote left open?): nothing was set")
     values = dotenv_values(path, interpolate=False)
     missing = [name for name, value in values.items() if value is None]
     if missing:
@@ -46,6 +59,7 @@ def change(ctx: Context, host: str, env: str, values: dict | None = None, unset:
     check_env(env)
     values, unset = values or {}, unset or []
     check_names([*values, *unset])
+    check_values(values)
     hosts_environment = ctx.settings(host).env_environment(env)
     with ctx.remote(host) as remote, remote.session(env, lock_timeout, whoami(), create=True) as session:
         result = session.call("config-change", env=env, set=values, unset=unset,

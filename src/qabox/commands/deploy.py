@@ -124,6 +124,8 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
             sent = 0
             if not state.get("unchanged"):  # a build that runs there installs there
                 host_python.check_build(build, target or host_python.of_host(session, host), host)
+                if build.requirements is None:
+                    host_python.check_host_servers(session, build, server, host)
             if "manifest_path" in state:  # a build new to the host
                 listed = manifest.canonical(build.manifest)
                 check_space(remote, len(listed), state["free_bytes"])
