@@ -151,6 +151,14 @@ def test_boot_gives_every_env_that_should_run_its_supervisor_again(box):
     local, port = box["host"], box["port"]
     local.kill_all()  # a reboot, as far as the env can tell
     assert wait_until(lambda: not local.processes(), 10) and local_get(port)[0] == 0
-    subprocess.run(local.argv + ["boot", local.base], env=local.environ, timeout=60, check=True)
+    archive = Path(local.argv[-1])
+    entry = archive.with_name("current")  # what cron's line names: a symlink to the newest agent
+    if not entry.is_symlink():
+        entry.symlink_to(archive.name)  # as install makes it (not called here: the archive is shared)
+    assert entry.resolve() == archive
+    subprocess.run(local.argv[:-1] + [str(entry), "boot", local.base], env=local.environ, timeout=60, check=True)
     assert local_get(port) == (200, "v1")
     assert status(local)["state"] == "running"
+    # started through current, every process runs from the hash-named archive, which never changes under it
+    runs = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in local.processes()]
+    assert runs and all(str(archive).encode() in argv and str(entry).encode() not in argv for argv in runs), runs
