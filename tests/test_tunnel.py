@@ -14,6 +14,7 @@ import time
 import pytest
 
 from qabox.agent.protocol import SESSION_IDLE
+from qabox.agent.sockets import port_is_free
 
 from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, Lines, add_tester, free_port, http_get, in_host,
                       json_data, new_key, qabox, ssh_as_tester, wait_until)
@@ -137,7 +138,7 @@ def test_a_dead_background_thread_is_raised_not_hidden(tester, monkeypatch):
         time.sleep(tunnel.KEEPALIVE_INTERVAL + 1)
         with pytest.raises(tunnel.TunnelBroken, match="RuntimeError: boom"):
             t.refresh()
-    assert tunnel.port_free(port)  # the with block closed it
+    assert port_is_free(port)  # the with block closed it
 
 
 def test_detach_tunnels_and_stop(tester):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Host, free_port, local_get, new_key, wait_until, wsgi_build
+from qabox.agent.procs import pid_alive
 
 pytestmark = pytest.mark.network  # the app server's wheels, downloaded once into .cache/wheels
 ENV = "main"
@@ -78,15 +79,7 @@ def test_restart_starts_a_fresh_process(box):
         restarted = call("restart", env=ENV)
     assert restarted["ok"] and restarted["changed"] and restarted["data"]["pid"] not in (None, old), restarted
     assert local_get(port, "/pid") == (200, str(restarted["data"]["pid"]))
-    assert wait_until(lambda: not alive(old), 10)  # and the old one has ended
-
-
-def alive(pid: int) -> bool:
-    """Whether a process runs (a zombie has ended: its parent has yet to reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert wait_until(lambda: not pid_alive(old), 10)  # and the old one has ended
 
 
 def test_a_new_tester_gets_a_port_the_running_app_serves_and_loses_it_when_removed(box, tmp_path):
