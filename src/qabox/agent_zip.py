@@ -41,5 +41,10 @@ def build() -> bytes:
     return out.getvalue()
 
 
+def hash_of(archive: bytes) -> str:
+    """The version an archive is on the host (``agent-<hash>.pyz``): its sha256's first 16 hex digits."""
+    return hashlib.sha256(archive).hexdigest()[:16]
+
+
 AGENT_PYZ = build()
-AGENT_HASH = hashlib.sha256(AGENT_PYZ).hexdigest()[:16]
+AGENT_HASH = hash_of(AGENT_PYZ)
