@@ -153,6 +153,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def forwarding(proc: subprocess.Popen, port: int, timeout: float = 15) -> bool:
+    """Wait until ``ssh -L port:...`` (``proc``) listens on its local port; False if it exits first."""
+    def up():
+        if proc.poll() is not None:
+            return "exited"
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex(("127.0.0.1", port)) == 0
+    return wait_until(up, timeout) is True
+
+
 class Result:
     def __init__(self, code: int, stdout: str, stderr: str):
         self.code, self.stdout, self.stderr = code, stdout, stderr

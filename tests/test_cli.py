@@ -47,6 +47,18 @@ def test_readme_test_command_is_what_ci_runs():
     assert "scripts/test" in (REPO / ".ci" / "run").read_text()
 
 
+def test_readme_layout_names_every_module():
+    """The layout section a newcomer reads is the tree: each package's modules, none left out."""
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("Layout, by what each part owns:"):]
+    layout = layout[:layout.index("```", layout.index("```") + 3)]
+    for package in ("src/qabox", "src/qabox/cli", "src/qabox/commands", "src/qabox/agent"):
+        (line,) = [line for line in layout.splitlines() if line.startswith(package + "/ ")]
+        for module in sorted((REPO / package).glob("*.py")):
+            if module.stem not in ("__init__", "__main__"):
+                assert re.search(rf"\b{module.stem}\b", layout), f"{package}/{module.name} is not in the README's layout"
+
+
 def test_version_and_module_entry():
     assert qabox("--version").stdout.startswith("qabox ")
     proc = subprocess.run([sys.executable, "-m", "qabox", "--help"], capture_output=True, text=True, timeout=60)

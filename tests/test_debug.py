@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LAB1, Lines, add_tester, free_port, http_get, qabox, ssh_as_tester, wait_until
+from conftest import LAB1, Lines, add_tester, forwarding, free_port, http_get, qabox, ssh_as_tester, wait_until
 from lab.hosts import env_pids
 from test_real_apps import django, startproject  # noqa: F401 - django is a fixture
 
@@ -125,7 +124,7 @@ def test_the_debugger_is_the_developers_alone_and_ends_with_its_command(deployed
             "-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{local}:127.0.0.1:{debug_port}", "lab1"],
             stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(1.5)
+            assert forwarding(fwd, local), "ssh -L never listened"
             code, _, _ = get_or_zero(f"http://127.0.0.1:{local}/boom")
         finally:
             fwd.kill()

@@ -411,15 +411,18 @@ def test_a_missing_agent_is_pushed_even_if_its_command_ended_first(monkeypatch):
     ctx = Context.create()
     settings = dataclasses.replace(ctx.settings("lab1"), dir=".qabox-agent-race")  # no agent there yet
     exec_command = paramiko.Channel.exec_command
+    ended = []
 
     def late_exec(channel, command):
         exec_command(channel, command)
-        time.sleep(0.5)  # the command has ended by now
+        if not ended:  # the first, with no agent there: the request goes out once the command has ended
+            ended.append(wait_until(channel.exit_status_ready, 10))
 
     monkeypatch.setattr(paramiko.Channel, "exec_command", late_exec)
     client = ssh.connect(ctx.target("lab1"))
     try:
         assert Remote("lab1", client, settings).call("hello")["protocol"]
+        assert ended == [True]
     finally:
         client.close()
         in_host("lab1", "rm", "-rf", f"{LAB_HOME}/.qabox-agent-race")

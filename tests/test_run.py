@@ -152,8 +152,8 @@ def test_run_refuses_when_nothing_is_deployed(env_name, flaskr):
 def in_terminal(argv: list[str], answers: dict[bytes, bytes], timeout: float = 60,
                 resize: tuple[bytes, int, int] | None = None) -> tuple[int, bytes]:
     """Run ``argv`` on a real 80x24 pty here, typing each answer once its prompt shows (and
-    resizing the terminal to ``resize``'s rows and columns a second before the answer
-    to its prompt); (exit status, output)."""
+    resizing the terminal to ``resize``'s rows and columns once its text shows); (exit
+    status, output)."""
     pid, fd = pty.fork()
     if pid == 0:
         fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
@@ -172,7 +172,6 @@ def in_terminal(argv: list[str], answers: dict[bytes, bytes], timeout: float = 6
             if resize and resize[0] in output:
                 fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", resize[1], resize[2], 0, 0))  # SIGWINCH
                 resize = None
-                time.sleep(1)
             for prompt in list(pending):
                 if prompt in output:
                     os.write(fd, pending.pop(prompt))
@@ -194,9 +193,10 @@ def test_run_under_a_terminal_gets_a_tty_whose_prompts_read_what_is_typed(deploy
 
 
 def test_resizing_the_terminal_resizes_the_commands(deployed):
-    code = "import os; input('size> '); print('now', tuple(os.get_terminal_size()))"
-    status, output = in_terminal(qabox_argv(deployed["env"], "python", "-c", code), {b"size> ": b"\r"},
-                                 resize=(b"size> ", 41, 123))
+    code = ("import os, signal; signal.signal(signal.SIGWINCH, lambda *_: print('resized', flush=True)); "
+            "input('size> '); print('now', tuple(os.get_terminal_size()))")
+    status, output = in_terminal(qabox_argv(deployed["env"], "python", "-c", code), {b"resized": b"\r"},
+                                 resize=(b"size> ", 41, 123))  # answered once the host's command saw it
     assert status == 0 and b"now (123, 41)\r\n" in output, output
 
 

@@ -3,7 +3,6 @@ graceful stops, zero-failure redeploys, logs, releases and rollback."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -186,10 +185,11 @@ def test_agent_upgrade_under_load_fails_no_request(app_build, env_name, port, mo
     """A supervisor of another agent build hands over to the new one (which adopts
     the running app) instead of stopping the app: both ways, no request fails."""
     from qabox import remote
+    from qabox.agent_zip import hash_of
 
     original = (remote.AGENT_PYZ, remote.AGENT_HASH)
     other = b"#!/usr/bin/env python3\n" + remote.AGENT_PYZ  # another build of the agent: a zipapp may start so
-    builds = [(other, hashlib.sha256(other).hexdigest()[:16]), original]
+    builds = [(other, hash_of(other)), original]
     deploy(app_build("v1"), env_name, port)
     load = subprocess.Popen([sys.executable, str(LAB), "exec", "lab1", "--", "/usr/bin/python3", "-c",
                              LOAD, str(port), "8"], stdout=subprocess.PIPE, text=True)

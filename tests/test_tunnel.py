@@ -14,9 +14,10 @@ import time
 import pytest
 
 from qabox.agent.protocol import SESSION_IDLE
+from qabox.agent.sockets import port_is_free
 
-from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, Lines, add_tester, free_port, http_get, in_host,
-                      json_data, new_key, qabox, ssh_as_tester, wait_until)
+from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, Lines, add_tester, forwarding, free_port, http_get,
+                      in_host, json_data, new_key, qabox, ssh_as_tester, wait_until)
 from conftest import url_get as get
 
 pytestmark = pytest.mark.usefixtures("lab")
@@ -77,7 +78,7 @@ def test_tester_key_reaches_its_port_and_nothing_else(tester, port, tmp_path):
         fwd = subprocess.Popen(ssh + ["-N", "-o", "ExitOnForwardFailure=yes", "-L",
                                       f"{local}:127.0.0.1:{target}", "lab1"], stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(1.5)
+            assert forwarding(fwd, local), "ssh -L never listened"
             code, _ = get(f"http://127.0.0.1:{local}/health", timeout=5)
         finally:
             fwd.kill()
@@ -134,10 +135,10 @@ def test_a_dead_background_thread_is_raised_not_hidden(tester, monkeypatch):
     with tunnel.Tunnel(Context.create(), "lab1", tester["env"], tester["name"], port,
                        tester["key"]) as t:
         assert get(t.url + "/health") == (200, "ok")
-        time.sleep(tunnel.KEEPALIVE_INTERVAL + 1)
+        assert wait_until(lambda: t.error is not None, tunnel.KEEPALIVE_INTERVAL + 10)
         with pytest.raises(tunnel.TunnelBroken, match="RuntimeError: boom"):
             t.refresh()
-    assert tunnel.port_free(port)  # the with block closed it
+    assert port_is_free(port)  # the with block closed it
 
 
 def test_detach_tunnels_and_stop(tester):
@@ -157,16 +158,18 @@ def test_detach_tunnels_and_stop(tester):
 
 def test_deploy_notice_reaches_a_running_tunnel(tester, make_build):
     proc, url = start_tunnel(tester)
+    shown = Lines(proc.stderr)
     try:
         build = make_build({"wsgi.py": "from flask import Flask\napp = Flask(__name__)\n"
                                        "@app.get('/')\ndef i():\n    return 'v2'\n"})
         result = qabox("deploy", build, "--host", "lab1", "--env", tester["env"], "--json")
         release = json_data(result.stdout)["release"]
         assert get(url + "/") == (200, "v2")
-        time.sleep(2)
+        notice = f"lab1/{tester['env']}: release {release} deployed by"
+        assert wait_until(lambda: shown.saying(notice), 20), shown.lines
     finally:
-        _, err = stop(proc)
-    assert f"lab1/{tester['env']}: release {release} deployed by" in err
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
 
 
 def session_records(tester) -> list[dict]:
@@ -274,14 +277,16 @@ def tunnel_sshd_sessions(tester) -> list[str]:
 
 def test_tunnel_survives_its_sshd_session_killed(tester):
     proc, url = start_tunnel(tester)
+    shown = Lines(proc.stderr)
     try:
         sessions = tunnel_sshd_sessions(tester)
         assert sessions
         in_host("lab1", "kill", "-9", *sessions)
-        time.sleep(1)
+        assert wait_until(lambda: shown.saying("reconnecting"), 30), shown.lines  # it noticed
         assert wait_served(url, 30) is not None
     finally:
-        stop(proc)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
 
 
 def test_tunnel_survives_a_frozen_session(tester):

@@ -3,13 +3,13 @@ once nothing runs them, and a tester's key works before and after."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 
 from conftest import LAB_HOME, LAB_USER, in_host, qabox, ssh_as_tester, wait_until
 from qabox import remote
 from qabox.agent import protocol
+from qabox.agent_zip import hash_of
 
 AGENTS = f"{LAB_HOME}/.qabox/agent"
 OLD = "agent-0123456789abcdef.py"  # what an older qabox pushed: one .py file
@@ -35,7 +35,7 @@ def session_works(tester: dict, tmp_path) -> bool:
 
 
 def use_agent(monkeypatch, pyz: bytes) -> str:
-    name = f"agent-{hashlib.sha256(pyz).hexdigest()[:16]}.pyz"
+    name = f"agent-{hash_of(pyz)}.pyz"
     monkeypatch.setattr(remote, "AGENT_PYZ", pyz)
     monkeypatch.setattr(remote, "AGENT_HASH", name[6:22])
     return name

@@ -2,13 +2,13 @@
 behind a zipapp's shebang line, so another hash. The upgrade figure runs
 `restart` with it and then with qabox's own agent, each handing over to the next."""
 
-import hashlib
 import sys
 
 from qabox import remote
+from qabox.agent_zip import hash_of
 
 remote.AGENT_PYZ = b"#!/usr/bin/env python3\n" + remote.AGENT_PYZ
-remote.AGENT_HASH = hashlib.sha256(remote.AGENT_PYZ).hexdigest()[:16]
+remote.AGENT_HASH = hash_of(remote.AGENT_PYZ)
 
 from qabox.cli import app  # noqa: E402
 

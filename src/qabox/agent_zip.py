@@ -15,7 +15,13 @@ import zipfile
 from importlib.resources import files
 
 PACKAGE = "qabox_agent"
-MAIN = (b"import sys\nfrom qabox_agent import compiled\ncompiled.use(sys.argv[0])\n"  # see agent.compiled
+# Run through the stable entry (``current``, a symlink), the agent starts again from the archive
+# it names before it imports anything of itself: zipimport reads each module from the path it was
+# given, and ``current`` may be switched to another file meanwhile (see agent.agents).
+MAIN = (b"import os, sys\n"
+        b"if os.path.islink(sys.argv[0]):\n"
+        b"    os.execv(sys.executable, [sys.executable, os.path.realpath(sys.argv[0])] + sys.argv[1:])\n"
+        b"from qabox_agent import compiled\ncompiled.use(sys.argv[0])\n"  # see agent.compiled
         b"from qabox_agent.main import run\nrun()\n")
 STAMP = (1980, 1, 1, 0, 0, 0)  # the oldest time a zip can hold
 
@@ -35,5 +41,10 @@ def build() -> bytes:
     return out.getvalue()
 
 
+def hash_of(archive: bytes) -> str:
+    """The version an archive is on the host (``agent-<hash>.pyz``): its sha256's first 16 hex digits."""
+    return hashlib.sha256(archive).hexdigest()[:16]
+
+
 AGENT_PYZ = build()
-AGENT_HASH = hashlib.sha256(AGENT_PYZ).hexdigest()[:16]
+AGENT_HASH = hash_of(AGENT_PYZ)

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from qabox.agent.files import write_json
+from qabox.agent.procs import pid_alive
 from qabox.context import Context
 from qabox.errors import ConnectError
 
@@ -58,19 +59,11 @@ def running(ctx: Context) -> list[dict]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if process_alive(record.get("pid")):
+        if pid_alive(record.get("pid")):
             found.append(record)
         else:
             path.unlink(missing_ok=True)
     return found
-
-
-def process_alive(pid) -> bool:
-    try:
-        stat = open(f"/proc/{int(pid)}/stat").read()
-    except (OSError, TypeError, ValueError):
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def stop_tunnels(ctx: Context, user: str | None, host: str | None, env: str | None) -> list[dict]:
@@ -83,7 +76,7 @@ def stop_tunnels(ctx: Context, user: str | None, host: str | None, env: str | No
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 5
-    while any(process_alive(r["pid"]) for r in chosen) and time.monotonic() < deadline:
+    while any(pid_alive(r["pid"]) for r in chosen) and time.monotonic() < deadline:
         time.sleep(0.05)
     for record in chosen:
         record_path(ctx, record["user"], record["host"], record["env"]).unlink(missing_ok=True)

@@ -43,17 +43,6 @@ class TunnelState:
     since: float = 0.0
 
 
-def port_free(port: int) -> bool:
-    probe = socket.socket()
-    try:
-        probe.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
 class Link:
     """One verified SSH connection of a tester: transport plus the tester session."""
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ def app(environ, start_response):
     if environ["PATH_INFO"] == "/boom":
         raise RuntimeError("the notes table is gone")
     if environ["PATH_INFO"] == "/slow":
+        open("IN_FLIGHT", "w").close()  # the test waits for this: the request is in flight
         time.sleep(1.0)
     start_response("200 OK", [("Content-Type", "application/json")])
     return [json.dumps({"tester": environ.get("HTTP_X_QABOX_TESTER"), "pid": os.getpid(),
@@ -32,8 +32,9 @@ def app(environ, start_response):
 @pytest.mark.parametrize("server", [s for s in SERVERS if s != "werkzeug"])
 def test_each_server_keeps_every_guarantee_through_the_agent(host, tmp_path, server):
     port = free_port()
+    in_flight = tmp_path / "in-flight"
     build = lambda v: wsgi_build(tmp_path / f"{v}.tar.gz", server=server,  # noqa: E731
-                                 files={"wsgi.py": APP.replace("VERSION", v)})
+                                 files={"wsgi.py": APP.replace("VERSION", v).replace("IN_FLIGHT", str(in_flight))})
     deployed = host.deploy(build("v1"), "main", port, server=server)
     assert deployed["ok"], deployed
     release = deployed["data"]["release"]
@@ -66,7 +67,8 @@ def test_each_server_keeps_every_guarantee_through_the_agent(host, tmp_path, ser
     slow = {}
     slow_thread = threading.Thread(target=lambda: slow.update(answer=get(port, "/slow")))
     slow_thread.start()
-    time.sleep(0.3)
+    assert wait_until(in_flight.exists, 10)
+    in_flight.unlink()
     switched = host.deploy(build("v2"), "main", port, server=server)
     assert switched["ok"], switched
     slow_thread.join(10)
@@ -83,7 +85,8 @@ def test_each_server_keeps_every_guarantee_through_the_agent(host, tmp_path, ser
     assert get(port)[0] == 200
     slow_thread = threading.Thread(target=lambda: slow.update(answer=get(port, "/slow")))
     slow_thread.start()
-    time.sleep(0.3)
+    assert wait_until(in_flight.exists, 10)
+    in_flight.unlink()
     with host.session("main") as call:
         stopped = call("stop", env="main")
     assert stopped["ok"], stopped

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Host, free_port, local_get, new_key, wait_until, wsgi_build
+from qabox.agent.procs import pid_alive
 
 pytestmark = pytest.mark.network  # the app server's wheels, downloaded once into .cache/wheels
 ENV = "main"
@@ -78,15 +79,7 @@ def test_restart_starts_a_fresh_process(box):
         restarted = call("restart", env=ENV)
     assert restarted["ok"] and restarted["changed"] and restarted["data"]["pid"] not in (None, old), restarted
     assert local_get(port, "/pid") == (200, str(restarted["data"]["pid"]))
-    assert wait_until(lambda: not alive(old), 10)  # and the old one has ended
-
-
-def alive(pid: int) -> bool:
-    """Whether a process runs (a zombie has ended: its parent has yet to reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert wait_until(lambda: not pid_alive(old), 10)  # and the old one has ended
 
 
 def test_a_new_tester_gets_a_port_the_running_app_serves_and_loses_it_when_removed(box, tmp_path):
@@ -151,6 +144,14 @@ def test_boot_gives_every_env_that_should_run_its_supervisor_again(box):
     local, port = box["host"], box["port"]
     local.kill_all()  # a reboot, as far as the env can tell
     assert wait_until(lambda: not local.processes(), 10) and local_get(port)[0] == 0
-    subprocess.run(local.argv + ["boot", local.base], env=local.environ, timeout=60, check=True)
+    archive = Path(local.argv[-1])
+    entry = archive.with_name("current")  # what cron's line names: a symlink to the newest agent
+    if not entry.is_symlink():
+        entry.symlink_to(archive.name)  # as install makes it (not called here: the archive is shared)
+    assert entry.resolve() == archive
+    subprocess.run(local.argv[:-1] + [str(entry), "boot", local.base], env=local.environ, timeout=60, check=True)
     assert local_get(port) == (200, "v1")
     assert status(local)["state"] == "running"
+    # started through current, every process runs from the hash-named archive, which never changes under it
+    runs = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in local.processes()]
+    assert runs and all(str(archive).encode() in argv and str(entry).encode() not in argv for argv in runs), runs

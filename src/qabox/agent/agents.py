@@ -9,7 +9,7 @@ Under the base directory::
 A long-lived process (supervisor, app, tester session) runs from the
 hash-named archive, never from ``current``: zipimport reopens its archive by
 path on every lazy import, so a path switched to another file under a
-running process would break it (see ``main.run``).
+running process would break it (see the archive's ``__main__`` in ``qabox.agent_zip``).
 """
 
 import os

@@ -122,11 +122,7 @@ def main(archive: str, args: list) -> int:
 
 
 def run() -> None:
-    """The archive's ``__main__``. Run through the stable entry (``current``, a
-    symlink), the agent starts again from the archive it names, which never
-    changes under a process, unlike ``current`` (see agents)."""
-    path = sys.argv[0]
-    if os.path.islink(path):
-        real = os.path.realpath(path)
-        os.execv(sys.executable, [sys.executable, real] + sys.argv[1:])
-    sys.exit(main(os.path.abspath(path), sys.argv[1:]))
+    """The archive's ``__main__``, run from the hash-named archive: started through
+    the stable entry, the ``__main__`` has already started again from the file it
+    names, which never changes under a process, unlike ``current`` (see agents)."""
+    sys.exit(main(os.path.abspath(sys.argv[0]), sys.argv[1:]))

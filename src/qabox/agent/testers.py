@@ -16,7 +16,7 @@ import sys
 
 from . import access, agents, control
 from .envs import START_TIMEOUT, Env, all_envs
-from .files import iso, makedirs, now, read_json, write_json
+from .files import iso, makedirs, now, read_json, write_json, write_text
 from .procs import STOP_TIMEOUT, own_pids, pid_alive, proc_stat
 from .protocol import Fail
 from .rules import ENV_NAME, check_sshd
@@ -204,11 +204,7 @@ def write_authorized_keys(base: str, testers: dict) -> bool:
         agents.point_entry(switch=False)  # the lines name it: it must lead to an agent
     if kept + mine == lines:
         return False
-    tmp = "%s.%d.tmp" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(kept + mine) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "\n".join(kept + mine) + "\n")  # 0600, as sshd wants it
     return True
 
 

@@ -6,8 +6,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
-import os
-
 import typer
 
 from qabox.cli.join import env_hint
@@ -77,15 +75,12 @@ def testers_invite(ctx: typer.Context, name: str = typer.Argument(..., metavar="
     """
     with reporting(ctx):
         from qabox.commands.testers import tester_invite
-        from qabox.agent.files import write_text
 
         path = output or Path(f"{name}.qabox-invite")
-        writable(path)
-        result, invite = tester_invite(make_context(ctx), host, name, key, envs=envs or None,
+        result, invite = tester_invite(make_context(ctx), host, name, key, path, envs=envs or None,
                                        expires=expiry(expires), address=address)
         secret = invite.key is not None
         line = invite.encode()
-        write_text(str(path), line + "\n", 0o600 if secret else 0o644)
         say = lambda text: out.print(text, markup=False, highlight=False)  # noqa: E731 - host names may hold [ ]
         ports = ", ".join(f"{e}: {p}" for e, p in sorted(result["ports"].items())) or "no envs yet"
         say(f"tester {name} {'added' if result['changed'] else 'already has this key'} on {host} "
@@ -107,15 +102,6 @@ def testers_invite(ctx: typer.Context, name: str = typer.Argument(..., metavar="
                                   if secret else "THEIR_PRIVATE_KEY: the private half of the key they sent") + ")")
             say(f"    {command}")
             say(f"  and open {'; '.join(invite.local_urls())}")
-
-
-def writable(path: Path) -> None:
-    """Refuse before the tester is added if the invite cannot be written there."""
-    from qabox.errors import ConfigError
-
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigError(f"cannot write the invite to {path}: pick a writable place with -o FILE")
 
 
 @app.command("remove")

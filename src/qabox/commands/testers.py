@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import getpass
+import os
 from datetime import datetime
 from pathlib import Path
 
 from qabox import ssh
+from qabox.agent.files import write_text
 from qabox.context import Context, check_env, whoami
 from qabox.errors import ConfigError
 from qabox.expiry import iso_utc
@@ -38,11 +40,14 @@ def public_key(key_file: Path) -> str:
     return key
 
 
-def tester_invite(ctx: Context, host: str, name: str, key_file: Path | None, envs: list[str] | None = None,
-                  expires: datetime | None = None, address: str | None = None) -> tuple[dict, Invite]:
+def tester_invite(ctx: Context, host: str, name: str, key_file: Path | None, output: Path,
+                  envs: list[str] | None = None, expires: datetime | None = None,
+                  address: str | None = None) -> tuple[dict, Invite]:
     """Add the tester (with a key made for them, unless ``key_file`` names theirs)
-    and make their invite: the host as they reach it (``address``: HOST[:PORT],
-    else as ssh_config says), the host keys known_hosts has for it, pinned."""
+    and write their invite to ``output`` (0600 when it holds their key): the host
+    as they reach it (``address``: HOST[:PORT], else as ssh_config says), the host
+    keys known_hosts has for it, pinned."""
+    writable(output)
     target = ctx.target(host)
     if address:
         hostname, port = address_option(address, target.port)
@@ -64,7 +69,15 @@ def tester_invite(ctx: Context, host: str, name: str, key_file: Path | None, env
                     host_keys=host_keys, tester=name, ports=result["ports"],
                     envs=None if result.get("envs") is None else tuple(result["envs"]),
                     expires=result.get("expires"), key=private)
+    write_text(str(output), invite.encode() + "\n", 0o600 if private is not None else 0o644)
     return result, invite
+
+
+def writable(path: Path) -> None:
+    """Refuse before the tester is added if the invite cannot be written there."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"cannot write the invite to {path}: pick a writable place with -o FILE")
 
 
 def tester_extend(ctx: Context, host: str, name: str, expires: datetime | None) -> dict:

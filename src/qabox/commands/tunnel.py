@@ -15,7 +15,8 @@ from qabox import joined, local_tunnels, ssh
 from qabox.context import Context, check_env
 from qabox.errors import ConfigError
 from qabox.local_tunnels import Recorder, running  # noqa: F401 - `qabox tunnels` lists them
-from qabox.tunnel import Tunnel, TunnelState, port_free
+from qabox.agent.sockets import port_is_free
+from qabox.tunnel import Tunnel, TunnelState
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def local_port(ctx: Context, host: str, env: str, user: str, wanted: int | None)
         return ports[key]
     taken = set(ports.values())
     port = 20000 + zlib.crc32(key.encode()) % 10000
-    while port in taken or not port_free(port):
+    while port in taken or not port_is_free(port):
         port = 20000 + (port - 20000 + 1) % 10000
     ports[key] = port
     ctx.save_state("ports.json", ports)
