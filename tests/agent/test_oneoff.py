@@ -89,8 +89,9 @@ def test_a_failing_hook_fails_the_deploy_with_its_last_lines_and_the_old_release
     result = local.deploy(box["builds"]["v2"], ENV, box["port"], release_hooks=[MIGRATE, failing])
     assert not result["ok"] and result["error"]["code"] == "hook_failed", result
     assert result["error"]["message"] == (
-        f"release hook `{failing}` failed (exit status 1): the new release was removed and nothing "
-        f"else changed; fix it and deploy again")
+        f"release hook `{failing}` failed (exit status 1): the new release was removed and release "
+        f"{box['first']['data']['release']} keeps serving, on the env's data as the release hooks left it; "
+        f"fix it and deploy again")  # not "nothing else changed": the first hook migrated (below)
     assert result["error"]["log"][-3:] == ["line 38", "line 39", "no such table: post"]
     assert len(result["error"]["log"]) == 30
     assert local_get(box["port"]) == (200, "v1")
