@@ -147,6 +147,25 @@ def test_set_from_stdin_restarts_with_no_failed_request_and_the_secret_never_sho
     assert mode == "600"
 
 
+def test_a_change_the_app_does_not_start_with_is_not_kept(flask_build, env_name, port):
+    """FLASK_GREETING=1 is read as JSON, an int: the view's return fails every probe with a 500."""
+    assert qabox("deploy", flask_build, "--host", "lab1", "--env", env_name, "--port", port).code == 0
+    assert config("set", "COLOR=kept", env=env_name).code == 0
+    result = config("set", "FLASK_GREETING=1", "COLOR=changed", env=env_name)
+    assert result.code == 6 and result.stderr.splitlines()[-1].startswith(
+        "qabox: error: lab1: the app did not start with the new configuration, so the change was not kept: "
+        "release "), result
+    assert result.stderr.splitlines()[-1].endswith(
+        "did not pass its health check when started again (health check answered HTTP 500 on every probe for "
+        "3 s (up is 200-399)): its running process keeps serving"), result
+    assert get(port) == "from qabox.toml" and get(port, "/env/COLOR") == "kept"
+    shown = json_data(config("list", "--show", "--json", env=env_name).stdout)["variables"]
+    listed = {v["name"]: (v["value"], v["source"]) for v in shown}
+    assert listed["COLOR"] == ("kept", "config")
+    assert listed["FLASK_GREETING"] == ("from qabox.toml", "qabox.toml")  # the next deploy or restart gets no 1
+    assert qabox("restart", "--host", "lab1", "--env", env_name).code == 0
+
+
 def test_precedence_from_file_no_restart_and_unset(flask_build, env_name, port, hosts_dir, tmp_path):
     early = config("set", "COLOR=from config, before any deploy", env=env_name)
     assert early.code == 0 and "nothing is deployed yet: the first deploy gets it" in early.stdout, early

@@ -90,8 +90,9 @@ def test_a_failing_hook_fails_the_deploy_with_its_last_lines_and_the_old_release
     result = local.deploy(box["builds"]["v2"], ENV, box["port"], release_hooks=[MIGRATE, failing])
     assert not result["ok"] and result["error"]["code"] == "hook_failed", result
     assert result["error"]["message"] == (
-        f"release hook `{failing}` failed (exit status 1): the new release was removed and nothing "
-        f"else changed; fix it and deploy again")
+        f"release hook `{failing}` failed (exit status 1): the new release was removed and release "
+        f"{box['first']['data']['release']} keeps serving, on the env's data as the release hooks left it; "
+        f"fix it and deploy again")  # not "nothing else changed": the first hook migrated (below)
     assert result["error"]["log"][-3:] == ["line 38", "line 39", "no such table: post"]
     assert len(result["error"]["log"]) == 30
     assert local_get(box["port"]) == (200, "v1")
@@ -142,7 +143,7 @@ def test_run_with_a_tty_gives_the_command_a_terminal(box):
     assert result["ok"] and result["data"]["exit"] == 0, result
     text = out.decode()  # the terminal echoes the typed line, whenever it arrives: \n becomes \r\n
     assert "True os.terminal_size(columns=100, lines=30) xterm-256color\r\n" in text and err == b""
-    assert text.endswith("name? alice\r\n") and text.count("alice\r\n") == 2, text
+    assert text.endswith("alice\r\n") and text.count("alice\r\n") == 2 and "name? " in text, text  # echo before or after the prompt
 
 
 def test_run_refuses_a_command_it_cannot_find_and_an_env_with_nothing_deployed(box):

@@ -70,8 +70,12 @@ def record_hosts_file(env: Env, table) -> bool:
 def cmd_config_change(req, io) -> dict:
     """Set and unset variables of the env's configuration, under its deploy lock.
     Says what changed (names only) and whether a release runs that a restart
-    would give them to (the client then restarts it, as ``qabox restart``)."""
+    would give them to. With ``apply``, restarts it then, as ``qabox restart``
+    does; if it does not start with them, the change is undone (the running
+    process kept the configuration it had: a stored one it lacks would fail the
+    next deploy instead, which would look like the build's fault)."""
     env = locked(req, io)
+    before_change = stored(env)
     values = checked_environment(req.get("set") or {}, "config set")
     unset = req.get("unset") or []
     problems = [p for p in map(config_name_problem, unset) if p]
@@ -88,9 +92,19 @@ def cmd_config_change(req, io) -> dict:
         record["values"] = after
         save(env, record)
     release = env.current()
-    return {"changed": bool(names) or hosts_changed, "names": names,
-            "not_set": sorted(set(unset) - set(before)), "release": release,
-            "restart": release is not None and not env.settings(strict=False).get("stopped")}
+    result = {"changed": bool(names) or hosts_changed, "names": names,
+              "not_set": sorted(set(unset) - set(before)), "release": release,
+              "restart": release is not None and not env.settings(strict=False).get("stopped")}
+    if req.get("apply") and result["restart"] and result["changed"]:
+        from .releases import cmd_restart  # releases reads the configuration: imported here, not at the top
+
+        try:
+            result["restarted"] = cmd_restart(req, io)
+        except Fail as e:
+            save(env, before_change)
+            raise Fail(e.code, "the app did not start with the new configuration, so the change was not kept: "
+                       "%s" % e.message, **e.data)
+    return result
 
 
 def cmd_config_list(req, io) -> dict:

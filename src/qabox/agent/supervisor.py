@@ -441,9 +441,12 @@ class Supervisor:
                 os.close(sockets[""])
             reason = result["error"]
             self.log("release %s failed to start: %s" % (release, reason))
+            again = release == self.release and self.app is not None  # a restart: nothing new
             return {"ok": False, "error": {
                 "code": "app_exited" if result.get("exited") else "unhealthy",
-                "message": "the new release %s did not pass its health check (%s): %s; fix the app and "
+                "message": "release %s did not pass its health check when started again (%s): its running "
+                           "process keeps serving" % (release, reason) if again else
+                           "the new release %s did not pass its health check (%s): %s; fix the app and "
                            "deploy again" % (release, reason, "the previous release keeps serving"
                                              if self.env.current() else "nothing was deployed"),
                 "exit": code,

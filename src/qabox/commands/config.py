@@ -53,7 +53,8 @@ def read_dotenv(path: Path) -> dict:
 def change(ctx: Context, host: str, env: str, values: dict | None = None, unset: list | None = None,
            restart: bool = True, lock_timeout: float = 60) -> dict:
     """Set and unset variables under the env's deploy lock, then (unless not ``restart``)
-    restart its app as ``qabox restart`` does, with no failed requests. The agent's
+    restart its app as ``qabox restart`` does, with no failed requests (a change the
+    app does not start with is undone). The agent's
     answer (``names`` changed, ``not_set``, ``release``), with ``restarted``: the
     restart's result, or None."""
     check_env(env)
@@ -62,10 +63,10 @@ def change(ctx: Context, host: str, env: str, values: dict | None = None, unset:
     check_values(values)
     hosts_environment = ctx.settings(host).env_environment(env)
     with ctx.remote(host) as remote, remote.session(env, lock_timeout, whoami(), create=True) as session:
-        result = session.call("config-change", env=env, set=values, unset=unset,
-                              hosts_environment=hosts_environment)
+        result = session.call("config-change", timeout=120, env=env, set=values, unset=unset,
+                              hosts_environment=hosts_environment, apply=restart)
         applies = result.pop("restart") and result["changed"]
-        result["restarted"] = session.call("restart", timeout=120, env=env) if restart and applies else None
+        result["restarted"] = result.get("restarted")
         result["deferred"] = bool(applies and not restart)
     return result
 
