@@ -12,6 +12,7 @@ import json
 import re
 import sys
 import tarfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -264,3 +265,37 @@ def checked(path: Path, entry: str | None, max_bytes: int, max_members: int, cac
     except OSError:
         pass  # a full or read-only cache costs the next deploy a read of the file, nothing more
     return build
+
+
+class Checking:
+    """A build file's check (``checked``) in a thread of its own. It reads and
+    hashes the whole file, the longest step of a redeploy but for the app's
+    start, so a deploy starts it first: it runs while qabox loads its SSH stack,
+    connects and takes the lock. ``result()`` is the Build, or raises what the
+    check raised."""
+
+    def __init__(self, path: Path, entry: str | None, max_bytes: int, max_members: int, cache_dir: Path):
+        self.build, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(path, entry, max_bytes, max_members, cache_dir),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, *args) -> None:
+        try:
+            from qabox import host_python  # noqa: F401 (what the deploy needs next, loaded off its path)
+
+            self.build = checked(*args)
+        except BaseException as e:  # raised again by result(), in the deploy's thread
+            self.error = e
+
+    def result(self) -> Build:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.build
+
+
+def check_early(ctx, host: str, path: Path, entry: str | None) -> Checking:
+    """Start checking the build file at ``path`` within ``host``'s limits (its hosts file's)."""
+    settings = ctx.settings(host)
+    return Checking(path, entry, settings.max_build_mb * 2**20, settings.max_build_members, ctx.cache_dir)

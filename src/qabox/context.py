@@ -9,16 +9,40 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import platformdirs
-from filelock import FileLock
 
-from qabox import hosts, ssh
+from qabox import hosts
 from qabox.agent import rules
 from qabox.agent.files import write_json
 from qabox.errors import ConfigError
-from qabox.remote import Remote
+
+if TYPE_CHECKING:
+    from qabox import ssh
+    from qabox.remote import Remote
+
+# paramiko (ssh, remote) loads only once a host is reached: a deploy checks its
+# build meanwhile (build_check.Checking), and commands that reach none never load it.
+
+
+def config_path(explicit: str | Path | None) -> Path | None:
+    """``--ssh-config``, else ``$QABOX_SSH_CONFIG``, else ``~/.ssh/config`` if present;
+    made absolute once, so that it means the same file in advice and child processes."""
+    chosen = explicit or os.environ.get("QABOX_SSH_CONFIG")
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"ssh config {path} does not exist: check --ssh-config or QABOX_SSH_CONFIG")
+        return absolute(path)
+    default = Path("~/.ssh/config").expanduser()
+    return default if default.is_file() else None
+
+
+def absolute(path: str | Path) -> Path:
+    """``~`` expanded and a relative path taken from the current directory, as
+    OpenSSH does with IdentityFile and UserKnownHostsFile (not from the config's)."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
 
 
 @dataclass(frozen=True)
@@ -34,7 +58,7 @@ class Context:
     @classmethod
     def create(cls, ssh_config=None, hosts_dir=None, accept_new_host_key=False) -> "Context":
         return cls(
-            ssh_config=ssh.config_path(ssh_config),
+            ssh_config=config_path(ssh_config),
             hosts_dir=Path(hosts_dir or os.environ.get("QABOX_HOSTS_DIR") or "hosts"),
             state_dir=Path(os.environ.get("QABOX_STATE_DIR") or platformdirs.user_state_dir("qabox")),
             cache_dir=Path(os.environ.get("QABOX_CACHE_DIR") or platformdirs.user_cache_dir("qabox")),
@@ -42,12 +66,17 @@ class Context:
         )
 
     def target(self, name: str) -> ssh.Target:
+        from qabox import ssh
+
         hosts.check_host_name(name)
         return ssh.resolve(name, self.ssh_config)
 
     @contextmanager
     def remote(self, name: str) -> Iterator[Remote]:
         """A connected agent on the named host, closed after the block."""
+        from qabox import ssh
+        from qabox.remote import Remote
+
         settings = self.settings(name)
         client = ssh.connect(self.target(name), self.accept_new_host_key)
         remote = Remote(name, client, settings)
@@ -80,6 +109,10 @@ class Context:
 
     def remember_host(self, name: str) -> None:
         """Hosts deployed to from this machine, so that a bare `qabox status` knows them."""
+        if name in self.remembered_hosts():
+            return  # known already: no lock, no write (and filelock need not load)
+        from filelock import FileLock
+
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.state_dir / "hosts.json.lock"), timeout=10):
             self.save_state("hosts.json", sorted(set(self.remembered_hosts()) | {name}))

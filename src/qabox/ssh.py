@@ -17,6 +17,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from qabox.context import absolute
 from qabox.errors import ConfigError, ConnectError, HostKeyError
 from qabox.paramiko_compat import paramiko
 
@@ -50,25 +51,6 @@ class Target:
     def key_name(self) -> str:
         """The host's name in known_hosts: ``host`` or ``[host]:port``."""
         return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
-
-
-def config_path(explicit: str | Path | None) -> Path | None:
-    """``--ssh-config``, else ``$QABOX_SSH_CONFIG``, else ``~/.ssh/config`` if present;
-    made absolute once, so that it means the same file in advice and child processes."""
-    chosen = explicit or os.environ.get("QABOX_SSH_CONFIG")
-    if chosen:
-        path = Path(chosen).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"ssh config {path} does not exist: check --ssh-config or QABOX_SSH_CONFIG")
-        return absolute(path)
-    default = Path("~/.ssh/config").expanduser()
-    return default if default.is_file() else None
-
-
-def absolute(path: str | Path) -> Path:
-    """``~`` expanded and a relative path taken from the current directory, as
-    OpenSSH does with IdentityFile and UserKnownHostsFile (not from the config's)."""
-    return Path(os.path.abspath(os.path.expanduser(path)))
 
 
 def ssh_command(target: Target) -> str:
@@ -178,7 +160,10 @@ class _QuickAckSocket(socket.socket):
 
 def dial(target: Target) -> socket.socket:
     """A TCP connection to the target's sshd."""
-    sock = socket.create_connection((target.hostname, target.port), timeout=target.connect_timeout)
+    host = target.hostname
+    if host.isascii():  # a str would be encoded with the idna codec, loaded for it (5 ms)
+        host = host.encode()
+    sock = socket.create_connection((host, target.port), timeout=target.connect_timeout)
     if not hasattr(socket, "TCP_QUICKACK"):
         return sock
     quick = _QuickAckSocket(fileno=sock.detach())

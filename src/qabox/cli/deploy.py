@@ -34,10 +34,15 @@ def deploy(
     Example: qabox deploy build.tar.gz --host oldbox --env main (or a project: qabox deploy . --host oldbox)
     """
     with reporting(ctx, as_json):
-        from qabox.commands import deploy as deploying
-
         context = make_context(ctx, accept_new_host_key)
         hosts = context.expand(host)
+        checking = None
+        if len(hosts) == 1 and build.is_file():  # checked while the SSH stack loads, then connects
+            from qabox.build_check import check_early
+
+            checking = check_early(context, hosts[0], build, entry)
+        from qabox.commands import deploy as deploying
+
         options = dict(env=env, port=port, entry=entry, lock_timeout=lock_timeout, on_boot=on_boot,
                        rebuild=rebuild)
         if len(hosts) > 1:
@@ -47,7 +52,7 @@ def deploy(
             print_fleet(ctx, rows, as_json)
             return
         with deploy_progress(enabled=not as_json) as hooks:
-            result = deploying.deploy(context, hosts[0], build, hooks=hooks, **options)
+            result = deploying.deploy(context, hosts[0], build, hooks=hooks, checking=checking, **options)
         if as_json:
             print_json(ctx, result.to_json())
             return

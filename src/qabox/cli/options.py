@@ -37,7 +37,7 @@ def main_options(
 
 
 def make_context(ctx: typer.Context, accept_new_host_key: bool = False):
-    """The Context of the global options (qabox.context loads paramiko: only commands import it)."""
+    """The Context of the global options (only commands import qabox.context)."""
     from qabox.context import Context
 
     return Context.create(ctx.obj["ssh_config"], ctx.obj["hosts_dir"], accept_new_host_key)

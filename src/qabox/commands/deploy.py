@@ -17,19 +17,17 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 from rich.filesize import decimal
 
 from qabox.agent import manifest, rules
+from qabox.build_check import Build, Checking, check_early
 from qabox.context import Context, check_env, whoami
 from qabox.errors import BuildError, ConfigError, ConnectError, QaboxError, RemoteError
 from qabox.fleet import each_host
 from qabox.paramiko_compat import paramiko
 from qabox.remote import Remote
-
-if TYPE_CHECKING:
-    from qabox.build_check import Build
 
 CHUNK = 1 << 20
 STALL = 20.0
@@ -74,9 +72,10 @@ class Hooks:
 
 def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | None = None,
            entry: str | None = None, lock_timeout: float = 60, on_boot: bool = False,
-           rebuild: bool = False, hooks: Hooks | None = None) -> DeployResult:
+           rebuild: bool = False, hooks: Hooks | None = None, checking: Checking | None = None) -> DeployResult:
     """Deploy the build at ``path`` (a build file, or a project directory to build
-    for the host, cached) to ``host``/``env``; raises QaboxError on failure."""
+    for the host, cached) to ``host``/``env``; raises QaboxError on failure.
+    ``checking`` is the file's check if the caller started it already (check_early)."""
     hooks = hooks or Hooks()
     started = time.monotonic()
     check_env(env)
@@ -85,10 +84,9 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
     settings = ctx.settings(host)
     limits = (settings.max_build_mb * 2**20, settings.max_build_members)
     project = path.is_dir()
-    checking = None
     if not project:
         hooks.step("checking build")
-        checking = Checking(path, entry, limits, ctx.cache_dir)
+        checking = checking or check_early(ctx, host, path, entry)
     hooks.step("connecting")
     with checking_first(checking), ctx.remote(host) as remote:
         target = None
@@ -161,31 +159,6 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
         wheels_linked=data.get("wheels_linked", 0), wheels_installed=data.get("wheels_installed", 0),
         snapshot_skipped=data.get("snapshot_skipped"),
     )
-
-
-class Checking:
-    """A build file's check, run while qabox connects and takes the lock (it
-    reads and hashes the whole file: the longest step of a redeploy but for
-    the app's start); ``result()`` is the Build, or raises what the check raised."""
-
-    def __init__(self, path: Path, entry: str | None, limits: tuple, cache_dir: Path):
-        self.build, self.error = None, None
-        self.thread = threading.Thread(target=self._run, args=(path, entry, limits, cache_dir), daemon=True)
-        self.thread.start()
-
-    def _run(self, path, entry, limits, cache_dir) -> None:
-        try:
-            from qabox import build_check, host_python  # noqa: F401 (imported here, off the deploy's path)
-
-            self.build = build_check.checked(path, entry, *limits, cache_dir)
-        except BaseException as e:  # raised again by result(), in the deploy's thread
-            self.error = e
-
-    def result(self) -> Build:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.build
 
 
 @contextmanager
