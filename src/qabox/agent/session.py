@@ -7,6 +7,7 @@ import time
 
 from .envs import Env, existing_env
 from .files import iso, makedirs, now, read_json
+from .procs import pid_alive
 from .protocol import Fail
 
 
@@ -49,12 +50,21 @@ def cmd_session(req, io) -> None:
     settle_restore(env)  # a rollback --with-data killed midway: its data is the old or the new, whole
     io.emit({"ok": True, "changed": False, "data": {"locked": True}})
     io.locked_env = env.name
+    from . import releases  # noqa: F401 (what a session's requests run: loaded while qabox sends the first)
 
     while True:
         line = io.next_request()
         if line is None:
             return None
         handle(line, io, in_session=True)
+
+
+def deploying(env: Env) -> bool:
+    """Whether a session holds the env's deploy lock now (the holder it
+    recorded still lives), without touching the lock."""
+    holder = read_json(env.path("deploy.lock"), {})
+    pid = holder.get("pid") if isinstance(holder, dict) else None
+    return isinstance(pid, int) and pid_alive(pid)
 
 
 def locked(req, io) -> Env:
