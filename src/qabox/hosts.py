@@ -45,6 +45,7 @@ class HostSettings:
     max_build_members: int = 50_000
     health_interval: float = 10.0
     log_max_mb: float = 10.0
+    spare_app: bool = True  # a warm spare app process per env, for the next release (agent/spare.py)
     server: str | None = None  # overrides the build's [app] server on this host
     server_options: dict = field(default_factory=dict)  # ...and its [server] knobs
     envs: dict = field(default_factory=dict)
@@ -81,6 +82,7 @@ KEYS = {
     "max_build_members": (int, lambda v: 1 <= v <= 10_000_000, "a number of members from 1 to 10,000,000"),
     "health_interval": ((int, float), lambda v: 0.2 <= v <= 3600, "seconds from 0.2 to 3600"),
     "log_max_mb": ((int, float), lambda v: 0.001 <= v <= 10240, "megabytes, more than 0"),
+    "spare_app": (bool, lambda v: True, "true or false"),
     "server": (str, lambda v: v in rules.SERVERS, "an app server: " + ", ".join(rules.SERVERS)),
     "server_options": (dict, lambda v: True, "a table of [server] knobs, like {threads = 8}"),
     "envs": (dict, lambda v: True, "a table of envs"),
@@ -116,7 +118,7 @@ def load_settings(name: str, hosts_dir: Path) -> HostSettings:
         if key not in KEYS:
             raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(KEYS)}")
         kind, valid, what = KEYS[key]
-        if isinstance(value, bool) or not isinstance(value, kind) or not valid(value):
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind) or not valid(value):
             raise ConfigError(f"{where}: {key} = {value!r} is not {what}")
         values[key] = value
     for kind, known in TABLE_KEYS.items():

@@ -8,10 +8,11 @@ import sys
 
 from . import agents, testers
 from .envs import Env, update_settings
-from .files import tail
+from .files import read_json, tail
 from .procs import own_pids, pid_alive, proc_stat, wait_for
 from .protocol import Fail
 from .sockets import bind_listener, expect_peer, holder, recv_fds, recv_line, send_fds, socket_inodes, tcp_sockets
+from .spare import handed_path
 
 
 def foreign_listeners(env: Env, port: int) -> list:
@@ -134,6 +135,8 @@ def env_apps(env: Env) -> list:
             continue
         try:
             spec = json.loads(args[1])
+            if spec.get("spare"):  # an app once handed a release, else no app yet (spare.py)
+                spec = read_json(handed_path(spec["ctl_dir"], pid))
             release_dir = spec["release_dir"]
         except (ValueError, OSError, KeyError, TypeError):
             continue

@@ -84,7 +84,7 @@ def is_health_status(value) -> bool:
 # and what to do about one that is damaged.
 RECORDS = {
     "env.json": ({"port": is_port, "stopped": lambda v: isinstance(v, bool), "health_interval": is_number,
-                  "log_max_bytes": is_int, "start_timeout": is_number},
+                  "log_max_bytes": is_int, "start_timeout": is_number, "spare_app": lambda v: isinstance(v, bool)},
                  "delete it, and the next deploy records the env's settings anew"),
     "state.json": ({"state": is_text, "pid": is_int, "release": is_text, "probe_port": is_port, "port": is_port,
                     "started_at": is_number, "restarts": is_int, "hangs": is_int, "last_exit": is_int,

@@ -36,7 +36,7 @@ def new_release_id(env: Env) -> str:
     return rid
 
 
-SETTINGS = ("health_interval", "log_max_bytes", "start_timeout")  # of env.json, as a deploy may ask them
+SETTINGS = ("health_interval", "log_max_bytes", "start_timeout", "spare_app")  # of env.json, as a deploy may ask them
 RECORDED = ("entry", "health", "health_status", "static", "environment", "release_hooks", "persist", "server",
             "server_options")
 UNRECORDED = {"server": DEFAULT_SERVER, "server_options": {}}  # what a release of an older agent ran with  # release.json
@@ -78,7 +78,7 @@ def unchanged(env: Env, req: dict) -> "dict | None":
             (stored(env).get("hosts_file") or {}) != req["hosts_environment"]:
         return None
     settings = env.settings()
-    if any(req.get(key) and settings.get(key) != req[key] for key in SETTINGS):
+    if any(req.get(key) is not None and settings.get(key) != req[key] for key in SETTINGS):
         return None
     pong = supervisor_ping(env)
     port = req.get("port") or settings.get("port") or (pong or {}).get("port")
@@ -229,8 +229,7 @@ def env_settings(env: Env, req: dict) -> dict:
                        "pick another with --port" % (port, taken[0]))
         if port not in (serving, settings.get("port")):
             bind_listener(port).close()
-    update_settings(env, **{key: req[key] for key in ("health_interval", "log_max_bytes", "start_timeout")
-                            if req.get(key)})
+    update_settings(env, **{key: req[key] for key in SETTINGS if req.get(key) is not None})
     settings = env.settings()
     settings["port"] = port or settings.get("port") or serving or free_port(8080, set(others.values()))
     return settings

@@ -15,6 +15,7 @@ from .errors import ErrorStore, errors_dir
 from .procs import STOP_TIMEOUT
 from .rules import parse_entry
 from .sockets import foreign_peer, recv_fds, send_fds
+from .spare import remember_modules, wait_to_serve
 from .wsgi import Requests, hook_frameworks
 
 
@@ -79,6 +80,7 @@ def wrapped_app(spec: dict, tester_ports: dict):
     hooked = hook_frameworks()
     if hooked:
         print("qabox: capturing %s's errors" % " and ".join(hooked), flush=True)
+    remember_modules()  # what the next release's spare imports ahead (spare.py)
     return app
 
 
@@ -176,7 +178,10 @@ class Lifecycle:
 
 
 def serve(spec: dict) -> None:
-    """Run the app on the server its release names (``spec["server"]``)."""
+    """Run the app on the server its release names (``spec["server"]``); a
+    spare (spare.py) first waits to be handed its release."""
+    if spec.get("spare"):
+        spec = wait_to_serve(spec)
     server = spec.get("server") or "werkzeug"
     if server == "waitress":
         from .serve_waitress import serve_waitress

@@ -20,7 +20,9 @@ from .files import is_port, iso, makedirs, now, rotate, tail, write_json
 from .procs import STOP_TIMEOUT, pid_alive, process_started, stop_group
 from .protocol import Fail
 from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_SERVER, RELEASE_FILE, WARMING_UP, health_codes, is_up
+from .session import deploying
 from .sockets import bind_listener, fd_port, foreign_peer, http_probe, listening_port, recv_line
+from .spare import Spare, handed_path, modules_file
 from .testers import next_expiry, tester_ports
 
 
@@ -44,18 +46,13 @@ class AppProcess:
         self.log_path = env.path("logs", release + ".log")
 
     @classmethod
-    def spawn(cls, env: Env, release: str, sockets: dict, live: bool) -> "AppProcess":
-        """Start ``agent-<hash>.pyz serve`` for a release with the env's sockets:
-        ``sockets[""]`` is the main port, the others testers' own ports."""
+    def plan(cls, env: Env, release: str, sockets: dict, live: bool) -> tuple:
+        """How a process of a release starts: (its python, its spec but for the
+        probe socket's fd, its environment)."""
         info = env.release_info(release, strict=True)
         if not (info.get("entry") and info.get("venv")):
             raise Fail("no_release", "release %s is not complete on the host (no %s in %s): deploy again, "
                        "or roll back to another release" % (release, RELEASE_FILE, env.release_dir(release)))
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        probe.bind(("127.0.0.1", 0))
-        probe.listen(64)
-        probe_port = probe.getsockname()[1]
-        makedirs(env.path("run"))
         spec = {
             "release_dir": env.release_dir(release),
             "entry": info["entry"],
@@ -63,18 +60,40 @@ class AppProcess:
             "server": info.get("server") or DEFAULT_SERVER,
             "server_options": info.get("server_options") or {},
             "sockets": sockets,
-            "probe_fd": probe.fileno(),
+            "probe_fd": None,
             "live": live,
             "ctl_dir": env.path("run"),
             "base": env.base,
             "env": env.name,
         }
-        python = venv_python(env, info)
-        log = os.open(env.path("logs", release + ".log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return venv_python(env, info), spec, app_environ(env, release, info)
+
+    @classmethod
+    def spawn(cls, env: Env, release: str, sockets: dict, live: bool, spare: "Spare | None" = None) -> "AppProcess":
+        """Start ``agent-<hash>.pyz serve`` for a release with the env's sockets:
+        ``sockets[""]`` is the main port, the others testers' own ports. A
+        spare that fits is handed the release instead; one that does not is ended."""
+        python, spec, environ = cls.plan(env, release, sockets, live)
+        makedirs(env.path("run"))
+        log_path = env.path("logs", release + ".log")
+        if spare is not None:
+            if spare.fits(python, spec, environ):
+                try:
+                    proc = spare.hand(spec, environ, log_path)
+                    return cls(env, release, proc.pid, spare.probe_port, now(), proc)
+                except OSError:  # it died meanwhile
+                    pass
+            spare.end()
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.bind(("127.0.0.1", 0))
+        probe.listen(64)
+        probe_port = probe.getsockname()[1]
+        spec["probe_fd"] = probe.fileno()
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             proc = subprocess.Popen(
                 [python, agents.archive(), "serve", json.dumps(spec)],
-                cwd=spec["release_dir"], env=app_environ(env, release, info),
+                cwd=spec["release_dir"], env=environ,
                 pass_fds=list(sockets.values()) + [probe.fileno()],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
@@ -169,6 +188,10 @@ class AppProcess:
                 pass
         if self.proc is not None:
             self.proc.wait()
+        try:
+            os.unlink(handed_path(self.env.path("run"), self.pid))  # a spare's record (spare.py)
+        except OSError:
+            pass
         return self.poll()
 
 
@@ -184,6 +207,8 @@ class Supervisor:
     CRASH_LOOP = 5  # this many exits, each within CRASH_WINDOW of starting...
     CRASH_WINDOW = 60.0  # ...and the app counts as crashed: no more restarts
     HANG_PROBES = 3  # failed health probes in a row that count as a hang
+    SPARE_CHECK = 2.0  # seconds between checks that the spare fits the live release
+    SPARE_DELAY = 1.0  # seconds after a switch, and with no deploy under way, before a spare starts
 
     def __init__(self, env: Env, listen_fd):
         self.env = env
@@ -209,6 +234,9 @@ class Supervisor:
         self.expiry = None  # when the next tester of this env expires: tick() stops serving them
         self.unsaved = False  # state.json could not be written (a full disk): tick retries
         self.next_save = 0.0
+        self.spare = None  # a spare app for the next release of the live one's virtualenv (spare.py)
+        self.next_spare = 0.0
+        self.spare_failed = None  # (python, release) of a spare that ended by itself: none again for them
 
     @property
     def settings(self) -> dict:
@@ -395,6 +423,8 @@ class Supervisor:
                     if not self.missing_testers:
                         self.log("cannot listen on tester %s's port %d (retrying): %s" % (name, port, e))
                     self.missing_testers = True
+        if changed:
+            self.end_spare()  # it holds the sockets of before
         return changed
 
     def start(self, release: str) -> None:
@@ -421,13 +451,17 @@ class Supervisor:
         if port and port != self.port:
             sockets[""] = bind_listener(port).detach()
         moved = sockets[""] != self.sockets[""]
+        spare, self.spare = self.spare, None
         try:
-            new = AppProcess.spawn(self.env, release, sockets, live=False)
+            new = AppProcess.spawn(self.env, release, sockets, live=False, spare=spare)
         except BaseException:
             if moved:
                 os.close(sockets[""])
+            if spare is not None:
+                spare.end()
             raise
-        self.log("starting %s (pid %d)" % (release, new.pid))
+        self.next_spare = time.monotonic() + self.SPARE_DELAY  # a new one, once this one's deploy is done
+        self.log("starting %s (pid %d%s)" % (release, new.pid, ", a spare" if spare and new.proc is spare.proc else ""))
         result = new.wait_healthy(timeout)
         failed = not result.get("up")
         if not failed:
@@ -497,6 +531,9 @@ class Supervisor:
         if self.unsaved and clock >= self.next_save:
             self.next_save = clock + 2
             self.save()
+        if clock >= self.next_spare:
+            self.next_spare = clock + self.SPARE_CHECK
+            self.keep_spare()
         app = self.app
         if app is None:
             if self.restart_at is not None and clock >= self.restart_at:
@@ -519,6 +556,42 @@ class Supervisor:
         if clock >= self.next_rotate:
             self.next_rotate = clock + 2
             rotate(app.log_path, int(self.settings.get("log_max_bytes", 10 * 2**20)))
+
+    def keep_spare(self) -> None:
+        """Have a spare ready for the next release of the live one's virtualenv
+        while the live app runs (and the env's settings allow it); end one that
+        no longer fits. One that ended by itself (it could not import what the
+        app did) is not started again for the same release."""
+        app, python = self.app, None
+        if app is not None and self.state == "running" and self.settings.get("spare_app") is not False:
+            try:
+                python, spec, environ = AppProcess.plan(self.env, app.release, self.sockets, live=False)
+            except (Fail, OSError, KeyError, ValueError):
+                python = None
+        spare = self.spare
+        if spare is not None:
+            if spare.proc.poll() is not None:
+                self.spare, self.spare_failed = None, (spare.python, spare.release)
+                self.log("the spare app ended by itself (exit code %s): releases start afresh"
+                         % spare.proc.returncode)
+            elif python and spare.fits(python, spec, environ):
+                return
+            else:
+                self.end_spare()
+        if python and (python, app.release) != self.spare_failed and os.path.isfile(modules_file(python)):
+            if deploying(self.env):  # it would slow the deploy down: it starts once that is done
+                self.next_spare = time.monotonic() + self.SPARE_DELAY
+                return
+            try:
+                self.spare = Spare.start(agents.archive(), python, spec, environ, self.env.dir)
+            except OSError as e:
+                self.spare_failed = (python, app.release)
+                self.log("cannot start a spare app: %s" % e)
+
+    def end_spare(self) -> None:
+        if self.spare is not None:
+            self.spare.end()
+            self.spare = None
 
     def probe(self, app: AppProcess) -> None:
         """A live app that stops answering is hung: restart it, counted as a hang."""
@@ -556,6 +629,7 @@ class Supervisor:
         self.save()
 
     def stop_app(self) -> None:
+        self.end_spare()
         if self.app:
             self.app.stop()
             self.log("stopped %s (pid %d)" % (self.app.release, self.app.pid))
@@ -566,5 +640,6 @@ class Supervisor:
     def exit(self) -> None:
         """On SIGTERM the supervisor leaves, but the app keeps serving: a new
         supervisor adopts it. (``qabox stop`` is the way to stop the app.)"""
+        self.end_spare()
         self.log("supervisor terminated; the app keeps running")
         sys.exit(0)

@@ -117,6 +117,7 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
                 server_options=server_options, port=port or settings.env_port(env),
                 hosts_environment=settings.env_environment(env), start_timeout=settings.start_timeout,
                 health_interval=settings.health_interval, log_max_bytes=int(settings.log_max_mb * 2**20),
+                spare_app=settings.spare_app,
                 max_bytes=settings.max_build_mb * 2**20, max_members=settings.max_build_members)
             state = session.call("upload-state", **ask)
             sent = 0

@@ -1,0 +1,151 @@
+"""A spare app process, so that a redeploy's new release starts warm.
+
+Most of an app process's start is importing its libraries (Flask alone takes
+about 0.1 s, Django more), and most redeploys keep their virtualenv. So once
+a release runs, its supervisor starts a spare: a process of the live
+release's virtualenv python, with its environment and the env's sockets,
+that imports what the live app imported from that virtualenv and waits. A
+release that needs exactly that (the same python, the same environment but
+for QABOX_RELEASE, the same sockets) is handed to the spare: it is sent the
+release's spec and goes on from there as a fresh process would. Anything
+else ends the spare, and a process is started as always. A spare never
+imports a release's own code before it is handed one, and a release that
+provides a module the spare imported starts afresh (an exec: the same pid
+and sockets). It costs one idle app process's memory: ``spare = false`` in
+the hosts file turns it off.
+"""
+
+import importlib
+import importlib.machinery
+import json
+import os
+import signal
+import socket
+import sys
+
+from .files import read_json, write_json
+
+MODULES_FILE = "qabox-modules.json"  # in a virtualenv: what its last app imported from it
+RELEASE_KEYS = ("QABOX_RELEASE",)  # the environment a spare is given with its release
+
+
+def remember_modules() -> None:
+    """Record in the virtualenv which of its modules this app process imported
+    (called once its server and app are loaded): the next spare imports them."""
+    prefix = os.path.join(sys.prefix, "")
+    names = [name for name, module in list(sys.modules.items())
+             if (getattr(module, "__file__", None) or "").startswith(prefix)]
+    path = os.path.join(sys.prefix, MODULES_FILE)
+    if names and read_json(path) != names:
+        try:
+            write_json(path, names)
+        except OSError:
+            pass  # a full or read-only disk: the next release starts cold
+
+
+def modules_file(python: str) -> str:
+    """Where apps of a virtualenv's python record their modules."""
+    return os.path.join(os.path.dirname(os.path.dirname(python)), MODULES_FILE)
+
+
+def handed_path(ctl_dir: str, pid: int) -> str:
+    """Where a spare handed a release keeps its spec: its command line still
+    shows the spare's, and a new supervisor must find the app (control.env_apps)."""
+    return os.path.join(ctl_dir, "app-%d.json" % pid)
+
+
+def wait_to_serve(spare_spec: dict) -> dict:
+    """The spare's side: import the virtualenv's recorded modules, wait for a
+    release on stdin (its end: exit), then become that release's app process
+    (its directory, environment and log, stdin from /dev/null) and return its spec."""
+    handed = handed_path(spare_spec["ctl_dir"], os.getpid())
+    if os.path.lexists(handed):
+        os.unlink(handed)  # an earlier process's with this pid
+    names = read_json(os.path.join(sys.prefix, MODULES_FILE), [])
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except BaseException:  # this spare would not start as a fresh process does
+            os._exit(0)
+    line = sys.stdin.buffer.readline()
+    if not line:
+        os._exit(0)
+    given = json.loads(line.decode())
+    spec = given["spec"]
+    os.environ.update(given["environ"])
+    os.chdir(spec["release_dir"])
+    log = os.open(given["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd, onto in ((null, 0), (log, 1), (log, 2)):
+        os.dup2(fd, onto)
+    os.close(null)
+    os.close(log)
+    if shadowed(spec["release_dir"], names):  # a fresh process would import the release's own
+        os.execv(sys.executable, [sys.executable, sys.argv[0], "serve", json.dumps(spec)])
+    write_json(handed, spec)
+    return spec
+
+
+def shadowed(release_dir: str, names: list) -> list:
+    """The top-level modules among ``names`` that the release provides itself."""
+    suffixes = [""] + importlib.machinery.all_suffixes()
+    tops = sorted({name.partition(".")[0] for name in names})
+    return [top for top in tops if any(os.path.exists(os.path.join(release_dir, top + s)) for s in suffixes)]
+
+
+class Spare:
+    """The supervisor's side: a spare's process and what it was started with."""
+
+    def __init__(self, proc, python: str, environ: dict, spec: dict, probe_port: int):
+        self.proc, self.python, self.environ, self.sockets = proc, python, environ, dict(spec["sockets"])
+        self.probe_fd, self.probe_port = spec["probe_fd"], probe_port
+        self.release = os.path.basename(spec["release_dir"])  # the live one's when it started
+
+    @classmethod
+    def start(cls, archive: str, python: str, spec: dict, environ: dict, cwd: str) -> "Spare":
+        """Start a spare that would serve ``spec``'s sockets with ``environ``
+        (``spec`` is the live release's)."""
+        import subprocess
+
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.bind(("127.0.0.1", 0))
+        probe.listen(64)
+        try:
+            spec = dict(spec, probe_fd=probe.fileno(), spare=True)
+            proc = subprocess.Popen(
+                [python, archive, "serve", json.dumps(spec)], cwd=cwd, env=environ,
+                pass_fds=list(spec["sockets"].values()) + [probe.fileno()], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+            return cls(proc, python, environ, spec, probe.getsockname()[1])
+        finally:
+            probe.close()
+
+    def fits(self, python: str, spec: dict, environ: dict) -> bool:
+        """Whether a process started for ``spec`` with ``environ`` would be this spare."""
+        def fixed(env):
+            return {k: v for k, v in env.items() if k not in RELEASE_KEYS}
+        return self.proc.poll() is None and python == self.python and spec["sockets"] == self.sockets \
+            and fixed(environ) == fixed(self.environ)
+
+    def hand(self, spec: dict, environ: dict, log: str):
+        """Have it serve a release (``spec``, as it fits): its process, now the release's app."""
+        spec = dict(spec, probe_fd=self.probe_fd)
+        given = {"spec": spec, "environ": {k: environ[k] for k in RELEASE_KEYS if k in environ}, "log": log}
+        self.proc.stdin.write(json.dumps(given).encode() + b"\n")
+        self.proc.stdin.close()
+        return self.proc
+
+    def end(self) -> None:
+        """Kill it: it has served nothing, and holds only copies of the env's sockets."""
+        if self.proc.returncode is not None:
+            return  # ended already (its pid may be another's by now)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.wait()
