@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from qabox.context import Context
 from qabox.commands.deploy import Hooks, deploy
+from qabox.remote import Remote, Session
 
 from .harness import MB, Bench, BenchError, Row, compared, run, target_note, timed
 from .target import HOST, REPO, SSH_CONFIG, DeployTarget, ssh
@@ -27,6 +30,7 @@ class StepClock:
     def __init__(self):
         self.started = time.perf_counter()
         self.marks: list[tuple[float, str]] = []
+        self.requests: list[str] = []  # the agent requests the deploy made: each a round trip
 
     def mark(self, label: str) -> None:
         self.marks.append((time.perf_counter() - self.started, label))
@@ -48,10 +52,23 @@ class StepClock:
 def deploy_with_clock(target: DeployTarget, build: Path) -> StepClock:
     """Deploy in-process, timestamping the progress hooks to see where time goes."""
     clock = StepClock()
-    deploy(Context.create(), HOST, build, env=target.env, port=target.port,
-           hooks=Hooks(step=clock.mark, upload=clock.upload))
+    with counted_requests(clock.requests):
+        deploy(Context.create(), HOST, build, env=target.env, port=target.port,
+               hooks=Hooks(step=clock.mark, upload=clock.upload))
     clock.mark("done")
     return clock
+
+
+@contextmanager
+def counted_requests(seen: list[str]) -> Iterator[None]:
+    """Note each agent request: on a channel of its own (Remote._open) or in the locked session."""
+    open_channel, call = Remote._open, Session.call
+    Remote._open = lambda self, cmd, *a, **k: seen.append(cmd) or open_channel(self, cmd, *a, **k)
+    Session.call = lambda self, cmd, *a, **k: seen.append(cmd) or call(self, cmd, *a, **k)
+    try:
+        yield
+    finally:
+        Remote._open, Session.call = open_channel, call
 
 
 def baseline_copy(build: Path) -> tuple[float, float]:
@@ -144,6 +161,8 @@ def section(bench: Bench) -> list[Row]:
     rows += phase_rows("first deploy", phases)
     rows += phase_rows("second env", medians([c.phases() for c in other_clocks]))
     rows += phase_rows("changed redeploy", medians([c.phases() for c in changed_clocks]))
+    requests = changed_clocks[0].requests
+    rows.append(Row("  changed redeploy: agent requests", len(requests), "", note=", ".join(requests)))
     return rows
 
 

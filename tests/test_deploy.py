@@ -90,15 +90,32 @@ def test_a_second_env_with_the_same_requirements_links_the_first_ones_wheels(not
         remove_env("lab1", other)
 
 
-def test_an_unchanged_redeploy_is_one_request_after_the_lock(notes_build, env_name, port, monkeypatch):
+@pytest.fixture
+def asked(monkeypatch) -> list[str]:
+    """The agent requests a deploy makes, in order: each on a channel of its own, or in the locked session."""
     from qabox.remote import Session
 
+    seen, run, call = [], Remote._open, Session.call
+    monkeypatch.setattr(Remote, "_open", lambda self, cmd, *a, **k: seen.append(cmd) or run(self, cmd, *a, **k))
+    monkeypatch.setattr(Session, "call", lambda self, cmd, *a, **k: seen.append(cmd) or call(self, cmd, *a, **k))
+    return seen
+
+
+def test_an_unchanged_redeploy_is_one_request_after_the_lock(notes_build, env_name, port, asked):
     assert deploy(notes_build, env_name, port).code == 0
-    asked, call = [], Session.call
-    monkeypatch.setattr(Session, "call", lambda self, cmd, *a, **k: asked.append(cmd) or call(self, cmd, *a, **k))
+    asked.clear()
     result = deploy(notes_build, env_name, port, "--json")
     assert result.code == 0 and json_data(result.stdout)["changed"] is False, result
-    assert asked == ["upload-state"], asked
+    assert asked == ["session", "upload-state"], asked
+
+
+def test_a_changed_redeploy_learns_the_hosts_python_from_upload_state(make_build, env_name, port, asked):
+    """Its wheels are checked against the host's python before sending, with no python-info of its own."""
+    assert deploy(make_build({"wsgi.py": SLOW_APP}), env_name, port).code == 0
+    asked.clear()
+    result = deploy(make_build({"wsgi.py": SLOW_APP + f"# {secrets.token_hex(8)}\n"}), env_name, port, "--json")
+    assert result.code == 0 and json_data(result.stdout)["changed"] is True, result
+    assert asked == ["session", "upload-state", "upload-state", "deploy"], asked  # new to the host: its manifest
 
 
 def big_app(make_build, **files):
@@ -223,7 +240,7 @@ def test_first_deploy_that_fails_leaves_nothing_current(make_build, env_name, po
 
 
 def test_a_hand_made_tar_with_no_requirements_on_a_host_python_without_werkzeug_is_refused_before_sending(
-        make_build, env_name, port):
+        make_build, env_name, port, asked):
     """It would run on the host python's own packages: the lab's /usr/bin/python3 has no Werkzeug."""
     assert in_host("lab1", "/usr/bin/python3", "-c", "import werkzeug").returncode != 0
     build = make_build({"wsgi.py": "def app(environ, start_response):\n    pass\n"}, with_wheels=False)
@@ -232,6 +249,7 @@ def test_a_hand_made_tar_with_no_requirements_on_a_host_python_without_werkzeug_
         f"qabox: error: {build.name} has no requirements.txt, so it runs on lab1's python's own packages, which "
         f"lack Werkzeug (its app server): add a requirements.txt with `werkzeug`, or make the build with "
         f"`qabox build`, which adds it\n"), result
+    assert asked == ["session", "session", "upload-state"], asked  # a new env: made on the second; no python-info
     assert "Traceback" not in result.stderr and status_json(env_name)["release"] is None
 
 

@@ -249,3 +249,14 @@ def test_every_build_records_the_python_it_was_resolved_for(tmp_path):
     assert build_check.read_resolved_for(json.dumps(record)) == record
     assert Target.from_json(record, "lab1's python").to_json() == record
     assert build_check.read_resolved_for("not json") is None and build_check.read_resolved_for("[]") is None
+
+
+def test_the_hosts_app_servers_ride_along_but_stay_out_of_a_builds_record():
+    """upload-state tells the servers with the python: they decide nothing about wheels, so a build made
+    for a host is not made for another one (nor rebuilt) when the host installs gunicorn."""
+    info = {"python": "3.11.2", "implementation": "cpython", "platform": "linux-x86_64", "glibc": "2.36",
+            "pip": "23.0.1", "abiflags": "", "soabi": "cpython-311-x86_64-linux-gnu", "servers": ["waitress"]}
+    lab1 = host_python.told(info, "lab1")
+    assert lab1.servers == ("waitress",) and lab1.name == "lab1's python"
+    assert "servers" not in lab1.to_json() and lab1 == host_python.told(dict(info, servers=[]), "lab1")
+    assert Target.from_json(lab1.to_json(), "lab1's python").servers is None  # a record tells none

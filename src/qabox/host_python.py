@@ -10,7 +10,7 @@ before sending anything.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
 from packaging.tags import Tag, compatible_tags, cpython_tags, generic_tags
@@ -42,14 +42,22 @@ class Target:
     glibc: str | None = None
     pip: str | None = None  # the version of the pip that installs the build on the host
     name: str = "this machine's python"  # for messages: "lab1's python"
+    # The app servers its own packages have, for a build with no requirements.txt (None: not told).
+    # Not what wheels are resolved for: left out of equality and of to_json, so a build's record
+    # (and its cache key) does not change with what the host has installed.
+    servers: tuple[str, ...] | None = field(default=None, compare=False)
 
     @classmethod
     def from_json(cls, data: dict, name: str) -> "Target":
-        fields = {k: data.get(k) for k in cls.__dataclass_fields__ if k in data and k != "name"}
-        return cls(**fields, name=name)
+        fields = {k: data.get(k) for k in cls.__dataclass_fields__ if k in data and k not in ("name", "servers")}
+        servers = data.get("servers")
+        return cls(**fields, name=name, servers=None if servers is None else tuple(servers))
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """What a build is resolved for (its RESOLVED_FOR record, its cache key)."""
+        facts = asdict(self)
+        del facts["servers"]
+        return facts
 
     @property
     def version(self) -> tuple[int, int]:
@@ -161,15 +169,19 @@ def here(python_version: str | None = None, platform: str | None = None) -> Targ
 
 def of_host(caller, host: str) -> Target:
     """The python of a connected host (a Remote, or a Session of one): one agent request."""
-    return Target.from_json(caller.call("python-info"), f"{host}'s python")
+    return told(caller.call("python-info"), host)
 
 
-def check_host_servers(caller, build: Build, server: str, host: str) -> None:
+def told(info: dict, host: str) -> Target:
+    """The python a host's agent described (``python-info``, or upload-state's ``python``)."""
+    return Target.from_json(info, f"{host}'s python")
+
+
+def check_host_servers(target: Target, build: Build, server: str, host: str) -> None:
     """A build with no requirements.txt runs on the host python's own packages: refuse
     it before it is sent when they lack its app server (else an agent traceback after upload)."""
-    found = caller.call("python-info").get("servers", [])
     for needed in needed_servers(server, build.static):
-        if needed not in found:
+        if needed not in (target.servers or ()):
             raise BuildError(f"{build.path.name} has no requirements.txt, so it runs on {host}'s python's own "
                              f"packages, which lack {SERVER_TITLES[needed]} (its app server): add a "
                              f"requirements.txt with `{needed}`, or make the build with `qabox build`, which adds it")

@@ -31,11 +31,13 @@ def test_a_one_file_change_sends_only_that_file(host, tmp_path):
     with host.session(ENV) as call:
         state, args = host.upload(call, changed, ENV, port)
         assert state["data"]["blobs"] == 1 and state["data"]["size"] == len("one changed file\n"), state
+        assert state["data"]["python"] == call("python-info")["data"], state  # qabox checks the build by it
         result = call("deploy", **args)
     assert result["ok"] and result["changed"], result
     assert local_get(port) == (200, "v1")
     again = host.deploy(changed, ENV, port)
     assert again["ok"] and again["data"]["unchanged"], again  # one answer, nothing sent
+    assert "python" not in again["data"]  # nothing to check: not looked up
 
 
 def test_a_cut_delta_upload_resumes_with_the_rest(host, tmp_path):

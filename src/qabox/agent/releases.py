@@ -23,7 +23,7 @@ from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS
     static_problems
 from .session import locked
 from .sockets import bind_listener, free_port
-from .venvs import prepare_venv
+from .venvs import cmd_python_info, prepare_venv
 from .wheelcache import collect_wheel_caches
 
 
@@ -45,7 +45,9 @@ UNRECORDED = {"server": DEFAULT_SERVER, "server_options": {}}  # what a release 
 def cmd_upload_state(req, io) -> dict:
     """What the host needs of a build, in one answer: nothing (the env serves it
     already, as asked: the deploy is done), its manifest, or the blobs it lacks
-    (a delta) and how much of that was sent already (to resume)."""
+    (a delta) and how much of that was sent already (to resume); with a change,
+    also the host's python (``python-info``), which qabox checks the build against
+    before sending it: no request of its own."""
     env = locked(req, io)
     store = Store(env.base, env.name)
     if req.get("discard"):  # the client gave up on an upload (disk full)
@@ -55,14 +57,14 @@ def cmd_upload_state(req, io) -> dict:
     if same:
         return same
     mid = req["manifest"]
-    free = {"free_bytes": shutil.disk_usage(store.base).free}
+    told = {"free_bytes": shutil.disk_usage(store.base).free, "python": cmd_python_info(req, io)}
     if not os.path.isfile(store.manifest_path(mid)) and not req.get("uploaded"):
         store.discard()  # what was sent for another build, or half a manifest
-        return dict(free, manifest_path=store.upload("manifest-" + mid))
+        return dict(told, manifest_path=store.upload("manifest-" + mid))
     members = store.members(mid, int(req.get("max_bytes") or DEFAULT_MAX_BYTES),
                             int(req.get("max_members") or DEFAULT_MAX_MEMBERS),
                             uploaded=not os.path.isfile(store.manifest_path(mid)))
-    return dict(store.delta(members), **free)
+    return dict(store.delta(members), **told)
 
 
 def unchanged(env: Env, req: dict) -> "dict | None":

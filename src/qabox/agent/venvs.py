@@ -104,10 +104,11 @@ def unpacked_pip(base: str):
 
 
 def bundled_pip():
-    """The pip wheel that venv itself would install, to run pip straight from it."""
-    import ensurepip
-
-    places = [os.path.join(os.path.dirname(ensurepip.__file__), "_bundled"), "/usr/share/python-wheels"]
+    """The pip wheel that venv itself would install, to run pip straight from it. Found
+    without importing ensurepip (about 4 ms, most of a changed deploy's upload-state)."""
+    spec = importlib.util.find_spec("ensurepip")
+    places = [os.path.join(place, "_bundled") for place in (spec and spec.submodule_search_locations or [])]
+    places.append("/usr/share/python-wheels")
     for place in places:
         found = sorted(glob.glob(os.path.join(place, "pip-*.whl")))
         if found:

@@ -121,10 +121,11 @@ def deploy(ctx: Context, host: str, path: Path, env: str = "main", port: int | N
                 max_bytes=settings.max_build_mb * 2**20, max_members=settings.max_build_members)
             state = session.call("upload-state", **ask)
             sent = 0
-            if not state.get("unchanged"):  # a build that runs there installs there
-                host_python.check_build(build, target or host_python.of_host(session, host), host)
+            if not state.get("unchanged"):  # a build that runs there installs there (upload-state says its python)
+                target = host_python.told(state["python"], host)
+                host_python.check_build(build, target, host)
                 if build.requirements is None:
-                    host_python.check_host_servers(session, build, server, host)
+                    host_python.check_host_servers(target, build, server, host)
             if "manifest_path" in state:  # a build new to the host
                 listed = manifest.canonical(build.manifest)
                 check_space(remote, len(listed), state["free_bytes"])
