@@ -19,6 +19,7 @@ import importlib
 import importlib.machinery
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -54,22 +55,49 @@ def handed_path(ctl_dir: str, pid: int) -> str:
     return os.path.join(ctl_dir, "app-%d.json" % pid)
 
 
+def die_with_parent(on: bool) -> None:
+    """While a spare, die with the supervisor (Linux's PR_SET_PDEATHSIG), even in
+    an import that hangs: it holds copies of the env's sockets. Not once it is
+    the app, which outlives its supervisor for the next one to adopt."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL if on else 0, 0, 0, 0)
+    except (ImportError, OSError, AttributeError):
+        pass  # no ctypes or no prctl: a spare whose supervisor died exits at its stdin's end
+
+
 def wait_to_serve(spare_spec: dict) -> dict:
-    """The spare's side: import the virtualenv's recorded modules, wait for a
-    release on stdin (its end: exit), then become that release's app process
-    (its directory, environment and log, stdin from /dev/null) and return its spec."""
+    """The spare's side: import the virtualenv's recorded modules, say so on
+    stdout, wait for a release on stdin (its end: exit), then become that
+    release's app process (its directory, environment and log, stdin from
+    /dev/null) and return its spec."""
+    parent = os.getppid()
+    die_with_parent(True)
+    if os.getppid() != parent:
+        os._exit(0)  # the supervisor died before that took effect
     handed = handed_path(spare_spec["ctl_dir"], os.getpid())
     if os.path.lexists(handed):
         os.unlink(handed)  # an earlier process's with this pid
     names = read_json(os.path.join(sys.prefix, MODULES_FILE), [])
+    ready = os.dup(1)  # the supervisor's pipe; what imports print goes nowhere
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
     for name in names:
         try:
             importlib.import_module(name)
         except BaseException:  # this spare would not start as a fresh process does
             os._exit(0)
+    try:
+        os.write(ready, b"ready\n")
+        os.close(ready)
+    except OSError:
+        os._exit(0)
     line = sys.stdin.buffer.readline()
     if not line:
         os._exit(0)
+    die_with_parent(False)
     given = json.loads(line.decode())
     spec = given["spec"]
     os.environ.update(given["environ"])
@@ -100,6 +128,7 @@ class Spare:
         self.proc, self.python, self.environ, self.sockets = proc, python, environ, dict(spec["sockets"])
         self.probe_fd, self.probe_port = spec["probe_fd"], probe_port
         self.release = os.path.basename(spec["release_dir"])  # the live one's when it started
+        self.is_ready = False
 
     @classmethod
     def start(cls, archive: str, python: str, spec: dict, environ: dict, cwd: str) -> "Spare":
@@ -115,7 +144,7 @@ class Spare:
             proc = subprocess.Popen(
                 [python, archive, "serve", json.dumps(spec)], cwd=cwd, env=environ,
                 pass_fds=list(spec["sockets"].values()) + [probe.fileno()], stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
             )
             return cls(proc, python, environ, spec, probe.getsockname()[1])
         finally:
@@ -128,13 +157,28 @@ class Spare:
         return self.proc.poll() is None and python == self.python and spec["sockets"] == self.sockets \
             and fixed(environ) == fixed(self.environ)
 
+    def ready(self) -> bool:
+        """Whether it has imported all it was to (a spare still at it, or stuck in
+        an import, is no faster or no surer than a fresh process)."""
+        if not self.is_ready and select.select([self.proc.stdout], [], [], 0)[0]:
+            self.is_ready = os.read(self.proc.stdout.fileno(), 16) == b"ready\n"
+        return self.is_ready
+
     def hand(self, spec: dict, environ: dict, log: str):
         """Have it serve a release (``spec``, as it fits): its process, now the release's app."""
         spec = dict(spec, probe_fd=self.probe_fd)
         given = {"spec": spec, "environ": {k: environ[k] for k in RELEASE_KEYS if k in environ}, "log": log}
         self.proc.stdin.write(json.dumps(given).encode() + b"\n")
-        self.proc.stdin.close()
+        self.proc.stdin.flush()  # raises if it died meanwhile
+        self.close_pipes()
         return self.proc
+
+    def close_pipes(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
     def end(self) -> None:
         """Kill it: it has served nothing, and holds only copies of the env's sockets."""
@@ -144,8 +188,5 @@ class Spare:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except OSError:
             pass
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
+        self.close_pipes()
         self.proc.wait()

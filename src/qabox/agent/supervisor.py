@@ -77,7 +77,7 @@ class AppProcess:
         makedirs(env.path("run"))
         log_path = env.path("logs", release + ".log")
         if spare is not None:
-            if spare.fits(python, spec, environ):
+            if spare.fits(python, spec, environ) and spare.ready():
                 try:
                     proc = spare.hand(spec, environ, log_path)
                     return cls(env, release, proc.pid, spare.probe_port, now(), proc)
