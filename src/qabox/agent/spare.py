@@ -4,14 +4,15 @@ Most of an app process's start is importing its libraries (Flask alone takes
 about 0.1 s, Django more), and most redeploys keep their virtualenv. So once
 a release runs, its supervisor starts a spare: a process of the live
 release's virtualenv python, with its environment and the env's sockets,
-that imports what the live app imported from that virtualenv and waits. A
+that imports what the live app imported from that virtualenv (up to the
+first module that cannot be imported without the app itself) and waits. A
 release that needs exactly that (the same python, the same environment but
 for QABOX_RELEASE, the same sockets) is handed to the spare: it is sent the
 release's spec and goes on from there as a fresh process would. Anything
 else ends the spare, and a process is started as always. A spare never
 imports a release's own code before it is handed one, and a release that
 provides a module the spare imported starts afresh (an exec: the same pid
-and sockets). It costs one idle app process's memory: ``spare = false`` in
+and sockets). It costs one idle app process's memory: ``spare_app = false`` in
 the hosts file turns it off.
 """
 
@@ -85,10 +86,13 @@ def wait_to_serve(spare_spec: dict) -> dict:
     os.dup2(null, 1)
     os.close(null)
     for name in names:
+        before = set(sys.modules)
         try:
             importlib.import_module(name)
-        except BaseException:  # this spare would not start as a fresh process does
-            os._exit(0)
+        except BaseException:  # it needs the app (Django's models need its settings): the rest is the app's
+            for added in set(sys.modules) - before:
+                del sys.modules[added]  # as if never tried: the app imports it afresh
+            break
     try:
         os.write(ready, b"ready\n")
         os.close(ready)
