@@ -183,6 +183,18 @@ def in_host(host: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedPr
     return subprocess.run(exec_command(host, cmd), capture_output=True, text=True, timeout=timeout)
 
 
+def app_pids(env: str) -> list[int]:
+    """The env's app processes on lab1 (gunicorn's workers too), whatever its base: a
+    spare app (agent/spare.py) counts once it was handed a release, as the agent counts it."""
+    pids = []
+    for line in in_host("lab1", "pgrep", "-fa", f"serve .*/envs/{env}/").stdout.splitlines():
+        pid, _, args = line.partition(" ")
+        spec = json.loads(args.partition(" serve ")[2] or "{}")
+        if not spec.get("spare") or os.path.exists(os.path.join(spec["ctl_dir"], f"app-{pid}.json")):
+            pids.append(int(pid))
+    return sorted(pids)
+
+
 def http_get(host: str, port: int, path: str = "/") -> tuple[int, str]:
     """GET a URL on the lab host's loopback, from inside the host."""
     code = ("import sys,urllib.request,urllib.error\n"

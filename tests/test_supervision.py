@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import LAB, LAB_HOME, LAB_USER, Lines, http_get, in_host, json_data, qabox, wait_until
+from conftest import LAB, LAB_HOME, LAB_USER, Lines, app_pids, http_get, in_host, json_data, qabox, wait_until
 
 pytestmark = pytest.mark.usefixtures("lab")
 
@@ -161,7 +161,7 @@ def test_killed_supervisor_is_revived_and_adopts_the_app(app_build, env_name, po
     env = status(env_name)  # the next qabox command notices
     assert env["supervisor_revived"] and env["supervisor_pid"] not in (None, supervisor)
     assert env["state"] == "running" and str(env["pid"]) == app_pid  # adopted, not duplicated
-    assert in_host("lab1", "pgrep", "-fc", f"serve .*/envs/{env_name}/").stdout.strip() == "1"
+    assert app_pids(env_name) == [int(app_pid)]
     in_host("lab1", "kill", "-9", app_pid)  # the new supervisor restarts it on the same socket
     assert wait_until(lambda: (lambda r: r[0] == 200 and r[1] != app_pid)(get(port, "/pid")), 10)
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, REPO, Lines, build_manifest, forget, http_get,
+from conftest import (LAB, LAB_ADDR, LAB_DIR, LAB_HOME, LAB_USER, REPO, Lines, app_pids, build_manifest, forget, http_get,
                       in_host, json_data, link, qabox, raw_tar, wait_until)
 from qabox import host_python
 from qabox.agent import rules
@@ -153,7 +153,7 @@ def test_app_hanging_at_start_keeps_the_old_release(tmp_path, env_name, port, ma
     result = qabox("deploy", hang, "--host", "lab1", "--env", env_name, "--port", port)
     assert result.code == 6 and "no answer within 3 s" in result.stderr
     assert served_release(port) == before
-    assert in_host("lab1", "pgrep", "-fc", f"serve .*/envs/{env_name}/").stdout.strip() == "1"
+    assert len(app_pids(env_name)) == 1
 
 
 def test_planted_symlinks_are_never_followed(tmp_path, env_name, port):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import LAB, LAB_USER, _ports, http_get, in_host, json_data, qabox, remove_env, wait_until
+from conftest import LAB, LAB_USER, _ports, app_pids, http_get, in_host, json_data, qabox, remove_env, wait_until
 from test_deploy import in_host_background
 from test_faults import HOME, example_build, small_disk  # noqa: F401 (a fixture)
 
@@ -71,12 +71,6 @@ def status(env):
 def served(port, path="/release"):
     return http_get("lab1", port, path)[1]
 
-
-
-def app_pids(env):
-    """The env's app processes on lab1."""
-    out = in_host("lab1", "pgrep", "-f", f"serve .*/envs/{env}/").stdout
-    return sorted(int(p) for p in out.split())
 
 
 def releases(env):
