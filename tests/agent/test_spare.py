@@ -288,3 +288,32 @@ def test_a_spare_that_cannot_import_a_recorded_module_ends_once_and_releases_sta
     assert "qabox_no_such_module" not in modules.read_text()  # the new app recorded what it imported
     one_spare(local, "main")  # and the next release may have a spare again
 
+
+SLOWFAIL = """
+import os, time
+if not os.path.exists("wsgi.py"):  # a spare's directory is the env's: it cannot import this
+    time.sleep(3)
+    raise ImportError("slowfail needs a release's directory")
+"""
+
+
+def test_a_spare_that_fails_its_imports_while_a_release_is_handed_to_it_does_not_fail_the_release(box):
+    local, port = box["host"], box["ports"]["main"]
+    site = site_packages(local, "main", status(local, "main")["release"])
+    (site / "slowfail.py").write_text(SLOWFAIL)
+    try:
+        with local.session("main") as call:
+            assert call("restart", env="main")["ok"]  # this process imports it, and records it
+        modules = site.parent.parent.parent / "qabox-modules.json"
+        assert "slowfail" in json.loads(modules.read_text())
+        spare = one_spare(local, "main", besides=spares(local, "main"))  # importing it for 3 s
+        before = log(local, "main").count("the spare app ended by itself")
+        cold = deploy(box, "main", "v10")  # waits for it, and starts afresh once it has failed
+        assert cold["pid"] != spare and not pid_alive(spare)
+        assert f"(pid {cold['pid']}, a spare)" not in log(local, "main")
+        # the spare after it fails too, once: none again for this release
+        assert wait_until(lambda: log(local, "main").count("the spare app ended by itself") == before + 1, 10)
+        time.sleep(4)
+        assert log(local, "main").count("the spare app ended by itself") == before + 1 and not spares(local, "main")
+    finally:
+        (site / "slowfail.py").unlink()

@@ -19,6 +19,7 @@ import importlib
 import importlib.machinery
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -67,6 +68,8 @@ def wait_to_serve(spare_spec: dict) -> dict:
             importlib.import_module(name)
         except BaseException:  # this spare would not start as a fresh process does
             os._exit(0)
+    os.write(spare_spec["ready_fd"], b"1")  # only now may it be handed a release (Spare.hand)
+    os.close(spare_spec["ready_fd"])
     line = sys.stdin.buffer.readline()
     if not line:
         os._exit(0)
@@ -96,10 +99,13 @@ def shadowed(release_dir: str, names: list) -> list:
 class Spare:
     """The supervisor's side: a spare's process and what it was started with."""
 
-    def __init__(self, proc, python: str, environ: dict, spec: dict, probe_port: int):
+    READY_WAIT = 10.0  # seconds a switch waits for a spare still importing (a fresh process takes as long)
+
+    def __init__(self, proc, python: str, environ: dict, spec: dict, probe_port: int, ready: int):
         self.proc, self.python, self.environ, self.sockets = proc, python, environ, dict(spec["sockets"])
         self.probe_fd, self.probe_port = spec["probe_fd"], probe_port
         self.release = os.path.basename(spec["release_dir"])  # the live one's when it started
+        self.ready = ready  # a pipe's read end: a byte once its imports are done, EOF if it ended
 
     @classmethod
     def start(cls, archive: str, python: str, spec: dict, environ: dict, cwd: str) -> "Spare":
@@ -110,16 +116,22 @@ class Spare:
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         probe.bind(("127.0.0.1", 0))
         probe.listen(64)
+        probe_port = probe.getsockname()[1]
+        ready, readied = os.pipe()
         try:
-            spec = dict(spec, probe_fd=probe.fileno(), spare=True)
+            spec = dict(spec, probe_fd=probe.fileno(), ready_fd=readied, spare=True)
             proc = subprocess.Popen(
                 [python, archive, "serve", json.dumps(spec)], cwd=cwd, env=environ,
-                pass_fds=list(spec["sockets"].values()) + [probe.fileno()], stdin=subprocess.PIPE,
+                pass_fds=list(spec["sockets"].values()) + [probe.fileno(), readied], stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             )
-            return cls(proc, python, environ, spec, probe.getsockname()[1])
+        except BaseException:
+            os.close(ready)
+            raise
         finally:
             probe.close()
+            os.close(readied)
+        return cls(proc, python, environ, spec, probe_port, ready)
 
     def fits(self, python: str, spec: dict, environ: dict) -> bool:
         """Whether a process started for ``spec`` with ``environ`` would be this spare."""
@@ -129,7 +141,15 @@ class Spare:
             and fixed(environ) == fixed(self.environ)
 
     def hand(self, spec: dict, environ: dict, log: str):
-        """Have it serve a release (``spec``, as it fits): its process, now the release's app."""
+        """Have it serve a release (``spec``, as it fits): its process, now the release's app.
+        A spare still importing is waited for: one that fails to would exit with the
+        release handed, failing its deploy; an OSError instead, and a fresh process starts."""
+        try:
+            readable = select.select([self.ready], [], [], self.READY_WAIT)[0]
+            if not readable or os.read(self.ready, 1) != b"1":
+                raise OSError("the spare app %s" % ("is not ready" if not readable else "has ended"))
+        finally:
+            self.close_ready()
         spec = dict(spec, probe_fd=self.probe_fd)
         given = {"spec": spec, "environ": {k: environ[k] for k in RELEASE_KEYS if k in environ}, "log": log}
         self.proc.stdin.write(json.dumps(given).encode() + b"\n")
@@ -137,15 +157,21 @@ class Spare:
         return self.proc
 
     def end(self) -> None:
-        """Kill it: it has served nothing, and holds only copies of the env's sockets."""
-        if self.proc.returncode is not None:
-            return  # ended already (its pid may be another's by now)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        """Kill it: it has served nothing, and holds only copies of the env's sockets.
+        One that ended already (its pid may be another's by now) is only let go of."""
+        self.close_ready()
+        if self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
         try:
             self.proc.stdin.close()
         except OSError:
             pass
         self.proc.wait()
+
+    def close_ready(self) -> None:
+        if self.ready is not None:
+            os.close(self.ready)
+            self.ready = None

@@ -571,6 +571,7 @@ class Supervisor:
         spare = self.spare
         if spare is not None:
             if spare.proc.poll() is not None:
+                spare.end()  # its pipes
                 self.spare, self.spare_failed = None, (spare.python, spare.release)
                 self.log("the spare app ended by itself (exit code %s): releases start afresh"
                          % spare.proc.returncode)
