@@ -319,11 +319,11 @@ class Supervisor:
             if ready:
                 conn, _ = ctl.accept()
                 foreign = foreign_peer(conn)
-                if foreign:
+                if foreign:  # refused, and the tick still runs: a flood of them starves nothing
                     self.log("refused a control connection from %s: not a qabox agent" % foreign)
                     conn.close()
-                    continue
-                self.handle(conn)
+                else:
+                    self.handle(conn)
             self.tick()
 
     def adopt(self) -> None:
