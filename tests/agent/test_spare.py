@@ -102,9 +102,13 @@ def status(local: Host, env: str) -> dict:
     return found
 
 
-def site_packages(local: Host, env: str, release: str) -> Path:
+def venv_dir(local: Host, env: str, release: str) -> Path:
     venv = json.loads((env_dir(local, env) / "releases" / release / "release.json").read_text())["venv"]
-    (found,) = glob.glob(str(env_dir(local, env) / "venvs" / venv / "lib" / "python*" / "site-packages"))
+    return env_dir(local, env) / "venvs" / venv
+
+
+def site_packages(local: Host, env: str, release: str) -> Path:
+    (found,) = glob.glob(str(venv_dir(local, env, release) / "lib" / "python*" / "site-packages"))
     return Path(found)
 
 
@@ -167,6 +171,23 @@ def test_a_handed_spare_is_adopted_by_a_new_supervisor_with_its_release(box):
     assert f"(pid {third['pid']}, a spare)" in log(local, "main")
 
 
+def test_a_spare_that_cannot_record_its_release_starts_afresh(box):
+    """Its record (run/app-PID.json) is how a new supervisor would know what it serves:
+    a directory in its place stands for a full disk."""
+    local, port = box["host"], box["ports"]["main"]
+    spare = one_spare(local, "main")
+    record = env_dir(local, "main") / "run" / f"app-{spare}.json"
+    record.mkdir()
+    try:
+        fresh = deploy(box, "main", "v2b")
+        assert fresh["pid"] == spare and f"(pid {spare}, a spare)" in log(local, "main"), log(local, "main")
+        assert not serve_spec(spare).get("spare")  # exec'd: its command line names its release
+        assert serve_spec(spare)["release_dir"].endswith(fresh["release"])
+        assert local_get(port, "/release") == (200, fresh["release"])
+    finally:
+        record.rmdir()
+
+
 def test_a_release_that_provides_a_module_the_spare_imported_starts_afresh(box):
     local, port = box["host"], box["ports"]["main"]
     release = status(local, "main")["release"]
@@ -176,7 +197,7 @@ def test_a_release_that_provides_a_module_the_spare_imported_starts_afresh(box):
         with local.session("main") as call:
             assert call("restart", env="main")["ok"]  # this process imports it, and records it
         assert local_get(port, "/shadow") == (200, "venv")
-        assert "shadowme" in json.loads((site.parent.parent.parent / "qabox-modules.json").read_text())
+        assert "shadowme" in json.loads((venv_dir(local, "main", release) / "qabox-modules.json").read_text())
         spare = one_spare(local, "main", besides=spares(local, "main"))
         shipped = deploy(box, "main", "v4", files={"shadowme.py": 'WHO = "release"\n'})
         assert shipped["pid"] == spare and f"(pid {spare}, a spare)" in log(local, "main")
@@ -267,9 +288,9 @@ def test_a_config_change_starts_cold_then_a_spare_with_the_new_environment_follo
 
 
 def test_a_spare_that_cannot_import_a_recorded_module_ends_once_and_releases_start_cold(box):
-    local, port = box["host"], box["ports"]["main"]
+    local = box["host"]
     live = status(local, "main")
-    modules = site_packages(local, "main", live["release"]).parent.parent.parent / "qabox-modules.json"
+    modules = venv_dir(local, "main", live["release"]) / "qabox-modules.json"
     os.kill(live["supervisor_pid"], signal.SIGTERM)  # no app starts (it would record its modules anew)
     assert wait_until(lambda: not pid_alive(live["supervisor_pid"]), 5)
     modules.write_text(json.dumps(json.loads(modules.read_text()) + ["qabox_no_such_module"]))
@@ -298,14 +319,14 @@ if not os.path.exists("wsgi.py"):  # a spare's directory is the env's: it cannot
 
 
 def test_a_spare_that_fails_its_imports_while_a_release_is_handed_to_it_does_not_fail_the_release(box):
-    local, port = box["host"], box["ports"]["main"]
-    site = site_packages(local, "main", status(local, "main")["release"])
+    local = box["host"]
+    release = status(local, "main")["release"]
+    site = site_packages(local, "main", release)
     (site / "slowfail.py").write_text(SLOWFAIL)
     try:
         with local.session("main") as call:
             assert call("restart", env="main")["ok"]  # this process imports it, and records it
-        modules = site.parent.parent.parent / "qabox-modules.json"
-        assert "slowfail" in json.loads(modules.read_text())
+        assert "slowfail" in json.loads((venv_dir(local, "main", release) / "qabox-modules.json").read_text())
         spare = one_spare(local, "main", besides=spares(local, "main"))  # importing it for 3 s
         before = log(local, "main").count("the spare app ended by itself")
         cold = deploy(box, "main", "v10")  # waits for it, and starts afresh once it has failed

@@ -68,7 +68,10 @@ def wait_to_serve(spare_spec: dict) -> dict:
             importlib.import_module(name)
         except BaseException:  # this spare would not start as a fresh process does
             os._exit(0)
-    os.write(spare_spec["ready_fd"], b"1")  # only now may it be handed a release (Spare.hand)
+    try:
+        os.write(spare_spec["ready_fd"], b"1")  # only now may it be handed a release (Spare.hand)
+    except OSError:  # its supervisor is gone
+        os._exit(0)
     os.close(spare_spec["ready_fd"])
     line = sys.stdin.buffer.readline()
     if not line:
@@ -83,10 +86,13 @@ def wait_to_serve(spare_spec: dict) -> dict:
         os.dup2(fd, onto)
     os.close(null)
     os.close(log)
-    if shadowed(spec["release_dir"], names):  # a fresh process would import the release's own
-        os.execv(sys.executable, [sys.executable, sys.argv[0], "serve", json.dumps(spec)])
-    write_json(handed, spec)
-    return spec
+    if not shadowed(spec["release_dir"], names):  # else a fresh process would import the release's own
+        try:
+            write_json(handed, spec)
+            return spec
+        except OSError:  # a full disk: unrecorded, a new supervisor would not find this app (env_apps)
+            pass
+    os.execv(sys.executable, [sys.executable, sys.argv[0], "serve", json.dumps(spec)])
 
 
 def shadowed(release_dir: str, names: list) -> list:
