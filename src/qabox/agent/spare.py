@@ -11,7 +11,7 @@ release's spec and goes on from there as a fresh process would. Anything
 else ends the spare, and a process is started as always. A spare never
 imports a release's own code before it is handed one, and a release that
 provides a module the spare imported starts afresh (an exec: the same pid
-and sockets). It costs one idle app process's memory: ``spare = false`` in
+and sockets). It costs one idle app process's memory: ``spare_app = false`` in
 the hosts file turns it off.
 """
 
