@@ -86,9 +86,16 @@ def spares(local: Host, env: str) -> list[int]:
     return found
 
 
-def one_spare(local: Host, env: str, besides: tuple = (), timeout: float = 10) -> int:
-    """The env's spare once there is exactly one (other than ``besides``)."""
-    found = wait_until(lambda: (lambda s: len(s) == 1 and s[0] not in besides and s)(spares(local, env)), timeout)
+def ready(pid: int) -> bool:
+    """Whether a spare is done importing: it has closed its ready pipe (spare.py)."""
+    spec = serve_spec(pid)
+    return spec is not None and not os.path.lexists(f"/proc/{pid}/fd/{spec['ready_fd']}")
+
+
+def one_spare(local: Host, env: str, besides: tuple = (), timeout: float = 10, imported: bool = True) -> int:
+    """The env's spare once there is exactly one (other than ``besides``), done importing if ``imported``."""
+    found = wait_until(lambda: (lambda s: len(s) == 1 and s[0] not in besides and (ready(s[0]) or not imported)
+                                and s)(spares(local, env)), timeout)
     assert found, (spares(local, env), log(local, env))
     return found[0]
 
@@ -327,7 +334,8 @@ def test_a_spare_that_fails_its_imports_while_a_release_is_handed_to_it_does_not
         with local.session("main") as call:
             assert call("restart", env="main")["ok"]  # this process imports it, and records it
         assert "slowfail" in json.loads((venv_dir(local, "main", release) / "qabox-modules.json").read_text())
-        spare = one_spare(local, "main", besides=spares(local, "main"))  # importing it for 3 s
+        spare = one_spare(local, "main", besides=spares(local, "main"), imported=False)  # importing it for 3 s
+        assert not ready(spare)
         before = log(local, "main").count("the spare app ended by itself")
         cold = deploy(box, "main", "v10")  # waits for it, and starts afresh once it has failed
         assert cold["pid"] != spare and not pid_alive(spare)
