@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,29 @@ def test_a_killed_app_is_restarted_by_its_supervisor(box):
     env = wait_until(lambda: (lambda e: e["restarts"] == before["restarts"] + 1 and e)(status(local)), 5)
     assert env and env["state"] == "running" and env["pid"] == int(new_pid) and env["last_exit"] == -9
     assert env["supervisor_pid"] == before["supervisor_pid"]
+
+
+def test_refused_control_connections_do_not_hold_up_the_supervisors_restarts(box):
+    """This process is no qabox agent: each of its connections is refused, and a
+    refusal used to skip the supervisor's tick, so a flood of them stopped restarts."""
+    local, port = box["host"], box["port"]
+    before = status(local)["pid"]
+    ctl = os.path.join(local.base, "envs", ENV, "ctl.sock")
+    done = threading.Event()
+
+    def flood() -> None:
+        while not done.is_set():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(ctl)
+
+    flooding = threading.Thread(target=flood, daemon=True)
+    flooding.start()
+    try:
+        os.kill(before, signal.SIGKILL)
+        assert wait_until(lambda: (lambda r: r[0] == 200 and r[1] != str(before))(local_get(port, "/pid")), 10)
+    finally:
+        done.set()
+        flooding.join()
 
 
 def test_restart_starts_a_fresh_process(box):

@@ -81,10 +81,6 @@ def wait_to_serve(spare_spec: dict) -> dict:
     if os.path.lexists(handed):
         os.unlink(handed)  # an earlier process's with this pid
     names = read_json(os.path.join(sys.prefix, MODULES_FILE), [])
-    ready = os.dup(1)  # the supervisor's pipe; what imports print goes nowhere
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    os.close(null)
     for name in names:
         before = set(sys.modules)
         try:
@@ -94,9 +90,9 @@ def wait_to_serve(spare_spec: dict) -> dict:
                 del sys.modules[added]  # as if never tried: the app imports it afresh
             break
     try:
-        os.write(ready, b"ready\n")
-        os.close(ready)
-    except OSError:
+        os.write(spare_spec["ready_fd"], b"1")  # only now may it be handed a release (Spare.ready)
+        os.close(spare_spec["ready_fd"])
+    except OSError:  # its supervisor is gone
         os._exit(0)
     line = sys.stdin.buffer.readline()
     if not line:
@@ -112,10 +108,13 @@ def wait_to_serve(spare_spec: dict) -> dict:
         os.dup2(fd, onto)
     os.close(null)
     os.close(log)
-    if shadowed(spec["release_dir"], names):  # a fresh process would import the release's own
-        os.execv(sys.executable, [sys.executable, sys.argv[0], "serve", json.dumps(spec)])
-    write_json(handed, spec)
-    return spec
+    if not shadowed(spec["release_dir"], names):  # else a fresh process would import the release's own
+        try:
+            write_json(handed, spec)
+            return spec
+        except OSError:  # a full disk: unrecorded, a new supervisor would not find this app (env_apps)
+            pass
+    os.execv(sys.executable, [sys.executable, sys.argv[0], "serve", json.dumps(spec)])
 
 
 def shadowed(release_dir: str, names: list) -> list:
@@ -128,11 +127,11 @@ def shadowed(release_dir: str, names: list) -> list:
 class Spare:
     """The supervisor's side: a spare's process and what it was started with."""
 
-    def __init__(self, proc, python: str, environ: dict, spec: dict, probe_port: int):
+    def __init__(self, proc, python: str, environ: dict, spec: dict, probe_port: int, ready: int):
         self.proc, self.python, self.environ, self.sockets = proc, python, environ, dict(spec["sockets"])
         self.probe_fd, self.probe_port = spec["probe_fd"], probe_port
         self.release = os.path.basename(spec["release_dir"])  # the live one's when it started
-        self.is_ready = False
+        self.ready_fd, self.is_ready = ready, False  # a pipe: a byte once its imports are done
 
     @classmethod
     def start(cls, archive: str, python: str, spec: dict, environ: dict, cwd: str) -> "Spare":
@@ -143,16 +142,22 @@ class Spare:
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         probe.bind(("127.0.0.1", 0))
         probe.listen(64)
+        probe_port = probe.getsockname()[1]
+        ready, readied = os.pipe()
         try:
-            spec = dict(spec, probe_fd=probe.fileno(), spare=True)
+            spec = dict(spec, probe_fd=probe.fileno(), ready_fd=readied, spare=True)
             proc = subprocess.Popen(
                 [python, archive, "serve", json.dumps(spec)], cwd=cwd, env=environ,
-                pass_fds=list(spec["sockets"].values()) + [probe.fileno()], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+                pass_fds=list(spec["sockets"].values()) + [probe.fileno(), readied], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             )
-            return cls(proc, python, environ, spec, probe.getsockname()[1])
+        except BaseException:
+            os.close(ready)
+            raise
         finally:
             probe.close()
+            os.close(readied)
+        return cls(proc, python, environ, spec, probe_port, ready)
 
     def fits(self, python: str, spec: dict, environ: dict) -> bool:
         """Whether a process started for ``spec`` with ``environ`` would be this spare."""
@@ -164,8 +169,8 @@ class Spare:
     def ready(self) -> bool:
         """Whether it has imported all it was to (a spare still at it, or stuck in
         an import, is no faster or no surer than a fresh process)."""
-        if not self.is_ready and select.select([self.proc.stdout], [], [], 0)[0]:
-            self.is_ready = os.read(self.proc.stdout.fileno(), 16) == b"ready\n"
+        if not self.is_ready and self.ready_fd is not None and select.select([self.ready_fd], [], [], 0)[0]:
+            self.is_ready = os.read(self.ready_fd, 1) == b"1"  # b"": it ended
         return self.is_ready
 
     def hand(self, spec: dict, environ: dict, log: str):
@@ -178,19 +183,21 @@ class Spare:
         return self.proc
 
     def close_pipes(self) -> None:
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            try:
-                pipe.close()
-            except OSError:
-                pass
-
-    def end(self) -> None:
-        """Kill it: it has served nothing, and holds only copies of the env's sockets."""
-        if self.proc.returncode is not None:
-            return  # ended already (its pid may be another's by now)
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.stdin.close()
         except OSError:
             pass
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+    def end(self) -> None:
+        """Kill it: it has served nothing, and holds only copies of the env's sockets.
+        One that ended already (its pid may be another's by now) is only let go of."""
+        if self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
         self.close_pipes()
         self.proc.wait()

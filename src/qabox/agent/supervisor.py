@@ -319,11 +319,11 @@ class Supervisor:
             if ready:
                 conn, _ = ctl.accept()
                 foreign = foreign_peer(conn)
-                if foreign:
+                if foreign:  # refused, and the tick still runs: a flood of them starves nothing
                     self.log("refused a control connection from %s: not a qabox agent" % foreign)
                     conn.close()
-                    continue
-                self.handle(conn)
+                else:
+                    self.handle(conn)
             self.tick()
 
     def adopt(self) -> None:
@@ -571,6 +571,7 @@ class Supervisor:
         spare = self.spare
         if spare is not None:
             if spare.proc.poll() is not None:
+                spare.end()  # its pipes
                 self.spare, self.spare_failed = None, (spare.python, spare.release)
                 self.log("the spare app ended by itself (exit code %s): releases start afresh"
                          % spare.proc.returncode)
