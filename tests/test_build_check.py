@@ -218,3 +218,18 @@ def test_a_checked_build_is_remembered_by_its_file_and_checked_again_once_it_cha
     tar_of(tmp_path, {"app.py": "", "qabox.toml": '[app]\nhealth = "/ok"\n'})  # rewritten in place, same size
     assert build_check.checked(path, None, 2**30, 1000, cache).health == "/ok"
     assert build_check.checked(path, "app:app", 2**30, 1000, cache).entry_reason is None  # the entry is part of the key
+
+
+@pytest.mark.parametrize("platform", ["linux", "other"])  # a forked child's check, or a thread's
+def test_a_check_started_early_answers_as_the_check_itself(tmp_path, monkeypatch, platform):
+    monkeypatch.setattr(build_check.sys, "platform", platform)
+    good = tar_of(tmp_path, {"wsgi.py": "app = None\n", "requirements.txt": "werkzeug\n"})
+    limits = (10 * 2**20, 100)
+    started = build_check.Checking(good, None, *limits, tmp_path / "cache")
+    assert started.result() == build_check.inspect(good, None, *limits)
+    bad = tar_of(tmp_path, {"README": "no app here\n"}, name="bad.tar")
+    with pytest.raises(BuildError) as expected:
+        build_check.inspect(bad, None, *limits)
+    with pytest.raises(BuildError) as found:
+        build_check.Checking(bad, None, *limits, tmp_path / "cache").result()
+    assert str(found.value) == str(expected.value) and type(found.value) is BuildError
