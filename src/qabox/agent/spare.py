@@ -70,7 +70,7 @@ def die_with_parent(on: bool) -> None:
 
 def wait_to_serve(spare_spec: dict) -> dict:
     """The spare's side: import the virtualenv's recorded modules, say so on
-    stdout, wait for a release on stdin (its end: exit), then become that
+    its ready pipe, wait for a release on stdin (its end: exit), then become that
     release's app process (its directory, environment and log, stdin from
     /dev/null) and return its spec."""
     parent = os.getppid()
