@@ -146,6 +146,15 @@ def recv_line(sock: socket.socket) -> bytes:
     return data
 
 
+def probe_listener() -> socket.socket:
+    """A listening socket on a loopback port the kernel picks: an app process's
+    own, for its supervisor's health probes only."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind(("127.0.0.1", 0))
+    probe.listen(64)
+    return probe
+
+
 def bind_listener(port: int) -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -22,10 +22,10 @@ import json
 import os
 import select
 import signal
-import socket
 import sys
 
 from .files import read_json, write_json
+from .sockets import probe_listener
 
 MODULES_FILE = "qabox-modules.json"  # in a virtualenv: what its last app imported from it
 RELEASE_KEYS = ("QABOX_RELEASE",)  # the environment a spare is given with its release
@@ -139,9 +139,7 @@ class Spare:
         (``spec`` is the live release's)."""
         import subprocess
 
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        probe.bind(("127.0.0.1", 0))
-        probe.listen(64)
+        probe = probe_listener()
         probe_port = probe.getsockname()[1]
         ready, readied = os.pipe()
         try:

@@ -21,7 +21,7 @@ from .procs import STOP_TIMEOUT, pid_alive, process_started, stop_group
 from .protocol import Fail
 from .rules import DEFAULT_HEALTH_STATUS, DEFAULT_SERVER, RELEASE_FILE, WARMING_UP, health_codes, is_up
 from .session import deploying
-from .sockets import bind_listener, fd_port, foreign_peer, http_probe, listening_port, recv_line
+from .sockets import bind_listener, fd_port, foreign_peer, http_probe, listening_port, probe_listener, recv_line
 from .spare import Spare, handed_path, modules_file
 from .testers import next_expiry, tester_ports
 
@@ -84,9 +84,7 @@ class AppProcess:
                 except OSError:  # it died meanwhile
                     pass
             spare.end()
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        probe.bind(("127.0.0.1", 0))
-        probe.listen(64)
+        probe = probe_listener()
         probe_port = probe.getsockname()[1]
         spec["probe_fd"] = probe.fileno()
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -560,8 +558,8 @@ class Supervisor:
     def keep_spare(self) -> None:
         """Have a spare ready for the next release of the live one's virtualenv
         while the live app runs (and the env's settings allow it); end one that
-        no longer fits. One that ended by itself (it could not import what the
-        app did) is not started again for the same release."""
+        no longer fits. One that ended by itself (killed, or its supervisor's
+        pipe broke) is not started again for the same release."""
         app, python = self.app, None
         if app is not None and self.state == "running" and self.settings.get("spare_app") is not False:
             try:
@@ -573,7 +571,7 @@ class Supervisor:
             if spare.proc.poll() is not None:
                 spare.end()  # its pipes
                 self.spare, self.spare_failed = None, (spare.python, spare.release)
-                self.log("the spare app ended by itself (exit code %s): releases start afresh"
+                self.log("the spare app ended by itself (exit code %s): this release gets no other"
                          % spare.proc.returncode)
             elif python and spare.fits(python, spec, environ):
                 return
